@@ -1,0 +1,33 @@
+"""The bot's typed errors. Each says what the user can do; the edges (terminal, Discord) show
+`str(error)` as the user-facing message and log anything else with its traceback."""
+
+from __future__ import annotations
+
+
+class RolecastError(Exception):
+    """Base class: an error whose message is fit to show to a user."""
+
+
+class PersonaNotFoundError(RolecastError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        listing = ", ".join(sorted(known)) or "none"
+        super().__init__(f"No persona named {name!r}. Known personas: {listing}.")
+        self.name = name
+
+
+class CardError(RolecastError):
+    """A character card that cannot be used; `problems` lists what is wrong, field by field."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"Invalid character card {source}:\n{lines}")
+        self.source = source
+        self.problems = problems
+
+
+class ModelServerError(RolecastError):
+    """The model server is down, unreachable, or keeps failing after retries."""
+
+
+class InputTooLongError(RolecastError):
+    """A user turn that cannot fit the model's context even with no history."""

