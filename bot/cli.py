@@ -1,9 +1,161 @@
-"""`rolecast chat`, `rolecast bot`, `rolecast persona`: the bot side's commands."""
+"""`rolecast chat` and `rolecast persona ...`: the bot side's commands.
+
+Only light imports here: the bot process is an HTTP client and never loads torch.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from bot.errors import RolecastError
+from bot.settings import BotSettings
+
+persona_app = typer.Typer(
+    help="List, inspect, validate and import character cards.", no_args_is_help=True
+)
+err = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/] {escape(message)}")
+    return typer.Exit(code)
+
+
+def load_settings(**overrides: object) -> BotSettings:
+    try:
+        return BotSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise fail(f"invalid settings: {exc}") from None
+
+
+def chat(
+    persona: str | None = typer.Option(
+        None,
+        "--persona",
+        "-p",
+        help="Persona key (haruhi, atri, xin, ...); default: the session's last.",
+    ),
+    session: str = typer.Option(
+        "default", help="Session name: its history is kept as 'terminal:<name>'."
+    ),
+    user: str = typer.Option("User", help="Your name, as the persona sees it ({{user}} in cards)."),
+    db: Path | None = typer.Option(None, help="SQLite file (default: <home>/rolecast.db)."),
+    server: str | None = typer.Option(
+        None,
+        help="Model server base URL (vLLM or `rolecast serve`); default: start the embedded one.",
+    ),
+    temperature: float | None = typer.Option(None, help="Sampling temperature (0 = greedy)."),
+    top_p: float | None = typer.Option(None, help="Nucleus sampling mass."),
+    max_tokens: int | None = typer.Option(None, help="Reply length limit in tokens."),
+    repetition_penalty: float | None = typer.Option(
+        None, help="Penalty for repeated tokens (1 = none)."
+    ),
+    seed: int | None = typer.Option(None, help="Seed for reproducible replies."),
+) -> None:
+    """Chat with a persona in the terminal. Pipe lines in to script it: one reply per line."""
+    from bot.terminal import ChatOptions, run_chat
+
+    settings = load_settings(db_path=db, server_url=server)
+    overrides = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_tokens": max_tokens,
+        "repetition_penalty": repetition_penalty,
+        "seed": seed,
+    }
+    try:
+        sampling = settings.sampling.model_validate(
+            {
+                **settings.sampling.model_dump(),
+                **{k: v for k, v in overrides.items() if v is not None},
+            }
+        )
+        options = ChatOptions(persona=persona, session=session, user_name=user, sampling=sampling)
+        code = asyncio.run(run_chat(settings, options))
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    except RolecastError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        code = 130
+    raise typer.Exit(code)
+
+
+@persona_app.command("list")
+def persona_list() -> None:
+    """The personas this installation knows (shipped and imported)."""
+    from bot.core.personas import PersonaRegistry
+
+    registry = PersonaRegistry(load_settings().user_personas).load()
+    table = Table("key", "name", "source", "greeting")
+    for p in registry.all():
+        table.add_row(
+            p.key, p.name, "shipped" if p.builtin else str(p.path), p.card.data.first_mes[:40]
+        )
+    Console().print(table)
+    for problem in registry.problems:
+        err.print(f"[yellow]warning:[/] {escape(str(problem))}")
+
+
+@persona_app.command("show")
+def persona_show(key: str) -> None:
+    """Print a persona's card as JSON."""
+    from bot.core.personas import PersonaRegistry
+
+    try:
+        persona = PersonaRegistry(load_settings().user_personas).load().get(key)
+    except RolecastError as exc:
+        raise fail(str(exc)) from None
+    print(persona.card.to_json())
+
+
+@persona_app.command("check")
+def persona_check(files: list[Path]) -> None:
+    """Validate character card files (JSON or PNG); list every problem by field."""
+    from bot.core.cards import load_card
+
+    bad = 0
+    for path in files:
+        try:
+            card = load_card(path)
+            print(f"ok      {path}: {card.name} ({card.spec})")
+        except RolecastError as exc:
+            bad += 1
+            err.print(escape(str(exc)))
+    raise typer.Exit(1 if bad else 0)
+
+
+@persona_app.command("import")
+def persona_import(
+    file: Path,
+    key: str | None = typer.Option(None, help="Registry key (default: from the file name)."),
+) -> None:
+    """Validate a card and add it to the personas directory."""
+    from bot.core.cards import load_card
+    from bot.core.personas import PersonaRegistry
+
+    try:
+        card = load_card(file)
+        registry = PersonaRegistry(load_settings().user_personas).load()
+        persona = registry.add(key or file.stem, card)
+    except RolecastError as exc:
+        raise fail(str(exc)) from None
+    print(
+        json.dumps(
+            {"key": persona.key, "name": persona.name, "path": str(persona.path)},
+            ensure_ascii=False,
+        )
+    )
 
 
 def register(app: typer.Typer) -> None:
     """Add the bot commands to the root app."""
+    app.command("chat")(chat)
+    app.add_typer(persona_app, name="persona")

@@ -1,0 +1,162 @@
+"""The chat core: one user turn in, one persona reply out, both kept in memory.
+
+The terminal chat and the Discord cogs drive this same object. Order matters for not losing
+anything: the user's turn is committed to SQLite before the model server is asked, so a down
+server costs the user a retry, never their words.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from bot.core.client import Completion, ModelClient
+from bot.core.memory import Memory, Turn
+from bot.core.personas import Persona, PersonaRegistry
+from bot.core.prompt import Prompt, PromptBuilder, substitute
+from bot.errors import InputTooLongError, RolecastError
+from bot.settings import SamplingSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Speaker:
+    """Who wrote a user turn."""
+
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A finished reply: the stored turn and what the server reported about it."""
+
+    turn: Turn
+    completion: Completion
+    prompt: Prompt
+
+
+class ChatService:
+    def __init__(
+        self,
+        memory: Memory,
+        personas: PersonaRegistry,
+        client: ModelClient,
+        *,
+        speaker_names: bool = False,
+    ) -> None:
+        self.memory = memory
+        self.personas = personas
+        self.client = client
+        self.prompts = PromptBuilder(memory, client, speaker_names=speaker_names)
+
+    async def persona(self, channel_id: str) -> Persona | None:
+        """The channel's active persona, or None when none is set (or it was removed)."""
+        channel = await self.memory.channel(channel_id)
+        if channel.persona is None or channel.persona not in self.personas:
+            return None
+        return self.personas.get(channel.persona)
+
+    async def require_persona(self, channel_id: str) -> Persona:
+        persona = await self.persona(channel_id)
+        if persona is None:
+            raise RolecastError(
+                "No persona is active here. Choose one first "
+                f"(known: {', '.join(self.personas.keys())})."
+            )
+        return persona
+
+    async def set_persona(
+        self, channel_id: str, key: str, *, user_name: str = "User"
+    ) -> Turn | None:
+        """Make `key` the channel's persona. Returns its greeting turn when the card has a
+        `first_mes` and this persona has never spoken in the channel."""
+        persona = self.personas.get(key)
+        await self.memory.set_persona(channel_id, persona.key)
+        if not persona.card.data.first_mes.strip():
+            return None
+        if await self.memory.recent_turns(channel_id, persona.key, limit=1):
+            return None
+        greeting = substitute(persona.card.data.first_mes, char=persona.name, user=user_name)
+        return await self.memory.add_turn(
+            channel_id, persona=persona.key, role="assistant", content=greeting
+        )
+
+    async def send(
+        self,
+        channel_id: str,
+        text: str,
+        speaker: Speaker,
+        sampling: SamplingSettings,
+        *,
+        message_id: str | None = None,
+    ) -> AsyncIterator[str | Reply]:
+        """Store the user's turn, then stream the persona's reply: text deltas, then a Reply."""
+        persona = await self.require_persona(channel_id)
+        text = text.strip()
+        if not text:
+            raise RolecastError("Empty message: nothing to send.")
+        turn = await self.memory.add_turn(
+            channel_id,
+            persona=persona.key,
+            role="user",
+            content=text,
+            author_id=speaker.id,
+            author_name=speaker.name,
+            message_id=message_id,
+        )
+        try:
+            async for event in self.respond(channel_id, sampling, user_name=speaker.name):
+                yield event
+        except InputTooLongError:
+            # The turn can never be answered; keeping it would only block the history.
+            await self.memory.delete_turn(turn.id)
+            raise
+
+    async def respond(
+        self, channel_id: str, sampling: SamplingSettings, *, user_name: str = "User"
+    ) -> AsyncIterator[str | Reply]:
+        """Stream a reply to the channel as it stands (also used to retry after a failure)."""
+        persona = await self.require_persona(channel_id)
+        model = await self.client.model_for(persona.key)
+        prompt = await self.prompts.build(
+            channel_id,
+            persona.card,
+            persona.key,
+            model=model,
+            max_tokens=sampling.max_tokens,
+            user_name=user_name,
+        )
+        completion: Completion | None = None
+        async for event in self.client.stream_chat(model, prompt.messages, sampling):
+            if isinstance(event, Completion):
+                completion = event
+            else:
+                yield event
+        assert completion is not None
+        text = completion.text.strip()
+        if not text:
+            raise RolecastError(
+                "The model returned an empty reply; try /retry or a higher temperature."
+            )
+        turn = await self.memory.add_turn(
+            channel_id, persona=persona.key, role="assistant", content=text, model=completion.model
+        )
+        yield Reply(turn, completion, prompt)
+
+    async def history(self, channel_id: str, *, limit: int = 20) -> list[Turn]:
+        """The newest `limit` turns of the active persona, oldest first."""
+        persona = await self.require_persona(channel_id)
+        turns = await self.memory.recent_turns(channel_id, persona.key, limit=limit)
+        return list(reversed(turns))
+
+    async def last_turn(self, channel_id: str) -> Turn | None:
+        persona = await self.require_persona(channel_id)
+        turns = await self.memory.recent_turns(channel_id, persona.key, limit=1)
+        return turns[0] if turns else None
+
+    async def reset(self, channel_id: str) -> int:
+        """Forget the channel's conversation (every persona's). Returns the turns deleted."""
+        return await self.memory.clear_channel(channel_id)

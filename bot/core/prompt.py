@@ -1,0 +1,178 @@
+"""Prompt assembly: the persona's card, then the newest turns that fit the token budget.
+
+The budget is the model's context (`max_model_len`, as the server reports it) minus the reply's
+`max_tokens`. Tokens are counted by the server's `/tokenize` with its chat template, so counts
+are those of the model that answers. Each stored turn is counted once and the count is cached
+in its row: assembling a prompt for a channel with 100,000 turns reads only the newest pages
+through an index and makes no HTTP call for turns it has seen before.
+
+A turn's cost is measured as the growth of a rendered conversation when the turn is added to
+it, which includes the template's per-message wrapping; the card's cost and the generation
+prompt's are measured the same way and cached per model in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+from bot.core.cards import Card
+from bot.core.client import Message, ModelClient
+from bot.core.memory import Memory, Turn
+from bot.errors import InputTooLongError
+
+log = logging.getLogger(__name__)
+
+_MACROS = re.compile(r"\{\{\s*(char|user)\s*\}\}|<(BOT|USER)>", re.IGNORECASE)
+_EMPTY_SYSTEM: Message = {"role": "system", "content": ""}
+
+
+def substitute(text: str, *, char: str, user: str) -> str:
+    """Replace the card macros `{{char}}`/`{{user}}` (and the old `<BOT>`/`<USER>`)."""
+
+    def repl(match: re.Match[str]) -> str:
+        which = (match.group(1) or match.group(2)).lower()
+        return char if which in ("char", "bot") else user
+
+    return _MACROS.sub(repl, text)
+
+
+def render_system(card: Card, *, user: str) -> str:
+    """The system message for a card, in the order SillyTavern builds its story string."""
+    data = card.data
+    parts = [
+        data.system_prompt,
+        data.description,
+        f"{{{{char}}}}'s personality: {data.personality}" if data.personality.strip() else "",
+        f"Scenario: {data.scenario}" if data.scenario.strip() else "",
+        _examples(data.mes_example),
+        data.post_history_instructions,
+    ]
+    text = "\n\n".join(p.strip() for p in parts if p and p.strip())
+    if not text:
+        text = f"You are {data.name}. Stay in character."
+    return substitute(text, char=data.name, user=user)
+
+
+def _examples(mes_example: str) -> str:
+    """`mes_example` blocks (each starting with `<START>`) as one labelled section."""
+    blocks = [b.strip() for b in re.split(r"<START>", mes_example, flags=re.IGNORECASE)]
+    blocks = [b for b in blocks if b]
+    if not blocks:
+        return ""
+    return "Example dialogue:\n" + "\n\n".join(blocks)
+
+
+def turn_message(turn: Turn, *, speaker_names: bool) -> Message:
+    content = turn.content
+    if speaker_names and turn.role == "user" and turn.author_name:
+        content = f"{turn.author_name}: {content}"
+    return {"role": turn.role, "content": content}
+
+
+@dataclass
+class Prompt:
+    messages: list[Message]
+    model: str
+    prompt_tokens: int
+    budget: int
+    turns_included: int
+    history_truncated: bool
+
+
+@dataclass
+class _ModelCounts:
+    """Per-model constants measured once through /tokenize."""
+
+    max_model_len: int
+    baseline: int  # tokens of a conversation holding only an empty system message
+    generation_prompt: int  # what add_generation_prompt adds
+    cards: dict[str, int] = field(default_factory=dict)
+
+
+class PromptBuilder:
+    def __init__(self, memory: Memory, client: ModelClient, *, speaker_names: bool = False) -> None:
+        self.memory = memory
+        self.client = client
+        self.speaker_names = speaker_names
+        self._counts: dict[str, _ModelCounts] = {}
+
+    async def _model_counts(self, model: str) -> _ModelCounts:
+        counts = self._counts.get(model)
+        if counts is None:
+            base = await self.client.tokenize(model, [_EMPTY_SYSTEM])
+            with_gen = await self.client.tokenize(
+                model, [_EMPTY_SYSTEM], add_generation_prompt=True
+            )
+            counts = _ModelCounts(base.max_model_len, base.count, with_gen.count - base.count)
+            self._counts[model] = counts
+        return counts
+
+    async def message_cost(self, model: str, message: Message) -> int:
+        """Tokens that `message` adds to a conversation, template wrapping included."""
+        counts = await self._model_counts(model)
+        total = await self.client.tokenize(model, [_EMPTY_SYSTEM, message])
+        return max(total.count - counts.baseline, 1)
+
+    async def build(
+        self,
+        channel_id: str,
+        card: Card,
+        persona: str,
+        *,
+        model: str,
+        max_tokens: int,
+        user_name: str = "User",
+    ) -> Prompt:
+        """The prompt for the next reply of `persona` in `channel_id`.
+
+        Raises InputTooLongError when the card and the newest turn alone exceed the budget.
+        """
+        counts = await self._model_counts(model)
+        budget = counts.max_model_len - max_tokens - counts.generation_prompt
+        system: Message = {"role": "system", "content": render_system(card, user=user_name)}
+        card_key = f"{card.digest()}:{user_name}"
+        if card_key not in counts.cards:
+            counts.cards[card_key] = (await self.client.tokenize(model, [system])).count
+        used = counts.cards[card_key]
+        if used >= budget:
+            raise InputTooLongError(
+                f"The persona card alone takes {used} tokens, more than this model's budget of "
+                f"{budget} (context {counts.max_model_len} minus max_tokens {max_tokens}). "
+                "Lower max_tokens or shorten the card."
+            )
+
+        chosen: list[Turn] = []
+        new_counts: list[tuple[int, int]] = []
+        truncated = False
+        async for turn in self.memory.iter_turns_backwards(channel_id, persona):
+            cost = turn.token_count
+            if cost is None:
+                cost = await self.message_cost(
+                    model, turn_message(turn, speaker_names=self.speaker_names)
+                )
+                new_counts.append((turn.id, cost))
+            if used + cost > budget:
+                truncated = True
+                if not chosen:
+                    await self._save(new_counts)
+                    raise InputTooLongError(
+                        f"That message is about {cost} tokens; with the persona card only "
+                        f"{budget - used} fit this model's context. Please shorten it."
+                    )
+                break
+            used += cost
+            chosen.append(turn)
+        await self._save(new_counts)
+        chosen.reverse()
+        messages = [system] + [turn_message(t, speaker_names=self.speaker_names) for t in chosen]
+        if truncated:
+            log.debug("channel %s: %d turns fit the budget of %d", channel_id, len(chosen), budget)
+        return Prompt(
+            messages, model, used + counts.generation_prompt, budget, len(chosen), truncated
+        )
+
+    async def _save(self, new_counts: list[tuple[int, int]]) -> None:
+        if new_counts:
+            await self.memory.set_token_counts(new_counts)

@@ -1,0 +1,93 @@
+"""The bot's settings, loaded once at the entry point.
+
+Sources, strongest first: keyword arguments (CLI flags), environment variables prefixed
+`ROLECAST_` (nested with `__`, e.g. `ROLECAST_SAMPLING__TEMPERATURE=0.9`), a TOML file
+(`ROLECAST_CONFIG`, default `./rolecast.toml` when it exists), then the defaults below.
+Secrets (the Discord token) come from the environment only and are never printed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def default_home() -> Path:
+    """Where the database, imported cards and logs live: `$XDG_DATA_HOME/rolecast`."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "rolecast"
+
+
+class SamplingSettings(BaseModel):
+    """Sampling for one reply; every field maps onto the OpenAI/vLLM request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_tokens: int = Field(200, ge=1, le=8192, description="reply length limit, in tokens")
+    repetition_penalty: float = Field(1.1, gt=0.0, le=2.0)
+    seed: int | None = Field(None, description="fixed seed for reproducible replies")
+    stop: list[str] = Field(default_factory=list)
+
+
+class BotSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ROLECAST_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        toml_file=os.environ.get("ROLECAST_CONFIG", "rolecast.toml"),
+    )
+
+    home: Path = Field(default_factory=default_home, description="data directory")
+    db_path: Path | None = Field(None, description="SQLite file; default <home>/rolecast.db")
+    personas_dir: Path | None = Field(
+        None, description="imported character cards; default <home>/personas"
+    )
+    server_url: str | None = Field(
+        None,
+        description="OpenAI-compatible base URL of the model server (vLLM or `rolecast serve`); "
+        "unset = start the embedded server",
+    )
+    api_key: SecretStr = SecretStr("EMPTY")
+    serve_args: list[str] = Field(
+        default_factory=list,
+        description="extra `rolecast serve` arguments for the embedded server, e.g. a --model",
+    )
+    request_timeout_s: float = Field(120.0, gt=0)
+    retry_attempts: int = Field(4, ge=1, le=20)
+    retry_max_wait_s: float = Field(8.0, gt=0)
+    server_startup_timeout_s: float = Field(600.0, gt=0)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    discord_token: SecretStr | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @property
+    def database(self) -> Path:
+        return self.db_path or self.home / "rolecast.db"
+
+    @property
+    def user_personas(self) -> Path:
+        return self.personas_dir or self.home / "personas"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"

@@ -1,0 +1,351 @@
+"""`rolecast chat`: the chat core driven from a terminal.
+
+Interactive (stdin is a terminal): a prompt, replies streamed token by token under the
+persona's name, a dim line of latency figures, and slash commands. Scripted (stdin is a pipe
+or file): one user turn per input line, one reply per output line (newlines in a reply become
+spaces), errors on stderr; the exit status is 1 if any turn failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+
+from bot.core.chat import ChatService, Reply, Speaker
+from bot.core.client import ModelClient
+from bot.core.memory import Memory, Turn
+from bot.core.personas import PersonaRegistry
+from bot.core.sidecar import EmbeddedServer
+from bot.errors import ModelServerError, RolecastError
+from bot.settings import BotSettings, SamplingSettings
+
+log = logging.getLogger(__name__)
+
+HELP = """Commands:
+  /persona NAME     switch to another persona (its own conversation in this session)
+  /personas         list the personas
+  /history [N]      show the last N turns (default 20)
+  /retry            ask for the last reply again
+  /set KEY=VALUE    change sampling: temperature, top_p, max_tokens, repetition_penalty, seed
+  /reset            delete this session's conversation (asks first)
+  /help             this text
+  /quit             leave (Ctrl-D works too)"""
+
+
+@dataclass
+class ChatOptions:
+    persona: str | None
+    session: str = "default"
+    user_name: str = "User"
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+    @property
+    def channel_id(self) -> str:
+        return f"terminal:{self.session}"
+
+
+async def read_lines(interactive: bool, console: Console) -> AsyncIterator[str | None]:
+    """User lines from stdin; None stands for a line that was not valid UTF-8."""
+    number = 0
+    while True:
+        if interactive:
+            try:
+                line = await asyncio.to_thread(console.input, "[bold cyan]you>[/] ")
+            except EOFError:
+                return
+            yield line
+            continue
+        raw = await asyncio.to_thread(sys.stdin.buffer.readline)
+        if not raw:
+            return
+        number += 1
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            console.print(
+                f"[red]error:[/] input line {number} is not valid UTF-8 (byte {exc.start}); skipped",
+                highlight=False,
+            )
+            yield None
+
+
+class TerminalChat:
+    def __init__(
+        self,
+        chat: ChatService,
+        options: ChatOptions,
+        *,
+        interactive: bool,
+        out: Console,
+        err: Console,
+    ) -> None:
+        self.chat = chat
+        self.options = options
+        self.interactive = interactive
+        self.out = out
+        self.err = err
+        self.failures = 0
+        self._commands: dict[str, Callable[[str], object]] = {
+            "/persona": self._cmd_persona,
+            "/personas": self._cmd_personas,
+            "/history": self._cmd_history,
+            "/retry": self._cmd_retry,
+            "/set": self._cmd_set,
+            "/reset": self._cmd_reset,
+            "/help": self._cmd_help,
+        }
+        self._lines: AsyncIterator[str | None] | None = None
+
+    @property
+    def channel(self) -> str:
+        return self.options.channel_id
+
+    async def run(self) -> int:
+        await self._start()
+        self._lines = read_lines(self.interactive, self.err if not self.interactive else self.out)
+        async for line in self._lines:
+            if line is None:
+                self.failures += 1
+                continue
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/quit", "/exit"):
+                break
+            if text.startswith("/"):
+                name, _, arg = text.partition(" ")
+                handler = self._commands.get(name)
+                if handler is None:
+                    self._error(f"unknown command {name}; type /help for the list")
+                    continue
+                result = handler(arg.strip())
+                if asyncio.iscoroutine(result):
+                    await result
+                continue
+            await self._guard(
+                self._stream(
+                    self.chat.send(self.channel, text, self._speaker(), self.options.sampling)
+                )
+            )
+        return 1 if self.failures else 0
+
+    async def _start(self) -> None:
+        if self.options.persona:
+            greeting = await self.chat.set_persona(
+                self.channel, self.options.persona, user_name=self.options.user_name
+            )
+        else:
+            greeting = None
+        persona = await self.chat.require_persona(self.channel)
+        if self.interactive:
+            count = len(await self.chat.history(self.channel, limit=1_000_000))
+            self.out.print(
+                f"[dim]Chatting with [bold]{escape(persona.name)}[/] ({persona.key}) in session "
+                f"{self.options.session!r}; {count} turns remembered. /help for commands.[/]"
+            )
+            if greeting is not None:
+                self._show_turn(greeting)
+
+    def _speaker(self) -> Speaker:
+        return Speaker(id=f"terminal:{self.options.user_name}", name=self.options.user_name)
+
+    async def _guard(self, work: object) -> None:
+        """Run one reply; turn user-facing errors into an error line, keep going."""
+        try:
+            await work  # type: ignore[misc]
+        except RolecastError as exc:
+            if self.interactive:
+                self.out.print()
+            self.failures += 1
+            self._error(str(exc))
+
+    async def _stream(self, events: AsyncIterator[str | Reply]) -> None:
+        persona = await self.chat.require_persona(self.channel)
+        started = False
+        async for event in events:
+            if isinstance(event, Reply):
+                self._finish(event, started)
+                return
+            if not started:
+                started = True
+                if self.interactive:
+                    self.out.print(f"[bold magenta]{escape(persona.name)}>[/] ", end="")
+            self._write(event if self.interactive else event.replace("\n", " "))
+
+    def _write(self, text: str) -> None:
+        self.out.file.write(text)
+        self.out.file.flush()
+
+    def _finish(self, reply: Reply, started: bool) -> None:
+        self._write("\n")
+        if not self.interactive:
+            return
+        c = reply.completion
+        figures = []
+        if c.ttft_s is not None:
+            figures.append(f"first token {c.ttft_s:.2f} s")
+        if c.completion_tokens is not None:
+            figures.append(f"{c.completion_tokens} tokens in {c.total_s:.1f} s")
+        if c.tokens_per_s is not None:
+            figures.append(f"{c.tokens_per_s:.1f} tok/s")
+        figures.append(
+            f"prompt {reply.prompt.prompt_tokens}/{reply.prompt.budget} tokens, "
+            f"{reply.prompt.turns_included} turns"
+            + (" (older ones left out)" if reply.prompt.history_truncated else "")
+        )
+        figures.append(c.model)
+        self.out.print(f"[dim]{escape(' · '.join(figures))}[/]")
+
+    def _error(self, message: str) -> None:
+        self.err.print(f"[red]error:[/] {escape(message)}", highlight=False)
+
+    def _show_turn(self, turn: Turn) -> None:
+        if turn.role == "user":
+            who, style = turn.author_name or self.options.user_name, "bold cyan"
+        else:
+            known = turn.persona in self.chat.personas
+            who, style = (
+                self.chat.personas.get(turn.persona).name if known else turn.persona,
+                "bold magenta",
+            )
+        self.out.print(f"[{style}]{escape(who)}>[/] {escape(turn.content)}")
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def _cmd_persona(self, arg: str) -> None:
+        if not arg:
+            persona = await self.chat.require_persona(self.channel)
+            self.out.print(f"Current persona: {escape(persona.name)} ({persona.key})")
+            return
+        try:
+            greeting = await self.chat.set_persona(
+                self.channel, arg, user_name=self.options.user_name
+            )
+        except RolecastError as exc:
+            self._error(str(exc))
+            return
+        persona = await self.chat.require_persona(self.channel)
+        self.err.print(f"[dim]Now chatting with {escape(persona.name)} ({persona.key}).[/]")
+        if greeting is not None and self.interactive:
+            self._show_turn(greeting)
+
+    def _cmd_personas(self, _: str) -> None:
+        for persona in self.chat.personas.all():
+            self.out.print(f"{persona.key:<12} {escape(persona.name)}")
+
+    async def _cmd_history(self, arg: str) -> None:
+        try:
+            limit = int(arg) if arg else 20
+        except ValueError:
+            self._error("usage: /history [N]")
+            return
+        turns = await self.chat.history(self.channel, limit=max(limit, 1))
+        if not turns:
+            self.out.print("[dim](no turns yet)[/]")
+        for turn in turns:
+            self._show_turn(turn)
+
+    async def _cmd_retry(self, _: str) -> None:
+        last = await self.chat.last_turn(self.channel)
+        if last is None:
+            self._error("nothing to retry yet")
+            return
+        if last.role == "assistant":
+            await self.chat.memory.delete_turn(last.id)
+        await self._guard(
+            self._stream(
+                self.chat.respond(
+                    self.channel, self.options.sampling, user_name=self.options.user_name
+                )
+            )
+        )
+
+    def _cmd_set(self, arg: str) -> None:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            self._error(f"usage: /set KEY=VALUE; now {self.options.sampling.model_dump()}")
+            return
+        data = self.options.sampling.model_dump()
+        data[key.strip()] = None if value.strip().lower() == "none" else value.strip()
+        try:
+            self.options.sampling = SamplingSettings.model_validate(data)
+        except ValidationError as exc:
+            self._error(
+                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            )
+            return
+        self.err.print(f"[dim]{key.strip()} = {getattr(self.options.sampling, key.strip())}[/]")
+
+    async def _cmd_reset(self, _: str) -> None:
+        count = await self.chat.memory.count_turns(self.channel)
+        self.err.print(
+            f"Delete all {count} turns of session {self.options.session!r}? [y/N] ", end=""
+        )
+        assert self._lines is not None
+        answer = await anext(self._lines, None)
+        if (answer or "").strip().lower() not in ("y", "yes"):
+            self.err.print("[dim]Kept.[/]")
+            return
+        deleted = await self.chat.reset(self.channel)
+        self.err.print(f"[dim]Deleted {deleted} turns.[/]")
+        persona = await self.chat.require_persona(self.channel)
+        greeting = await self.chat.set_persona(
+            self.channel, persona.key, user_name=self.options.user_name
+        )
+        if greeting is not None and self.interactive:
+            self._show_turn(greeting)
+
+    def _cmd_help(self, _: str) -> None:
+        self.out.print(HELP, highlight=False, markup=False)
+
+
+async def run_chat(settings: BotSettings, options: ChatOptions) -> int:
+    """Open every resource, chat until the input ends, close everything. Returns the exit code."""
+    interactive = sys.stdin.isatty()
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    personas = PersonaRegistry(settings.user_personas).load()
+    for problem in personas.problems:
+        err.print(f"[yellow]warning:[/] {escape(str(problem))}")
+    if options.persona is not None:
+        personas.get(options.persona)  # an unknown name fails before the server starts
+
+    async with AsyncExitStack() as stack:
+        url = settings.server_url
+        if url is None:
+            server = EmbeddedServer(
+                settings.serve_args,
+                startup_timeout=settings.server_startup_timeout_s,
+                log_path=settings.logs / "server.log",
+            )
+            err.print(f"[dim]Starting the embedded model server on {server.url} …[/]")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await stack.enter_async_context(server)
+            err.print(f"[dim]Model server ready in {loop.time() - started:.1f} s.[/]")
+            url = server.base_url
+        memory = await stack.enter_async_context(Memory.open(settings.database))
+        client = await stack.enter_async_context(
+            ModelClient(
+                url,
+                api_key=settings.api_key.get_secret_value(),
+                timeout_s=settings.request_timeout_s,
+                max_attempts=settings.retry_attempts,
+                max_backoff_s=settings.retry_max_wait_s,
+            )
+        )
+        chat = ChatService(memory, personas, client)
+        session = TerminalChat(chat, options, interactive=interactive, out=out, err=err)
+        try:
+            return await session.run()
+        except ModelServerError as exc:
+            err.print(f"[red]error:[/] {escape(str(exc))}")
+            return 1
