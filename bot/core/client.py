@@ -153,7 +153,7 @@ class ModelClient:
         return AsyncRetrying(
             retry=retry_if_exception(_is_retryable),
             stop=stop_after_attempt(self.max_attempts),
-            wait=wait_exponential_jitter(initial=0.5, max=self.max_backoff_s),
+            wait=wait_exponential_jitter(multiplier=0.5, max=self.max_backoff_s, jitter=0.5),
             before_sleep=lambda state: log.warning(
                 "model server attempt %d failed (%s); retrying",
                 state.attempt_number,

@@ -7,6 +7,7 @@ passed to whatever needs it. Turns are never dropped to make a prompt fit; only 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -49,6 +50,55 @@ class Channel:
     persona: str | None
     created_at: float
     updated_at: float
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """How a channel's persona is triggered and samples (admins set these)."""
+
+    guild_id: str | None
+    mode: Literal["mention", "always"]
+    sampling: dict[str, object] | None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The rolling summary of a persona's turns with id <= `through_id` in one channel."""
+
+    content: str
+    through_id: int
+    token_count: int | None
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    """An approved reply with the turns before it, frozen as training data."""
+
+    id: int
+    turn_id: int
+    channel_id: str
+    guild_id: str | None
+    persona: str
+    messages: list[dict[str, str | None]]
+    approved_by: str | None
+    source: Literal["command", "reactions"]
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: Sequence[object]) -> Dialogue:
+        values = list(row)
+        values[5] = json.loads(str(values[5]))
+        return cls(*values)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What forget-me deleted."""
+
+    turns: int
+    dialogues: int
+    ratings: int
 
 
 class Memory:
@@ -183,5 +233,199 @@ class Memory:
     async def clear_channel(self, channel_id: str) -> int:
         """Delete every turn of the channel (an explicit reset); return how many."""
         cursor = await self.db.execute(sql.DELETE_CHANNEL_TURNS, (channel_id,))
+        await self.db.execute(sql.DELETE_CHANNEL_SUMMARIES, (channel_id,))
         await self.db.commit()
         return cursor.rowcount
+
+    # -- channel settings (Discord) -------------------------------------------------------
+
+    async def channel_settings(self, channel_id: str) -> ChannelSettings:
+        await self.channel(channel_id)
+        async with self.db.execute(sql.SELECT_CHANNEL_SETTINGS, (channel_id,)) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        sampling = json.loads(row[2]) if row[2] else None
+        return ChannelSettings(row[0], row[1], sampling)
+
+    async def set_channel_guild(self, channel_id: str, guild_id: str | None) -> None:
+        """Record which guild a channel belongs to (forget-me works per guild)."""
+        await self.channel(channel_id)
+        cursor = await self.db.execute(sql.UPDATE_CHANNEL_GUILD, (guild_id, channel_id, guild_id))
+        if cursor.rowcount:
+            await self.db.commit()
+
+    async def set_channel_mode(self, channel_id: str, mode: Literal["mention", "always"]) -> None:
+        await self.channel(channel_id)
+        await self.db.execute(sql.UPDATE_CHANNEL_MODE, (mode, time.time(), channel_id))
+        await self.db.commit()
+
+    async def set_channel_sampling(
+        self, channel_id: str, sampling: dict[str, object] | None
+    ) -> None:
+        await self.channel(channel_id)
+        raw = json.dumps(sampling, sort_keys=True) if sampling else None
+        await self.db.execute(sql.UPDATE_CHANNEL_SAMPLING, (raw, time.time(), channel_id))
+        await self.db.commit()
+
+    async def clear_persona_everywhere(self, persona: str) -> int:
+        """Unset `persona` in every channel that has it active (it was removed)."""
+        cursor = await self.db.execute(sql.CLEAR_PERSONA_EVERYWHERE, (time.time(), persona))
+        await self.db.commit()
+        return cursor.rowcount
+
+    async def admin_role(self, guild_id: str) -> str | None:
+        async with self.db.execute(sql.SELECT_GUILD_ADMIN_ROLE, (guild_id,)) as cursor:
+            row = await cursor.fetchone()
+        return str(row[0]) if row and row[0] else None
+
+    async def set_admin_role(self, guild_id: str, role_id: str | None) -> None:
+        await self.db.execute(sql.UPSERT_GUILD_ADMIN_ROLE, (guild_id, role_id, time.time()))
+        await self.db.commit()
+
+    # -- platform messages of turns --------------------------------------------------------
+
+    async def link_messages(self, turn_id: int, message_ids: Sequence[str]) -> None:
+        """Record the platform messages a turn was posted as; the first becomes its id."""
+        if not message_ids:
+            return
+        await self.db.executemany(sql.INSERT_TURN_MESSAGE, [(m, turn_id) for m in message_ids])
+        await self.db.execute(sql.UPDATE_TURN_MESSAGE_ID, (message_ids[0], turn_id))
+        await self.db.commit()
+
+    async def turn_by_message(self, message_id: str) -> Turn | None:
+        async with self.db.execute(sql.SELECT_TURN_BY_MESSAGE, (message_id,)) as cursor:
+            row = await cursor.fetchone()
+        return Turn.from_row(row) if row else None
+
+    async def last_assistant_id(self, channel_id: str, persona: str) -> int | None:
+        async with self.db.execute(sql.SELECT_LAST_ASSISTANT_ID, (channel_id, persona)) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    async def turns_between(
+        self, channel_id: str, persona: str, *, after_id: int, before_id: int, limit: int
+    ) -> list[Turn]:
+        """Turns with `after_id < id < before_id`, oldest first, at most `limit`."""
+        async with self.db.execute(
+            sql.SELECT_TURNS_BETWEEN, (channel_id, persona, after_id, before_id, limit)
+        ) as cursor:
+            return [Turn.from_row(row) async for row in cursor]
+
+    # -- feedback and approved dialogues -----------------------------------------------------
+
+    async def rate(self, turn_id: int, user_id: str, rating: Literal[-1, 1]) -> None:
+        await self.db.execute(sql.UPSERT_FEEDBACK, (turn_id, user_id, rating, time.time()))
+        await self.db.commit()
+
+    async def unrate(self, turn_id: int, user_id: str, rating: Literal[-1, 1]) -> None:
+        await self.db.execute(sql.DELETE_FEEDBACK, (turn_id, user_id, rating))
+        await self.db.commit()
+
+    async def score(self, turn_id: int) -> tuple[int, int]:
+        """(thumbs up, thumbs down) of a reply."""
+        async with self.db.execute(sql.SELECT_FEEDBACK_SCORE, (turn_id,)) as cursor:
+            row = await cursor.fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    async def add_dialogue(
+        self,
+        turn: Turn,
+        messages: list[dict[str, str | None]],
+        *,
+        guild_id: str | None,
+        approved_by: str | None,
+        source: Literal["command", "reactions"],
+    ) -> Dialogue:
+        """Freeze an approved reply and its context; approving twice keeps the first."""
+        authors = sorted({str(m["author_id"]) for m in messages if m.get("author_id")})
+        cursor = await self.db.execute(
+            sql.INSERT_DIALOGUE,
+            (
+                turn.id,
+                turn.channel_id,
+                guild_id,
+                turn.persona,
+                json.dumps(messages, ensure_ascii=False),
+                approved_by,
+                source,
+                time.time(),
+            ),
+        )
+        if cursor.rowcount:
+            await self.db.executemany(
+                sql.INSERT_DIALOGUE_AUTHOR, [(cursor.lastrowid, a) for a in authors]
+            )
+        await self.db.commit()
+        dialogue = await self.dialogue_for_turn(turn.id)
+        assert dialogue is not None
+        return dialogue
+
+    async def dialogue_for_turn(self, turn_id: int) -> Dialogue | None:
+        async with self.db.execute(sql.SELECT_DIALOGUE_BY_TURN, (turn_id,)) as cursor:
+            row = await cursor.fetchone()
+        return Dialogue.from_row(row) if row else None
+
+    async def dialogues(self, persona: str, *, guild_id: str | None = None) -> list[Dialogue]:
+        """Approved dialogues of a persona (of one guild when given), oldest first."""
+        async with self.db.execute(
+            sql.SELECT_PERSONA_DIALOGUES, (persona, guild_id, guild_id)
+        ) as cursor:
+            return [Dialogue.from_row(row) async for row in cursor]
+
+    async def count_dialogues(self, persona: str) -> int:
+        async with self.db.execute(sql.COUNT_PERSONA_DIALOGUES, (persona,)) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def withdraw_dialogue(
+        self, turn_id: int, source: Literal["command", "reactions"]
+    ) -> bool:
+        cursor = await self.db.execute(sql.DELETE_DIALOGUE_BY_TURN, (turn_id, source))
+        await self.db.commit()
+        return cursor.rowcount > 0
+
+    async def forget_author(self, guild_id: str, author_id: str) -> Forgotten:
+        """Delete a person's turns, ratings and the approved dialogues they wrote in, within
+        one guild. Summaries of that guild's channels are dropped too (they may quote them)
+        and are rebuilt from the remaining turns."""
+        ratings = await self.db.execute(sql.DELETE_USER_FEEDBACK_IN_GUILD, (author_id, guild_id))
+        dialogues = await self.db.execute(
+            sql.DELETE_AUTHOR_DIALOGUES_IN_GUILD, (guild_id, author_id)
+        )
+        turns = await self.db.execute(sql.DELETE_AUTHOR_TURNS_IN_GUILD, (author_id, guild_id))
+        if turns.rowcount:
+            await self.db.execute(sql.DELETE_GUILD_SUMMARIES, (guild_id,))
+        await self.db.commit()
+        return Forgotten(turns.rowcount, dialogues.rowcount, ratings.rowcount)
+
+    # -- rolling summaries ----------------------------------------------------------------
+
+    async def summary(self, channel_id: str, persona: str) -> Summary | None:
+        async with self.db.execute(sql.SELECT_SUMMARY, (channel_id, persona)) as cursor:
+            row = await cursor.fetchone()
+        return Summary(*row) if row else None
+
+    async def set_summary(
+        self,
+        channel_id: str,
+        persona: str,
+        content: str,
+        *,
+        through_id: int,
+        token_count: int | None = None,
+    ) -> Summary:
+        now = time.time()
+        await self.channel(channel_id)
+        await self.db.execute(
+            sql.UPSERT_SUMMARY, (channel_id, persona, content, through_id, token_count, now)
+        )
+        await self.db.commit()
+        return Summary(content, through_id, token_count, now)
+
+    async def set_summary_token_count(
+        self, channel_id: str, persona: str, through_id: int, count: int
+    ) -> None:
+        await self.db.execute(
+            sql.UPDATE_SUMMARY_TOKEN_COUNT, (count, channel_id, persona, through_id)
+        )
+        await self.db.commit()

@@ -32,8 +32,77 @@ CREATE TABLE turns (
 CREATE INDEX turns_channel_persona_id ON turns (channel_id, persona, id);
 """
 
+M002_DISCORD = """
+-- Discord channels belong to a guild (forget-me works per guild); admins set how a channel's
+-- persona is triggered and how it samples (JSON of SamplingSettings fields, NULL = defaults).
+ALTER TABLE channels ADD COLUMN guild_id TEXT;
+ALTER TABLE channels ADD COLUMN mode TEXT NOT NULL DEFAULT 'mention'
+    CHECK (mode IN ('mention', 'always'));
+ALTER TABLE channels ADD COLUMN sampling TEXT;
+CREATE INDEX channels_guild ON channels (guild_id);
+
+CREATE INDEX turns_author ON turns (author_id);
+
+CREATE TABLE guilds (
+    id             TEXT PRIMARY KEY,      -- Discord guild id
+    admin_role_id  TEXT,                  -- members with this role may use admin commands
+    updated_at     REAL NOT NULL
+);
+
+-- Every platform message a stored turn was posted as (a long reply is split in several).
+CREATE TABLE turn_messages (
+    message_id  TEXT PRIMARY KEY,
+    turn_id     INTEGER NOT NULL REFERENCES turns(id) ON DELETE CASCADE
+);
+CREATE INDEX turn_messages_turn ON turn_messages (turn_id);
+
+-- One rating per person per reply: +1 (thumbs up) or -1 (thumbs down).
+CREATE TABLE feedback (
+    turn_id     INTEGER NOT NULL REFERENCES turns(id) ON DELETE CASCADE,
+    user_id     TEXT NOT NULL,
+    rating      INTEGER NOT NULL CHECK (rating IN (-1, 1)),
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (turn_id, user_id)
+);
+
+-- Approved replies with the turns before them, frozen at approval time as training data
+-- (a memory reset does not delete them; forget-me deletes those its caller wrote in).
+CREATE TABLE dialogues (
+    id           INTEGER PRIMARY KEY,
+    turn_id      INTEGER NOT NULL UNIQUE,  -- the approved assistant turn
+    channel_id   TEXT NOT NULL,
+    guild_id     TEXT,
+    persona      TEXT NOT NULL,
+    messages     TEXT NOT NULL,            -- JSON list of {role, content, author_id, author_name}
+    approved_by  TEXT,                     -- who approved it, NULL when reactions did
+    source       TEXT NOT NULL CHECK (source IN ('command', 'reactions')),
+    created_at   REAL NOT NULL
+);
+CREATE INDEX dialogues_persona ON dialogues (persona, id);
+
+CREATE TABLE dialogue_authors (
+    dialogue_id  INTEGER NOT NULL REFERENCES dialogues(id) ON DELETE CASCADE,
+    author_id    TEXT NOT NULL,
+    PRIMARY KEY (dialogue_id, author_id)
+);
+CREATE INDEX dialogue_authors_author ON dialogue_authors (author_id);
+
+-- The rolling summary of a persona's older turns in a channel: it covers every turn with
+-- id <= through_id; the prompt then carries only newer turns.
+CREATE TABLE summaries (
+    channel_id   TEXT NOT NULL REFERENCES channels(id) ON DELETE CASCADE,
+    persona      TEXT NOT NULL,
+    content      TEXT NOT NULL,
+    through_id   INTEGER NOT NULL,
+    token_count  INTEGER,
+    updated_at   REAL NOT NULL,
+    PRIMARY KEY (channel_id, persona)
+);
+"""
+
 MIGRATIONS: list[tuple[str, str]] = [
     ("m001_initial", M001_INITIAL),
+    ("m002_discord", M002_DISCORD),
 ]
 
 PRAGMAS = (
@@ -86,3 +155,99 @@ UPDATE_TURN_TOKEN_COUNT = "UPDATE turns SET token_count = ? WHERE id = ?"
 COUNT_CHANNEL_TURNS = "SELECT COUNT(*) FROM turns WHERE channel_id = ?"
 DELETE_CHANNEL_TURNS = "DELETE FROM turns WHERE channel_id = ?"
 DELETE_TURN = "DELETE FROM turns WHERE id = ?"
+
+# -- m002: Discord channels, guilds, approvals, summaries ----------------------------------
+
+SELECT_CHANNEL_SETTINGS = "SELECT guild_id, mode, sampling FROM channels WHERE id = ?"
+UPDATE_CHANNEL_GUILD = "UPDATE channels SET guild_id = ? WHERE id = ? AND guild_id IS NOT ?"
+UPDATE_CHANNEL_MODE = "UPDATE channels SET mode = ?, updated_at = ? WHERE id = ?"
+UPDATE_CHANNEL_SAMPLING = "UPDATE channels SET sampling = ?, updated_at = ? WHERE id = ?"
+CLEAR_PERSONA_EVERYWHERE = "UPDATE channels SET persona = NULL, updated_at = ? WHERE persona = ?"
+
+UPSERT_GUILD_ADMIN_ROLE = """
+INSERT INTO guilds (id, admin_role_id, updated_at) VALUES (?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET admin_role_id = excluded.admin_role_id,
+                               updated_at = excluded.updated_at
+"""
+SELECT_GUILD_ADMIN_ROLE = "SELECT admin_role_id FROM guilds WHERE id = ?"
+
+INSERT_TURN_MESSAGE = "INSERT OR IGNORE INTO turn_messages (message_id, turn_id) VALUES (?, ?)"
+UPDATE_TURN_MESSAGE_ID = "UPDATE turns SET message_id = ? WHERE id = ? AND message_id IS NULL"
+SELECT_TURN_BY_MESSAGE = f"""
+SELECT {", ".join("t." + c.strip() for c in TURN_COLUMNS.split(","))}
+FROM turn_messages m JOIN turns t ON t.id = m.turn_id WHERE m.message_id = ?
+"""
+SELECT_LAST_ASSISTANT_ID = """
+SELECT MAX(id) FROM turns WHERE channel_id = ? AND persona = ? AND role = 'assistant'
+"""
+
+UPSERT_FEEDBACK = """
+INSERT INTO feedback (turn_id, user_id, rating, created_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (turn_id, user_id) DO UPDATE SET rating = excluded.rating,
+                                             created_at = excluded.created_at
+"""
+DELETE_FEEDBACK = "DELETE FROM feedback WHERE turn_id = ? AND user_id = ? AND rating = ?"
+SELECT_FEEDBACK_SCORE = """
+SELECT COALESCE(SUM(CASE WHEN rating > 0 THEN 1 ELSE 0 END), 0),
+       COALESCE(SUM(CASE WHEN rating < 0 THEN 1 ELSE 0 END), 0)
+FROM feedback WHERE turn_id = ?
+"""
+
+INSERT_DIALOGUE = """
+INSERT INTO dialogues (turn_id, channel_id, guild_id, persona, messages, approved_by, source,
+                       created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (turn_id) DO NOTHING
+"""
+INSERT_DIALOGUE_AUTHOR = (
+    "INSERT OR IGNORE INTO dialogue_authors (dialogue_id, author_id) VALUES (?, ?)"
+)
+DIALOGUE_COLUMNS = (
+    "id, turn_id, channel_id, guild_id, persona, messages, approved_by, source, created_at"
+)
+SELECT_DIALOGUE_BY_TURN = f"SELECT {DIALOGUE_COLUMNS} FROM dialogues WHERE turn_id = ?"
+SELECT_PERSONA_DIALOGUES = f"""
+SELECT {DIALOGUE_COLUMNS} FROM dialogues WHERE persona = ? AND (? IS NULL OR guild_id = ?)
+ORDER BY id
+"""
+COUNT_PERSONA_DIALOGUES = "SELECT COUNT(*) FROM dialogues WHERE persona = ?"
+DELETE_DIALOGUE_BY_TURN = "DELETE FROM dialogues WHERE turn_id = ? AND source = ?"
+
+# forget-me: a person's turns, ratings and the dialogues they wrote in, within one guild
+DELETE_AUTHOR_TURNS_IN_GUILD = """
+DELETE FROM turns WHERE author_id = ?
+AND channel_id IN (SELECT id FROM channels WHERE guild_id = ?)
+"""
+DELETE_AUTHOR_DIALOGUES_IN_GUILD = """
+DELETE FROM dialogues WHERE guild_id = ?
+AND id IN (SELECT dialogue_id FROM dialogue_authors WHERE author_id = ?)
+"""
+DELETE_USER_FEEDBACK_IN_GUILD = """
+DELETE FROM feedback WHERE user_id = ?
+AND turn_id IN (SELECT t.id FROM turns t JOIN channels c ON c.id = t.channel_id
+                WHERE c.guild_id = ?)
+"""
+DELETE_GUILD_SUMMARIES = """
+DELETE FROM summaries WHERE channel_id IN (SELECT id FROM channels WHERE guild_id = ?)
+"""
+
+SELECT_SUMMARY = """
+SELECT content, through_id, token_count, updated_at FROM summaries
+WHERE channel_id = ? AND persona = ?
+"""
+UPSERT_SUMMARY = """
+INSERT INTO summaries (channel_id, persona, content, through_id, token_count, updated_at)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (channel_id, persona) DO UPDATE SET content = excluded.content,
+    through_id = excluded.through_id, token_count = excluded.token_count,
+    updated_at = excluded.updated_at
+"""
+UPDATE_SUMMARY_TOKEN_COUNT = """
+UPDATE summaries SET token_count = ? WHERE channel_id = ? AND persona = ? AND through_id = ?
+"""
+DELETE_CHANNEL_SUMMARIES = "DELETE FROM summaries WHERE channel_id = ?"
+SELECT_TURNS_BETWEEN = f"""
+SELECT {TURN_COLUMNS} FROM turns
+WHERE channel_id = ? AND persona = ? AND id > ? AND id < ?
+ORDER BY id LIMIT ?
+"""

@@ -1,0 +1,128 @@
+"""Prompt assembly against a server that counts with SmolLM2's real chat template."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from bot.core.client import ModelClient
+from bot.core.memory import Memory
+from bot.core.personas import PersonaRegistry
+from bot.core.prompt import PromptBuilder, render_system, substitute
+from bot.errors import InputTooLongError
+from tests.fakes import FakeModelServer
+
+CONTEXT = 1600
+MAX_TOKENS = 100
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_tokenizer_dir: Path) -> Iterator[FakeModelServer]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    with FakeModelServer(tokenizer=tokenizer, max_model_len=CONTEXT) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def builder(tmp_path: Path, server: FakeModelServer) -> AsyncIterator[PromptBuilder]:
+    async with Memory.open(tmp_path / "p.db") as memory, ModelClient(server.base_url) as client:
+        yield PromptBuilder(memory, client)
+
+
+def test_card_macros_and_sections() -> None:
+    card = PersonaRegistry(None).load().get("haruhi").card
+    text = render_system(card, user="阿虚")
+    assert text == card.data.system_prompt  # the shipped cards are their dataset's system prompt
+    assert substitute("{{char}} teases {{ user }}; <USER> sighs at <BOT>", char="H", user="K") == (
+        "H teases K; K sighs at H"
+    )
+    richer = card.model_copy(deep=True)
+    richer.data.scenario = "{{user}} walks into the club room."
+    richer.data.mes_example = "<START>\n{{user}}: hi\n{{char}}: 哼"
+    text = render_system(richer, user="阿虚")
+    assert "Scenario: 阿虚 walks into the club room." in text
+    assert "Example dialogue:\n阿虚: hi\n凉宫春日: 哼" in text
+
+
+async def test_newest_turns_fill_the_budget_and_the_card_always_stays(
+    builder: PromptBuilder, server: FakeModelServer
+) -> None:
+    persona = PersonaRegistry(None).load().get("haruhi")
+    for i in range(200):
+        role = "user" if i % 2 == 0 else "assistant"
+        await builder.memory.add_turn(
+            "c", persona="haruhi", role=role, content=f"第{i}句话，说点什么。"
+        )
+    prompt = await builder.build(
+        "c", persona.card, "haruhi", model="fake-base", max_tokens=MAX_TOKENS
+    )
+
+    assert prompt.messages[0] == {"role": "system", "content": persona.card.data.system_prompt}
+    assert prompt.history_truncated
+    kept = [m["content"] for m in prompt.messages[1:]]
+    assert kept[-1] == "第199句话，说点什么。"  # the newest turn is there
+    assert kept == [
+        f"第{i}句话，说点什么。" for i in range(200 - len(kept), 200)
+    ]  # contiguous, in order
+    # The whole prompt, counted by the real template, fits the context with room for the reply;
+    # one more turn would not have.
+    exact = server.count(prompt.messages, add_generation_prompt=True)
+    assert exact == prompt.prompt_tokens
+    assert exact + MAX_TOKENS <= CONTEXT
+    one_more = [
+        prompt.messages[0],
+        {"role": "user", "content": f"第{199 - len(kept)}句话，说点什么。"},
+    ]
+    assert (
+        server.count(one_more + prompt.messages[1:], add_generation_prompt=True) + MAX_TOKENS
+        > CONTEXT
+    )
+    # Older turns are dropped from the prompt, never from the database.
+    assert await builder.memory.count_turns("c") == 200
+
+
+async def test_turn_counts_are_cached_in_the_database(
+    builder: PromptBuilder, server: FakeModelServer
+) -> None:
+    persona = PersonaRegistry(None).load().get("haruhi")
+    for i in range(10):
+        await builder.memory.add_turn("c", persona="haruhi", role="user", content=f"话{i}")
+    await builder.build("c", persona.card, "haruhi", model="fake-base", max_tokens=MAX_TOKENS)
+    assert all(t.token_count for t in await builder.memory.recent_turns("c", "haruhi", limit=20))
+    calls = server.tokenize_calls
+    await builder.build("c", persona.card, "haruhi", model="fake-base", max_tokens=MAX_TOKENS)
+    assert server.tokenize_calls == calls  # nothing counted twice
+
+
+async def test_other_personas_turns_stay_out(builder: PromptBuilder) -> None:
+    persona = PersonaRegistry(None).load().get("atri")
+    await builder.memory.add_turn("c", persona="haruhi", role="user", content="春日的话")
+    await builder.memory.add_turn("c", persona="atri", role="user", content="亚托莉的话")
+    prompt = await builder.build(
+        "c", persona.card, "atri", model="fake-base", max_tokens=MAX_TOKENS
+    )
+    assert [m["content"] for m in prompt.messages[1:]] == ["亚托莉的话"]
+
+
+async def test_a_turn_that_can_never_fit_is_refused(builder: PromptBuilder) -> None:
+    persona = PersonaRegistry(None).load().get("haruhi")
+    await builder.memory.add_turn("c", persona="haruhi", role="user", content="短的")
+    await builder.memory.add_turn("c", persona="haruhi", role="user", content="长" * 3000)
+    with pytest.raises(InputTooLongError, match="shorten it"):
+        await builder.build("c", persona.card, "haruhi", model="fake-base", max_tokens=MAX_TOKENS)
+
+
+async def test_speaker_names_prefix_user_turns(builder: PromptBuilder) -> None:
+    persona = PersonaRegistry(None).load().get("haruhi")
+    builder.speaker_names = True
+    await builder.memory.add_turn(
+        "c", persona="haruhi", role="user", content="「会议？」", author_name="阿虚"
+    )
+    prompt = await builder.build(
+        "c", persona.card, "haruhi", model="fake-base", max_tokens=MAX_TOKENS
+    )
+    assert prompt.messages[-1] == {"role": "user", "content": "阿虚: 「会议？」"}
