@@ -287,7 +287,9 @@ class TerminalChat:
     async def _cmd_reset(self, _: str) -> None:
         count = await self.chat.memory.count_turns(self.channel)
         self.err.print(
-            f"Delete all {count} turns of session {self.options.session!r}? [y/N] ", end=""
+            f"Delete all {count} turns of session {self.options.session!r}? [y/N] ",
+            end="",
+            markup=False,
         )
         assert self._lines is not None
         answer = await anext(self._lines, None)
@@ -310,8 +312,9 @@ class TerminalChat:
 async def run_chat(settings: BotSettings, options: ChatOptions) -> int:
     """Open every resource, chat until the input ends, close everything. Returns the exit code."""
     interactive = sys.stdin.isatty()
-    out = Console(highlight=False)
-    err = Console(stderr=True, highlight=False)
+    # soft_wrap: long lines are the terminal's to wrap, so scripts read whole messages.
+    out = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     personas = PersonaRegistry(settings.user_personas).load()
     for problem in personas.problems:
         err.print(f"[yellow]warning:[/] {escape(str(problem))}")
