@@ -146,10 +146,11 @@ class TerminalChat:
             greeting = None
         persona = await self.chat.require_persona(self.channel)
         if self.interactive:
-            count = len(await self.chat.history(self.channel, limit=1_000_000))
+            count = await self.chat.memory.count_turns(self.channel)
             self.out.print(
                 f"[dim]Chatting with [bold]{escape(persona.name)}[/] ({persona.key}) in session "
-                f"{self.options.session!r}; {count} turns remembered. /help for commands.[/]"
+                f"{self.options.session!r}; {count} turn{'s' * (count != 1)} remembered. "
+                "/help for commands.[/]"
             )
             if greeting is not None:
                 self._show_turn(greeting)
