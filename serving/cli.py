@@ -46,6 +46,12 @@ def serve(
     adapters_dir: str | None = typer.Option(
         None, help="Adapter registry whose current versions are loaded at start"
     ),
+    engine: str | None = typer.Option(
+        None, help="embedded (this server) | vllm (run `vllm serve`) [default: embedded]"
+    ),
+    print_command: bool = typer.Option(
+        False, "--print-command", help="With --engine vllm: print the command, do not run it"
+    ),
     prepare_only: bool = typer.Option(
         False, "--prepare-only", help="Convert/cache the model, then exit without serving"
     ),
@@ -67,6 +73,7 @@ def serve(
         "max_waiting": max_waiting,
         "max_lora_rank": max_lora_rank,
         "adapters_dir": adapters_dir,
+        "engine": engine,
     }
     if lora_modules:
         given["lora_modules"] = _parse_lora_modules(lora_modules)
@@ -74,7 +81,30 @@ def serve(
         settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if settings.engine == "vllm":
+        run_vllm(settings, print_only=print_command)
+        return
+    if print_command:
+        raise typer.BadParameter("--print-command goes with --engine vllm")
     run_server(settings, prepare_only=prepare_only)
+
+
+def run_vllm(settings: Any, *, print_only: bool) -> None:
+    from serving.registry import AdapterRegistry
+    from serving.vllm_launcher import build_vllm_command, exec_vllm, format_command, vllm_model_path
+
+    registry = AdapterRegistry(settings.adapters_dir) if settings.adapters_dir else None
+    argv, env = build_vllm_command(
+        settings, registry, vllm_model_path(settings, prepare=not print_only)
+    )
+    if print_only:
+        typer.echo(format_command(argv, env))
+        return
+    try:
+        exec_vllm(argv, env)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 def run_server(settings: Any, *, prepare_only: bool = False) -> None:
@@ -105,6 +135,107 @@ def run_server(settings: Any, *, prepare_only: bool = False) -> None:
     )
 
 
+adapters_app = typer.Typer(
+    help="Versioned persona adapters: list, publish (hot, no failed request), roll back.",
+    no_args_is_help=True,
+)
+
+_DIR_HELP = "Adapter registry [default: $ROLECAST_SERVE_ADAPTERS_DIR or <cache>/adapters]"
+_SERVER_HELP = "Running model server to hot-load into [default: $ROLECAST_SERVER_URL; none]"
+
+
+def _registry(adapters_dir: str | None) -> Any:
+    from pathlib import Path
+
+    from serving.registry import AdapterRegistry
+    from serving.settings import ServeSettings, cache_dir
+
+    configured = adapters_dir or ServeSettings().adapters_dir
+    return AdapterRegistry(Path(configured) if configured else cache_dir() / "adapters")
+
+
+def _publisher(adapters_dir: str | None, server: str | None, base_model: str | None) -> Any:
+    import os
+
+    import httpx
+
+    from serving.publish import Publisher, ServerClient
+    from serving.settings import ServeSettings
+
+    url = server or os.environ.get("ROLECAST_SERVER_URL")
+    client = ServerClient(url, httpx.Client(timeout=30)) if url else None
+    return Publisher(
+        _registry(adapters_dir),
+        client,
+        max_rank=ServeSettings().max_lora_rank,
+        base_model=base_model,
+    )
+
+
+@adapters_app.command("list")
+def adapters_list(
+    adapters_dir: str | None = typer.Option(None, help=_DIR_HELP),
+) -> None:
+    """Every persona's versions, with metrics, and which one is live."""
+    registry = _registry(adapters_dir)
+    personas = registry.personas()
+    if not personas:
+        typer.echo(f"no adapters in {registry.root}")
+    for persona in personas:
+        current = registry.current(persona)
+        for v in registry.versions(persona):
+            mark = "*" if current and current.version == v.version else " "
+            metrics = v.manifest.get("metrics") or {}
+            shown = " ".join(f"{k}={val}" for k, val in sorted(metrics.items()))
+            created = v.manifest.get("created", "?")
+            typer.echo(f"{mark} {v.served_name:<24} rank={v.rank:<4} {created}  {shown}".rstrip())
+
+
+@adapters_app.command("publish")
+def adapters_publish(
+    adapter: str = typer.Argument(..., help="PEFT adapter directory (with rolecast.json)"),
+    persona: str = typer.Option(..., help="Persona it speaks for"),
+    adapters_dir: str | None = typer.Option(None, help=_DIR_HELP),
+    server: str | None = typer.Option(None, help=_SERVER_HELP),
+    base_model: str | None = typer.Option(
+        None, help="Base model it must match [default: the server's, else the current version's]"
+    ),
+) -> None:
+    """Validate, add as the next version, hot-load, switch, drain and unload the old one."""
+    from pathlib import Path
+
+    from serving.registry import RegistryError
+
+    publisher = _publisher(adapters_dir, server, base_model)
+    try:
+        result = publisher.publish(persona, Path(adapter))
+    except RegistryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    old = result.old.served_name if result.old else "none"
+    typer.echo(f"published {result.new.served_name} (was {old}; unloaded: {result.unloaded})")
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(
+    persona: str = typer.Argument(..., help="Persona to return to its previous version"),
+    adapters_dir: str | None = typer.Option(None, help=_DIR_HELP),
+    server: str | None = typer.Option(None, help=_SERVER_HELP),
+) -> None:
+    """Return a persona to its previous version, the same safe way as a publish."""
+    from serving.registry import RegistryError
+
+    publisher = _publisher(adapters_dir, server, None)
+    try:
+        result = publisher.rollback(persona)
+    except RegistryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    old = result.old.served_name if result.old else "none"
+    typer.echo(f"{persona} is back on {result.new.served_name} (was {old})")
+
+
 def register(app: typer.Typer) -> None:
     """Add the serving commands to the root app."""
     app.command("serve")(serve)
+    app.add_typer(adapters_app, name="adapters")

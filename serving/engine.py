@@ -231,6 +231,11 @@ class Engine:
         if self.metrics is not None:
             self.metrics.waiting.set(len(self._waiting))
             self.metrics.running.set(len(self._running))
+            self.metrics.set_lora_requests(
+                len(self._adapters),
+                {r.adapter for r in self._waiting if r.adapter},
+                {s.request.adapter for s in self._running if s.request.adapter},
+            )
 
     # --- adapters ---------------------------------------------------------------------------
 

@@ -48,9 +48,27 @@ class EngineMetrics:
             labels,
             registry=self.registry,
         ).labels(model_name)
+        self.lora_info = Gauge(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests.",
+            ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            registry=self.registry,
+        )
+        self._lora_labels: tuple[str, str, str] | None = None
         self.waiting = Gauge(
             "vllm:num_requests_waiting",
             "Number of requests waiting to be processed.",
             labels,
             registry=self.registry,
         ).labels(model_name)
+
+    def set_lora_requests(self, max_lora: int, waiting: set[str], running: set[str]) -> None:
+        """vLLM's one-series gauge: its labels list the adapters with requests waiting/running;
+        its value is when that last changed."""
+        labels = (str(max_lora), ",".join(sorted(waiting)), ",".join(sorted(running)))
+        if labels == self._lora_labels:
+            return
+        if self._lora_labels is not None:
+            self.lora_info.remove(*self._lora_labels)
+        self.lora_info.labels(*labels).set_to_current_time()
+        self._lora_labels = labels

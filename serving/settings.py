@@ -57,7 +57,16 @@ class ServeSettings(BaseSettings):
     max_waiting: int = Field(
         64, ge=0, description="Requests that may wait for a batch slot; beyond it: HTTP 429."
     )
+    engine: Literal["embedded", "vllm"] = Field(
+        "embedded", description="embedded: this package's server; vllm: exec `vllm serve`."
+    )
     max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank the server loads.")
+    max_loras: int | None = Field(
+        None, ge=1, description="vLLM: adapters in one batch; default: current adapters + 1."
+    )
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="vLLM: adapters cached in CPU memory; default: 2 x max_loras."
+    )
     lora_modules: dict[str, str] = Field(
         default_factory=dict, description="Adapters loaded at start: served name -> directory."
     )

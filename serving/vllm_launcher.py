@@ -1,0 +1,92 @@
+"""`rolecast serve --engine vllm`: the `vllm serve` command line built from Rolecast's settings
+and the adapter registry, so production runs the same adapters under the same names."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+from serving.registry import AdapterRegistry, adapter_rank, read_adapter_config
+from serving.settings import DEFAULT_MODEL, VLLM_LORA_RANKS, ServeSettings
+
+
+def allowed_rank(rank: int) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that covers `rank`."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(
+        f"LoRA rank {rank} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}"
+    )
+
+
+def build_vllm_command(
+    settings: ServeSettings, registry: AdapterRegistry | None, model_path: str
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and the extra environment of `vllm serve` for these settings."""
+    base_name = settings.resolved_served_name()
+    argv = [
+        "vllm",
+        "serve",
+        model_path,
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+        "--served-model-name",
+        base_name,
+    ]
+    if settings.max_model_len:
+        argv += ["--max-model-len", str(settings.max_model_len)]
+    if settings.dtype != "auto":
+        argv += ["--dtype", settings.dtype]
+
+    modules: dict[str, str] = dict(settings.lora_modules)
+    ranks: list[int] = [adapter_rank(read_adapter_config(Path(p))) for p in modules.values()]
+    if registry is not None:
+        for persona in registry.personas():
+            # every version may be rolled back to, so the rank limit covers them all
+            ranks += [v.rank for v in registry.versions(persona)]
+            if (current := registry.current(persona)) is not None:
+                modules.setdefault(current.served_name, str(current.path))
+    max_loras = settings.max_loras or max(1, len(modules)) + 1  # +1: old and new in a publish
+    argv += [
+        "--enable-lora",
+        "--max-loras",
+        str(max_loras),
+        "--max-lora-rank",
+        # with nothing published yet, leave room for what the publisher will accept
+        str(allowed_rank(max(ranks) if ranks else settings.max_lora_rank)),
+        "--max-cpu-loras",
+        str(settings.max_cpu_loras or 2 * max_loras),
+    ]
+    if modules:
+        argv.append("--lora-modules")
+        argv += [
+            json.dumps({"name": name, "path": path, "base_model_name": base_name})
+            for name, path in sorted(modules.items())
+        ]
+    return argv, {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+
+
+def vllm_model_path(settings: ServeSettings, *, prepare: bool) -> str:
+    """vLLM loads the default model from the converted checkpoint (it is made if `prepare`)."""
+    if settings.model != DEFAULT_MODEL:
+        return settings.model
+    from serving.models import converted_dir, prepare_default_model
+
+    return str(prepare_default_model() if prepare else converted_dir())
+
+
+def format_command(argv: list[str], env: dict[str, str]) -> str:
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
+
+
+def exec_vllm(argv: list[str], env: dict[str, str]) -> None:
+    """Replace this process with vLLM (signals and exit code are then vLLM's own)."""
+    if shutil.which(argv[0]) is None:
+        raise FileNotFoundError("vLLM is not installed: pip install 'rolecast[vllm]'")
+    os.execvpe(argv[0], argv, {**os.environ, **env})
