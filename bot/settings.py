@@ -39,6 +39,42 @@ class SamplingSettings(BaseModel):
     stop: list[str] = Field(default_factory=list)
 
 
+class DiscordSettings(BaseModel):
+    """How the Discord bot behaves; the token itself is `discord_token` (environment only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cooldown_s: float = Field(3.0, ge=0, description="per-person cooldown between triggers")
+    burst_window_s: float = Field(
+        1.5, ge=0, description="messages from one person this close together get one answer"
+    )
+    edit_interval_s: float = Field(
+        1.0, ge=0.2, description="a streamed reply is edited at most this often"
+    )
+    webhook_name: str = Field("Rolecast", min_length=1, max_length=80)
+    approval_threshold: int = Field(
+        1, ge=1, description="thumbs-up minus thumbs-down that approve a reply for training"
+    )
+    dialogue_turns: int = Field(
+        8, ge=1, le=64, description="turns before an approved reply kept in its dialogue"
+    )
+    sync_commands: bool = Field(True, description="sync the slash commands with Discord on start")
+    sync_guild_id: int | None = Field(
+        None, description="sync to this guild only (instant, for development)"
+    )
+
+
+class PromptSettings(BaseModel):
+    """Memory beyond the window: rolling summaries and card lorebooks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    summaries: bool = Field(True, description="summarise turns that no longer fit the prompt")
+    summary_max_tokens: int = Field(256, ge=32, le=2048)
+    lore_budget_tokens: int = Field(256, ge=0, description="token budget of lorebook entries")
+    lore_scan_depth: int = Field(4, ge=1, le=50, description="recent turns scanned for keys")
+
+
 class BotSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ROLECAST_",
@@ -68,6 +104,8 @@ class BotSettings(BaseSettings):
     server_startup_timeout_s: float = Field(600.0, gt=0)
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     discord_token: SecretStr | None = None
+    discord: DiscordSettings = Field(default_factory=DiscordSettings)
+    prompt: PromptSettings = Field(default_factory=PromptSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from bot.core.cards import Card
 from bot.core.client import Message, ModelClient
+from bot.core.lorebook import in_insertion_order, matching_entries
 from bot.core.memory import Memory, Turn
 from bot.errors import InputTooLongError
 
@@ -79,6 +80,19 @@ class Prompt:
     budget: int
     turns_included: int
     history_truncated: bool
+    # memory beyond the window: the rolling summary covers turns up to `summary_through`;
+    # `oldest_included_id` is the oldest turn in the prompt (what a new summary stops before)
+    summary_through: int | None = None
+    oldest_included_id: int | None = None
+    lore: list[str] = field(default_factory=list)
+
+
+def summary_block(content: str) -> str:
+    return f"Summary of the conversation so far:\n{content.strip()}"
+
+
+def lore_block(entries: list[str]) -> str:
+    return "Background knowledge:\n" + "\n".join(f"- {e.strip()}" for e in entries)
 
 
 @dataclass
@@ -92,11 +106,24 @@ class _ModelCounts:
 
 
 class PromptBuilder:
-    def __init__(self, memory: Memory, client: ModelClient, *, speaker_names: bool = False) -> None:
+    def __init__(
+        self,
+        memory: Memory,
+        client: ModelClient,
+        *,
+        speaker_names: bool = False,
+        summaries: bool = True,
+        lore_budget: int = 256,
+        lore_scan_depth: int = 4,
+    ) -> None:
         self.memory = memory
         self.client = client
         self.speaker_names = speaker_names
+        self.summaries = summaries
+        self.lore_budget = lore_budget
+        self.lore_scan_depth = lore_scan_depth
         self._counts: dict[str, _ModelCounts] = {}
+        self._lore_costs: dict[tuple[str, str, int, str], int] = {}
 
     async def _model_counts(self, model: str) -> _ModelCounts:
         counts = self._counts.get(model)
@@ -143,10 +170,37 @@ class PromptBuilder:
                 "Lower max_tokens or shorten the card."
             )
 
+        # Memory beyond the window: the rolling summary stands in for the turns it covers, and
+        # lorebook entries whose keys occur in the recent turns get their own small budget.
+        extra: list[str] = []
+        summary = await self.memory.summary(channel_id, persona) if self.summaries else None
+        after_id = summary.through_id if summary is not None else 0
+        if summary is not None:
+            block = summary_block(summary.content)
+            cost = summary.token_count
+            if cost is None:
+                cost = await self.message_cost(model, {"role": "system", "content": block})
+                await self.memory.set_summary_token_count(
+                    channel_id, persona, summary.through_id, cost
+                )
+            if used + cost < budget:
+                extra.append(block)
+                used += cost
+        lore, lore_cost = await self._lore(
+            channel_id, card, persona, model=model, user_name=user_name, room=budget - used
+        )
+        if lore:
+            extra.append(lore_block(lore))
+            used += lore_cost
+        if extra:
+            system = {"role": "system", "content": "\n\n".join([system["content"], *extra])}
+
         chosen: list[Turn] = []
         new_counts: list[tuple[int, int]] = []
         truncated = False
         async for turn in self.memory.iter_turns_backwards(channel_id, persona):
+            if turn.id <= after_id:
+                break  # the summary covers this turn and every older one
             cost = turn.token_count
             if cost is None:
                 cost = await self.message_cost(
@@ -165,13 +219,53 @@ class PromptBuilder:
             used += cost
             chosen.append(turn)
         await self._save(new_counts)
+        oldest_id = chosen[-1].id if chosen else None
         chosen.reverse()
         messages = [system] + [turn_message(t, speaker_names=self.speaker_names) for t in chosen]
         if truncated:
             log.debug("channel %s: %d turns fit the budget of %d", channel_id, len(chosen), budget)
         return Prompt(
-            messages, model, used + counts.generation_prompt, budget, len(chosen), truncated
+            messages,
+            model,
+            used + counts.generation_prompt,
+            budget,
+            len(chosen),
+            truncated,
+            summary_through=summary.through_id if summary is not None else None,
+            oldest_included_id=oldest_id,
+            lore=lore,
         )
+
+    async def _lore(
+        self, channel_id: str, card: Card, persona: str, *, model: str, user_name: str, room: int
+    ) -> tuple[list[str], int]:
+        """Lorebook entries triggered by the recent turns, within the book's token budget
+        (and the room left in the prompt); returns their texts and their cost."""
+        book = card.data.character_book
+        if book is None or not book.entries:
+            return [], 0
+        depth = book.scan_depth or self.lore_scan_depth
+        recent = await self.memory.recent_turns(channel_id, persona, limit=depth)
+        hits = matching_entries(book, [t.content for t in recent])
+        if not hits:
+            return [], 0
+        allowance = min(book.token_budget or self.lore_budget, self.lore_budget, room // 2)
+        digest = card.digest()
+        chosen, spent = [], 0
+        for hit in hits:
+            text = substitute(hit.entry.content, char=card.data.name, user=user_name)
+            key = (model, digest, hit.index, user_name)
+            cost = self._lore_costs.get(key)
+            if cost is None:
+                cost = await self.message_cost(model, {"role": "system", "content": text})
+                self._lore_costs[key] = cost
+            if spent + cost > allowance:
+                continue
+            chosen.append((hit, text))
+            spent += cost
+        order = {h.index: i for i, h in enumerate(in_insertion_order(h for h, _ in chosen))}
+        chosen.sort(key=lambda pair: order[pair[0].index])
+        return [text for _, text in chosen], spent
 
     async def _save(self, new_counts: list[tuple[int, int]]) -> None:
         if new_counts:

@@ -1,0 +1,87 @@
+"""Approvals: members mark good persona replies; an approved reply, with the turns before it,
+is frozen as a training dialogue.
+
+Two ways in: an explicit approval ("Approve for training") and reactions. Ratings are one per
+person per reply (+1/-1); a reply whose thumbs-up outnumber its thumbs-down by `threshold`
+becomes a dialogue, and stops being one (if reactions alone made it) when that no longer holds.
+The dialogue is a snapshot, so a later memory reset does not lose training data; forget-me
+deletes the snapshots its caller wrote in (see `Memory.forget_author`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from bot.core.memory import Dialogue, Memory, Turn
+from bot.errors import RolecastError
+
+log = logging.getLogger(__name__)
+
+
+class Approvals:
+    def __init__(self, memory: Memory, *, context_turns: int = 8, threshold: int = 1) -> None:
+        self.memory = memory
+        self.context_turns = context_turns
+        self.threshold = threshold
+
+    async def snapshot(self, turn: Turn) -> list[dict[str, str | None]]:
+        """The approved reply and up to `context_turns` turns before it, oldest first."""
+        before = await self.memory.recent_turns(
+            turn.channel_id, turn.persona, limit=self.context_turns, before_id=turn.id
+        )
+        return [
+            {
+                "role": t.role,
+                "content": t.content,
+                "author_id": t.author_id,
+                "author_name": t.author_name,
+            }
+            for t in [*reversed(before), turn]
+        ]
+
+    def _check(self, turn: Turn) -> None:
+        if turn.role != "assistant":
+            raise RolecastError("Only a persona's replies can be approved for training.")
+
+    async def approve(self, turn: Turn, *, by: str, guild_id: str | None) -> tuple[Dialogue, bool]:
+        """Approve explicitly. Returns the dialogue and whether it is new."""
+        self._check(turn)
+        existing = await self.memory.dialogue_for_turn(turn.id)
+        if existing is not None:
+            return existing, False
+        dialogue = await self.memory.add_dialogue(
+            turn, await self.snapshot(turn), guild_id=guild_id, approved_by=by, source="command"
+        )
+        log.info("turn %d of %s approved by %s", turn.id, turn.persona, by)
+        return dialogue, True
+
+    async def react(
+        self,
+        turn: Turn,
+        user_id: str,
+        rating: Literal[-1, 1],
+        *,
+        added: bool,
+        guild_id: str | None,
+    ) -> Dialogue | None:
+        """Record (or withdraw) a rating; returns the reply's dialogue if it now is one."""
+        self._check(turn)
+        if added:
+            await self.memory.rate(turn.id, user_id, rating)
+        else:
+            await self.memory.unrate(turn.id, user_id, rating)
+        up, down = await self.memory.score(turn.id)
+        if up - down >= self.threshold:
+            existing = await self.memory.dialogue_for_turn(turn.id)
+            if existing is not None:
+                return existing
+            return await self.memory.add_dialogue(
+                turn,
+                await self.snapshot(turn),
+                guild_id=guild_id,
+                approved_by=None,
+                source="reactions",
+            )
+        await self.memory.withdraw_dialogue(turn.id, "reactions")
+        return await self.memory.dialogue_for_turn(turn.id)
