@@ -155,7 +155,36 @@ def persona_import(
     )
 
 
+def discord_bot(
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="Validate settings and cards and print the slash-command tree as JSON; "
+        "do not connect.",
+    ),
+    db: Path | None = typer.Option(None, help="SQLite file (default: <home>/rolecast.db)."),
+    server: str | None = typer.Option(
+        None, help="Model server base URL; default: start the embedded one."
+    ),
+) -> None:
+    """Run the Discord bot (token from ROLECAST_DISCORD_TOKEN)."""
+    from bot.discord_bot import command_tree, run_bot
+
+    settings = load_settings(db_path=db, server_url=server)
+    if check:
+        report = asyncio.run(command_tree(settings))
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        raise typer.Exit(0 if report["ok"] else 1)
+    try:
+        asyncio.run(run_bot(settings))
+    except RolecastError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
 def register(app: typer.Typer) -> None:
     """Add the bot commands to the root app."""
     app.command("chat")(chat)
+    app.command("bot")(discord_bot)
     app.add_typer(persona_app, name="persona")

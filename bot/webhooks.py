@@ -1,0 +1,249 @@
+"""Persona identity on Discord: replies posted through a channel webhook under the persona's
+name and avatar, streamed by editing, split past Discord's 2,000 characters.
+
+`WebhookCache` keeps one webhook per channel (found among the channel's webhooks or created),
+forgets it when Discord says it is gone, and falls back to plain bot messages where the bot
+lacks Manage Webhooks. `ReplyStream` turns a stream of text deltas into messages: it sends the
+first part as soon as there is text, edits at most once per `interval_s`, and starts a new
+message when the text outgrows the limit. Every message has `allowed_mentions` set to none, so
+a reply can never ping @everyone, a role or a person.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import discord
+
+log = logging.getLogger(__name__)
+
+MESSAGE_LIMIT = 2000
+NO_MENTIONS = discord.AllowedMentions.none()
+
+Messageable = discord.TextChannel | discord.Thread | discord.VoiceChannel
+
+
+def split_text(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
+    """Split `text` into parts of at most `limit` characters, at a paragraph, line or word
+    boundary when one is in the second half of the window. Stable as text grows: a part is
+    fixed once the text extends past it, so streamed edits never rewrite finished parts."""
+    parts: list[str] = []
+    rest = text
+    while len(rest) > limit:
+        window = rest[:limit]
+        cut = -1
+        for sep in ("\n\n", "\n", " "):
+            at = window.rfind(sep)
+            if at >= limit // 2:
+                cut = at + len(sep)
+                break
+        if cut <= 0:
+            cut = limit
+        parts.append(rest[:cut].rstrip() or rest[:cut])
+        rest = rest[cut:]
+    parts.append(rest)
+    return [p for p in parts if p.strip()] or [""]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """How a persona appears: the webhook's username and avatar."""
+
+    name: str
+    avatar_url: str | None = None
+
+
+class WebhookCache:
+    """One webhook per channel (the parent channel for threads), made by this bot."""
+
+    def __init__(self, name: str = "Rolecast") -> None:
+        self.name = name
+        self._hooks: dict[int, discord.Webhook] = {}
+        self._plain: set[int] = set()
+
+    @staticmethod
+    def _parent(channel: Messageable) -> discord.TextChannel | discord.VoiceChannel:
+        parent = channel.parent if isinstance(channel, discord.Thread) else channel
+        assert isinstance(parent, discord.TextChannel | discord.VoiceChannel | discord.ForumChannel)
+        return parent  # type: ignore[return-value]
+
+    def can_manage(self, channel: Messageable) -> bool:
+        parent = self._parent(channel)
+        me = parent.guild.me
+        return me is not None and parent.permissions_for(me).manage_webhooks
+
+    async def get(self, channel: Messageable) -> discord.Webhook | None:
+        """The channel's webhook, or None when replies must go as plain messages."""
+        parent = self._parent(channel)
+        if parent.id in self._hooks:
+            return self._hooks[parent.id]
+        if not self.can_manage(channel):
+            if parent.id not in self._plain:
+                log.warning(
+                    "no Manage Webhooks in #%s (%s): persona replies go as plain messages",
+                    parent.name,
+                    parent.id,
+                )
+                self._plain.add(parent.id)
+            return None
+        self._plain.discard(parent.id)
+        try:
+            me = parent.guild.me
+            hooks = await parent.webhooks()
+            hook = next(
+                (
+                    h
+                    for h in hooks
+                    if h.token and h.user is not None and me is not None and h.user.id == me.id
+                ),
+                None,
+            )
+            if hook is None:
+                hook = await parent.create_webhook(name=self.name, reason="persona replies")
+                log.info("created webhook %s in #%s", hook.id, parent.name)
+        except discord.Forbidden:
+            log.warning("Discord refused webhooks in #%s: using plain messages", parent.name)
+            self._plain.add(parent.id)
+            return None
+        self._hooks[parent.id] = hook
+        return hook
+
+    def forget(self, channel: Messageable) -> None:
+        self._hooks.pop(self._parent(channel).id, None)
+
+    def cached(self, channel_id: int) -> discord.Webhook | None:
+        return self._hooks.get(channel_id)
+
+    def webhook_ids(self) -> set[int]:
+        return {hook.id for hook in self._hooks.values()}
+
+
+class ReplyStream:
+    """Posts one streamed reply as one or more messages under the persona's identity."""
+
+    def __init__(
+        self,
+        channel: Messageable,
+        webhooks: WebhookCache,
+        identity: Identity,
+        *,
+        interval_s: float = 1.0,
+        limit: int = MESSAGE_LIMIT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.channel = channel
+        self.webhooks = webhooks
+        self.identity = identity
+        self.interval_s = interval_s
+        self.limit = limit
+        self.clock = clock
+        self.text = ""
+        self.messages: list[discord.Message] = []
+        self._shown: list[str] = []  # what each posted message currently says
+        self._last_flush = float("-inf")
+        self._hook: discord.Webhook | None = None
+        self._resolved = False
+        self.edits = 0  # sends and edits made, for tests and metrics
+
+    @property
+    def message_ids(self) -> list[str]:
+        return [str(m.id) for m in self.messages]
+
+    async def feed(self, delta: str) -> None:
+        self.text += delta
+        if self.text.strip() and self.clock() - self._last_flush >= self.interval_s:
+            await self.flush()
+
+    async def finish(self, final_text: str | None = None) -> list[str]:
+        """Show the complete reply; returns the ids of its messages."""
+        if final_text is not None:
+            self.text = final_text
+        await self.flush()
+        return self.message_ids
+
+    async def flush(self) -> None:
+        self._last_flush = self.clock()
+        parts = split_text(self.text, self._part_limit())
+        if not self._hook_resolved():
+            await self._resolve_hook()
+        for index, part in enumerate(parts):
+            if not part.strip():
+                continue
+            if index < len(self._shown):
+                if self._shown[index] != part:
+                    await self._edit(index, part)
+            else:
+                await self._send(part)
+
+    def _part_limit(self) -> int:
+        # A plain message starts with the persona's name; leave room for it.
+        return self.limit if self._hook is not None or not self._resolved else self.limit - 80
+
+    def _hook_resolved(self) -> bool:
+        return self._resolved
+
+    async def _resolve_hook(self) -> None:
+        self._hook = await self.webhooks.get(self.channel)
+        self._resolved = True
+
+    def _plain(self, part: str, index: int) -> str:
+        return f"**{self.identity.name}**\n{part}" if index == 0 else part
+
+    async def _send(self, part: str) -> None:
+        index = len(self._shown)
+        if self._hook is not None:
+            try:
+                message = await self._webhook_send(part)
+            except discord.NotFound:
+                # The webhook was deleted in Discord: make a new one and try once more.
+                log.info("webhook for #%s is gone; recreating it", self.channel)
+                self.webhooks.forget(self.channel)
+                await self._resolve_hook()
+                if self._hook is None:
+                    message = await self.channel.send(
+                        self._plain(part, index), allowed_mentions=NO_MENTIONS
+                    )
+                else:
+                    message = await self._webhook_send(part)
+        else:
+            message = await self.channel.send(
+                self._plain(part, index), allowed_mentions=NO_MENTIONS
+            )
+        self.messages.append(message)
+        self._shown.append(part)
+        self.edits += 1
+
+    async def _webhook_send(self, part: str) -> discord.Message:
+        assert self._hook is not None
+        kwargs: dict[str, object] = {}
+        if isinstance(self.channel, discord.Thread):
+            kwargs["thread"] = self.channel
+        return await self._hook.send(
+            part,
+            username=self.identity.name[:80],
+            avatar_url=self.identity.avatar_url or discord.utils.MISSING,
+            allowed_mentions=NO_MENTIONS,
+            wait=True,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    async def _edit(self, index: int, part: str) -> None:
+        message = self.messages[index]
+        try:
+            if isinstance(message, discord.WebhookMessage):
+                await message.edit(content=part, allowed_mentions=NO_MENTIONS)
+            else:
+                await message.edit(content=self._plain(part, index), allowed_mentions=NO_MENTIONS)
+        except discord.NotFound:
+            # The message or its webhook vanished mid-stream: post the part anew.
+            self.webhooks.forget(self.channel)
+            await self._resolve_hook()
+            del self.messages[index:]
+            del self._shown[index:]
+            await self._send(part)
+            return
+        self._shown[index] = part
+        self.edits += 1
