@@ -1,0 +1,85 @@
+"""The `vllm serve` command line built from settings and the registry (vLLM itself is not
+needed: the command is checked, not run)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rolecast.cli import app
+from serving.registry import AdapterRegistry
+from serving.settings import ServeSettings
+from serving.vllm_launcher import allowed_rank, build_vllm_command
+
+
+def fake_adapter(path: Path, rank: int) -> Path:
+    path.mkdir(parents=True)
+    config = {"peft_type": "LORA", "r": rank, "base_model_name_or_path": "base-model"}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    (path / "adapter_model.safetensors").write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize("rank, expected", [(1, 1), (2, 8), (8, 8), (9, 16), (33, 64), (500, 512)])
+def test_smallest_allowed_rank(rank: int, expected: int) -> None:
+    assert allowed_rank(rank) == expected
+
+
+def test_command_covers_registry_versions(tmp_path: Path) -> None:
+    registry = AdapterRegistry(tmp_path / "reg")
+    v1 = registry.add_version("haruhi", fake_adapter(tmp_path / "h1", 8))
+    registry.set_current("haruhi", v1.version)
+    v2 = registry.add_version("haruhi", fake_adapter(tmp_path / "h2", 32))  # not current yet
+    x1 = registry.add_version("xin", fake_adapter(tmp_path / "x1", 16))
+    registry.set_current("xin", x1.version)
+    settings = ServeSettings(model="base-model", served_model_name="base", port=8001)
+
+    argv, env = build_vllm_command(settings, registry, "base-model")
+
+    assert argv[:3] == ["vllm", "serve", "base-model"]
+    assert env == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    flag = {argv[i]: argv[i + 1] for i in range(3, len(argv) - 1) if argv[i].startswith("--")}
+    assert flag["--served-model-name"] == "base" and flag["--port"] == "8001"
+    assert "--enable-lora" in argv
+    assert flag["--max-lora-rank"] == "32"  # v2 may be published or rolled to later
+    assert flag["--max-loras"] == "3" and flag["--max-cpu-loras"] == "6"
+    modules = [json.loads(a) for a in argv[argv.index("--lora-modules") + 1 :]]
+    assert modules == [
+        {"name": "haruhi@v1", "path": str(v1.path), "base_model_name": "base"},
+        {"name": "xin@v1", "path": str(x1.path), "base_model_name": "base"},
+    ]
+    assert str(v2.path) not in " ".join(argv)
+
+
+def test_print_command_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROLECAST_SERVE_MAX_LORA_RANK", "16")
+    result = CliRunner().invoke(
+        app,
+        ["serve", "--engine", "vllm", "--print-command", "--model", "org/model", "--port", "9000"],
+    )
+    assert result.exit_code == 0, result.output
+    words = shlex.split(result.output)
+    assert words[0] == "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1"
+    assert words[1:4] == ["vllm", "serve", "org/model"]
+    assert words[words.index("--max-lora-rank") + 1] == "16"
+    assert words[words.index("--served-model-name") + 1] == "org/model"
+
+
+def test_registry_pointer_and_names_never_reused(tmp_path: Path) -> None:
+    registry = AdapterRegistry(tmp_path)
+    a = registry.add_version("atri", fake_adapter(tmp_path / "src1", 8))
+    registry.set_current("atri", a.version)
+    b = registry.add_version("atri", fake_adapter(tmp_path / "src2", 8))
+    registry.set_current("atri", b.version)
+    assert registry.previous("atri").served_name == "atri@v1"
+    registry.set_current("atri", 1, rollback=True)
+    assert registry.current("atri").served_name == "atri@v1"  # type: ignore[union-attr]
+    manifest = json.loads((b.path / "rolecast.json").read_text())
+    assert manifest["served_name"] == "atri@v2" and manifest["rank"] == 8
+    c = registry.add_version("atri", fake_adapter(tmp_path / "src3", 8))
+    assert c.served_name == "atri@v3"
+    assert not list(tmp_path.glob("atri/.*"))  # no temp files left behind
