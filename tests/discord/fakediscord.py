@@ -12,6 +12,7 @@ tests/test_app_commands_invoke.py does) and passed to the bot's command tree.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -367,15 +368,24 @@ async def press(
     channel: discord.abc.GuildChannel,
     member: discord.Member,
     custom_id: str,
-    message_id: int,
+    message_id: int | None,
 ) -> None:
-    """Press a button of a view the bot sent (a component interaction)."""
+    """Press a button of a view the bot sent (a component interaction) and wait for the
+    view's callback to finish."""
     payload = interaction_payload(
         client, channel, member, {"custom_id": custom_id, "component_type": 2}, kind=3
     )
-    payload["message"] = facts.make_message_dict(channel, client.user, id_num=message_id)
+    payload["message"] = facts.make_message_dict(
+        channel, client.user, id_num=message_id or snowflake()
+    )
     interaction = discord.Interaction(data=payload, state=client._connection)  # type: ignore[arg-type]
     client._connection._view_store.dispatch_view(2, custom_id, interaction)
+    running = [
+        t
+        for t in asyncio.all_tasks()
+        if t.get_name().startswith("discord-ui-view-dispatch") and not t.done()
+    ]
+    await asyncio.gather(*running)
 
 
 def deliver(
