@@ -20,7 +20,7 @@ import discord
 from discord.ext import commands
 
 from bot.core.chat import Reply
-from bot.core.memory import Turn
+from bot.core.memory import ChannelSettings, Turn
 from bot.core.personas import Persona
 from bot.discord_bot import NO_MENTIONS, channel_key, permission_message
 from bot.errors import InputTooLongError, ModelServerError, RolecastError
@@ -125,7 +125,7 @@ class ChatListener(commands.Cog):
                     await self._wait_for_quiet(who)
                 if turn.id <= self._answered.get(key, 0):
                     return  # an earlier reply already had this message in its prompt
-                await self._answer(message, persona, turn)
+                await self._answer(message, persona, turn, settings)
         finally:
             if self._pending.get(who) == 0:
                 del self._pending[who]
@@ -140,7 +140,9 @@ class ChatListener(commands.Cog):
 
     # -- answering -------------------------------------------------------------------------
 
-    async def _answer(self, message: discord.Message, persona: Persona, turn: Turn) -> None:
+    async def _answer(
+        self, message: discord.Message, persona: Persona, turn: Turn, settings: ChannelSettings
+    ) -> None:
         channel = message.channel
         assert isinstance(channel, ChatChannel)
         key = channel_key(channel)
@@ -150,7 +152,6 @@ class ChatListener(commands.Cog):
         if not (perms.send_messages or perms.manage_webhooks):
             await self._permission_problem(message, "missing Send Messages and Manage Webhooks")
             return
-        settings = await bot.memory.channel_settings(key)
         newest = await bot.memory.recent_turns(key, persona.key, limit=1)
         stream = ReplyStream(
             channel,

@@ -1,0 +1,257 @@
+"""The Discord bot's own cost per message, and prompt assembly time against history size.
+
+Prints JSON lines:
+- `per_message`: a mention handled end to end by the real bot (dpytest gateway, the chat cog,
+  SQLite, prompt assembly, HTTP streaming from the instant model server in its own process,
+  the webhook post) — p50/p99 wall time per message, and the same for its parts: storing the
+  turn, assembling the prompt, and the model round trip to an instant server.
+- `assembly`: `PromptBuilder.build` for a channel holding 1,000 vs 100,000 stored turns
+  (token counts cached as in steady state): p50/p99 and the ratio. Target: flat within 20%.
+
+Run from the repository root: `.venv/bin/python benchmarks/bot_latency.py [--messages 300]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bot.core.client import ModelClient  # noqa: E402
+from bot.core.memory import Memory  # noqa: E402
+from bot.core.personas import PersonaRegistry  # noqa: E402
+from bot.core.prompt import PromptBuilder  # noqa: E402
+from bot.core.sidecar import free_port  # noqa: E402
+from bot.settings import BotSettings  # noqa: E402
+
+
+def quantiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {
+        "p50_ms": round(statistics.median(ordered) * 1000, 3),
+        "p99_ms": round(p99 * 1000, 3),
+        "n": len(ordered),
+    }
+
+
+def start_instant_server(port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bot.instant_server",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "8192",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the instant server did not start")
+
+
+async def timed(fn: Callable[[], Awaitable[Any]], into: list[float]) -> Any:
+    started = time.perf_counter()
+    result = await fn()
+    into.append(time.perf_counter() - started)
+    return result
+
+
+async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
+    import discord
+    import discord.ext.test as dpytest
+    import pytest
+
+    from bot.discord_bot import RolecastBot, channel_key
+    from tests.discord.fakediscord import FakeDiscordAPI
+
+    settings = BotSettings(
+        home=home,
+        server_url=url,
+        discord={"cooldown_s": 0, "burst_window_s": 0, "sync_commands": False},  # type: ignore[arg-type]
+        prompt={"summaries": False},  # type: ignore[arg-type]
+    )
+    personas = PersonaRegistry(None).load()
+    monkeypatch = pytest.MonkeyPatch()
+    async with Memory.open(home / "bot.db") as memory, ModelClient(url) as client:
+        bot = RolecastBot(
+            memory=memory,
+            client=client,
+            personas=personas,
+            settings=settings,
+            intents=discord.Intents.all(),
+        )
+        await bot._async_setup_hook()
+        dpytest.configure(bot, members=["alice"])
+        assert bot.user is not None
+        bot._connection.application_id = bot.user.id
+        await bot.setup_hook()
+        FakeDiscordAPI(bot).install(monkeypatch)
+        config = dpytest.get_config()
+        guild, channel, alice = config.guilds[0], config.channels[0], config.members[0]
+        role = dpytest.backend.make_role(
+            "Rolecast",
+            guild,
+            permissions=(
+                discord.Permissions(104324161) | discord.Permissions(manage_webhooks=True)
+            ).value,
+        )
+        await dpytest.add_role(guild.me, role)
+        key = channel_key(channel)
+        await memory.set_persona(key, "haruhi")
+        # Steady state: a ~1,900-token history budget (8,192 context - 6,300 reply tokens), so
+        # after the warm-up every prompt holds the same number of turns however long the run.
+        await memory.set_channel_sampling(key, {"max_tokens": 6300})
+        mention = f"<@{bot.user.id}>"
+
+        # Time the parts the chat cog runs, by wrapping them (same calls, same order).
+        store: list[float] = []
+        assemble: list[float] = []
+        model: list[float] = []
+        add_turn, build, stream_chat = memory.add_turn, bot.chat.prompts.build, client.stream_chat
+
+        async def add_turn_timed(*a: Any, **k: Any) -> Any:
+            return await timed(lambda: add_turn(*a, **k), store)
+
+        async def build_timed(*a: Any, **k: Any) -> Any:
+            return await timed(lambda: build(*a, **k), assemble)
+
+        async def stream_timed(*a: Any, **k: Any) -> Any:
+            started = time.perf_counter()
+            async for event in stream_chat(*a, **k):
+                yield event
+            model.append(time.perf_counter() - started)
+
+        monkeypatch.setattr(memory, "add_turn", add_turn_timed)
+        monkeypatch.setattr(bot.chat.prompts, "build", build_timed)
+        monkeypatch.setattr(client, "stream_chat", stream_timed)
+
+        total: list[float] = []
+        for i in range(messages + 100):
+            started = time.perf_counter()
+            await dpytest.message(
+                f"{mention} message number {i} about the club room", channel, alice
+            )
+            if i >= 100:  # warm-up: fill the history budget, first calls, code paths
+                total.append(time.perf_counter() - started)
+        for part in (store, assemble, model):
+            del part[: len(part) - messages]
+        monkeypatch.undo()
+        await dpytest.empty_queue()
+        for name in list(bot.extensions):
+            await bot.unload_extension(name)
+    bot_only = [t - m for t, m in zip(total, model, strict=True)]
+    return {
+        "bench": "per_message",
+        "messages": messages,
+        "total": quantiles(total),
+        "bot_only_total_minus_model_round_trip": quantiles(bot_only),
+        "store_user_turn": quantiles(store[-messages:]),
+        "assemble_prompt": quantiles(assemble),
+        "model_round_trip_instant_server": quantiles(model),
+    }
+
+
+async def assembly(url: str, home: Path, sizes: list[int], repeats: int) -> dict[str, Any]:
+    personas = PersonaRegistry(None).load()
+    persona = personas.get("haruhi")
+    results: dict[str, Any] = {}
+    async with Memory.open(home / "assembly.db") as memory, ModelClient(url) as client:
+        builder = PromptBuilder(memory, client, speaker_names=True)
+        model = await client.model_for("haruhi")
+        for size in sizes:
+            channel = f"bench:{size}"
+            await memory.set_persona(channel, "haruhi")
+            now = time.time()
+            rows = [
+                (
+                    channel,
+                    "haruhi",
+                    "user" if i % 2 == 0 else "assistant",
+                    "u1" if i % 2 == 0 else None,
+                    "alice" if i % 2 == 0 else None,
+                    f"turn {i}: the SOS brigade meets after school in the literary club room",
+                    18,
+                    None,
+                    None,
+                    now,
+                )
+                for i in range(size)
+            ]
+            await memory.db.executemany(
+                "INSERT INTO turns (channel_id, persona, role, author_id, author_name, content,"
+                " token_count, model, message_id, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            await memory.db.commit()
+            # A 4,096-token context: the prompt holds ~200 turns, whatever the history size.
+            for _ in range(5):
+                await builder.build(channel, persona.card, "haruhi", model=model, max_tokens=4096)
+            samples: list[float] = []
+            prompt = None
+            for _ in range(repeats):
+                started = time.perf_counter()
+                prompt = await builder.build(
+                    channel, persona.card, "haruhi", model=model, max_tokens=4096
+                )
+                samples.append(time.perf_counter() - started)
+            assert prompt is not None
+            results[str(size)] = {**quantiles(samples), "turns_in_prompt": prompt.turns_included}
+    small, large = str(sizes[0]), str(sizes[-1])
+    ratio = results[large]["p50_ms"] / results[small]["p50_ms"]
+    return {
+        "bench": "assembly",
+        "by_stored_turns": results,
+        "p50_ratio_large_vs_small": round(ratio, 3),
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args()
+    port = free_port()
+    server = start_instant_server(port)
+    url = f"http://127.0.0.1:{port}/v1"
+    machine = {"python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            home = Path(tmp)
+            print(json.dumps({**await per_message(url, home, args.messages), **machine}))
+            print(
+                json.dumps({**await assembly(url, home, [1_000, 100_000], args.repeats), **machine})
+            )
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
