@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +33,8 @@ from serving.serving import ServingChat, ServingModels, ServingTokenization, err
 from serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -140,7 +143,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
         if body.stream:
             stream = chat.stream(body)
             return StreamingResponse(stream, media_type="text/event-stream")
-        response = await chat.complete(body)
+        response = await _cancel_on_disconnect(request, chat.complete(body))
         return JSONResponse(response.model_dump())
 
     @app.post("/tokenize")
@@ -168,6 +171,25 @@ def build_app(settings: ServeSettings) -> FastAPI:
         return Response(content=data, media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (as vLLM's
+    `with_cancellation`): a non-streaming request then stops generating too."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while not task.done():
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()
 
 
 def startup_adapters(settings: ServeSettings) -> dict[str, str]:

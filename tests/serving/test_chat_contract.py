@@ -34,12 +34,23 @@ def text_of(reply: openai.types.chat.ChatCompletion) -> str:
     return reply.choices[0].message.content or ""
 
 
-def running_requests(server: EmbeddedServer) -> float:
+def metric(server: EmbeddedServer, name: str) -> float:
     body = httpx.get(f"{server.url}/metrics").text
     for line in body.splitlines():
-        if line.startswith("vllm:num_requests_running{"):
+        if line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("vllm:num_requests_running missing from /metrics")
+    raise AssertionError(f"{name} missing from /metrics")
+
+
+def running_requests(server: EmbeddedServer) -> float:
+    return metric(server, "vllm:num_requests_running")
+
+
+async def wait_idle(server: EmbeddedServer) -> None:
+    deadline = time.monotonic() + 10
+    while running_requests(server) > 0:
+        assert time.monotonic() < deadline, "a request is still running"
+        await asyncio.sleep(0.05)
 
 
 def test_health_and_models(tiny_server: EmbeddedServer, client: openai.OpenAI) -> None:
@@ -278,6 +289,8 @@ def _alone_text(server: EmbeddedServer, seed: int) -> str:
 
 
 async def test_disconnect_cancels_generation(tiny_server: EmbeddedServer) -> None:
+    await wait_idle(tiny_server)
+    before = metric(tiny_server, "vllm:generation_tokens_total")
     async with openai.AsyncOpenAI(base_url=tiny_server.base_url, api_key="x", max_retries=0) as c:
         stream = await c.chat.completions.create(
             model="tiny",
@@ -292,10 +305,9 @@ async def test_disconnect_cancels_generation(tiny_server: EmbeddedServer) -> Non
             if seen == 3:
                 break
         await stream.close()
-    deadline = time.monotonic() + 5
-    while running_requests(tiny_server) > 0:
-        assert time.monotonic() < deadline, "generation went on after the client left"
-        await asyncio.sleep(0.05)
+    await wait_idle(tiny_server)
+    generated = metric(tiny_server, "vllm:generation_tokens_total") - before
+    assert generated < 400, "generation went on after the client left"
 
 
 async def test_full_queue_is_429(tiny_server: EmbeddedServer) -> None:
@@ -319,3 +331,20 @@ async def test_full_queue_is_429(tiny_server: EmbeddedServer) -> None:
     # 4 batch slots + 4 waiting places: at least 8 succeed, the rest are told to retry
     assert outcomes.count("ok") >= 8
     assert outcomes.count("429") >= 1
+
+
+async def test_disconnect_cancels_non_streaming_request(tiny_server: EmbeddedServer) -> None:
+    body = {
+        "model": "tiny",
+        "messages": MESSAGES,
+        "max_tokens": 450,
+        "ignore_eos": True,
+    }
+    await wait_idle(tiny_server)
+    before = metric(tiny_server, "vllm:generation_tokens_total")
+    async with httpx.AsyncClient(timeout=0.3) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(f"{tiny_server.url}/v1/chat/completions", json=body)
+    await wait_idle(tiny_server)
+    generated = metric(tiny_server, "vllm:generation_tokens_total") - before
+    assert generated < 450, "generation went on after the client left"
