@@ -1,0 +1,137 @@
+"""Training settings: one dataclass whose fields are the `rolecast train` flags (as in trl)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune.errors import ConfigError
+
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
+ATTENTION = ("auto", "varlen", "sdpa", "eager")
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(metadata={"help": "Training dialogues (ShareGPT or OpenAI JSONL)."})
+    persona: str = field(
+        metadata={"help": "Persona name; recorded in rolecast.json and the output path."}
+    )
+    base: str = field(
+        default="default",
+        metadata={
+            "help": "Base model: a hub id, a local directory, or `default` (SmolLM2-135M-Instruct)."
+        },
+    )
+    output: str | None = field(
+        default=None, metadata={"help": "Adapter directory to write (default: runs/<persona>)."}
+    )
+    validation_data: str | None = field(
+        default=None,
+        metadata={"help": "Held-out dialogues; their loss is logged after each epoch."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: str = field(
+        default="all-linear",
+        metadata={
+            "help": "Comma-separated module names to adapt, or `all-linear` (every linear but the head)."
+        },
+    )
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    lr_schedule: str = field(
+        default="cosine", metadata={"help": f"Schedule: {', '.join(SCHEDULES)}."}
+    )
+    warmup_ratio: float = field(
+        default=0.03, metadata={"help": "Fraction of steps spent warming up."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."}
+    )
+    epochs: float = field(default=3.0, metadata={"help": "Passes over the data."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Stop after this many optimizer steps (-1 = epochs decide)."}
+    )
+    max_length: int = field(
+        default=2048, metadata={"help": "Longest dialogue in tokens; longer ones stop training."}
+    )
+    batch_tokens: int = field(
+        default=8192, metadata={"help": "Tokens per packed micro-batch (per GPU)."}
+    )
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Pack dialogues padding-free (else padded batches of --batch_size)."},
+    )
+    batch_size: int = field(
+        default=4, metadata={"help": "Dialogues per padded batch (only without packing)."}
+    )
+    attention: str = field(default="auto", metadata={"help": f"Attention: {', '.join(ATTENTION)}."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations to save memory."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for shuffling and LoRA init."})
+    save_steps: int = field(
+        default=0, metadata={"help": "Checkpoint every N steps (0 = at each epoch end)."}
+    )
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints to keep."})
+    resume: bool = field(
+        default=False, metadata={"help": "Continue from the latest checkpoint in --output."}
+    )
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if self.lora_r <= 0:
+            problems.append("--lora_r must be positive")
+        if self.lora_alpha <= 0:
+            problems.append("--lora_alpha must be positive")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append("--lora_dropout must be in [0, 1)")
+        if self.learning_rate <= 0:
+            problems.append("--learning_rate must be positive")
+        if self.lr_schedule not in SCHEDULES:
+            problems.append(f"--lr_schedule must be one of {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append("--warmup_ratio must be in [0, 1)")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            problems.append("--epochs or --max_steps must be positive")
+        if self.max_length < 16:
+            problems.append("--max_length must be at least 16")
+        if self.packing and self.batch_tokens < self.max_length:
+            problems.append(
+                "--batch_tokens must be at least --max_length, or the longest dialogues do not fit"
+            )
+        if self.grad_accum < 1 or self.batch_size < 1:
+            problems.append("--grad_accum and --batch_size must be at least 1")
+        if self.attention not in ATTENTION:
+            problems.append(f"--attention must be one of {', '.join(ATTENTION)}")
+        if self.save_total_limit < 1:
+            problems.append("--save_total_limit must be at least 1")
+        if not self.persona.strip() or "/" in self.persona:
+            problems.append("--persona must be a plain name")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        if self.output is None:
+            self.output = f"runs/{self.persona}"
+
+    @property
+    def modules(self) -> str | list[str]:
+        if self.target_modules == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_train_args(args: list[str], prog: str = "rolecast train") -> TrainConfig:
+    """Flags to a TrainConfig, with transformers' HfArgumentParser (dataclass fields -> flags)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(TrainConfig, prog=prog, description="LoRA SFT of a persona adapter.")
+    (config,) = parser.parse_args_into_dataclasses(args=args)
+    return config

@@ -1,0 +1,246 @@
+"""Base model against adapter: predict the last assistant turn, score, tabulate, chart.
+
+Each dialogue is cut before its last assistant turn; the model continues from the template's
+generation prompt and its reply is scored against that turn (`finetune.metrics`). One model
+is loaded: base predictions are made with the adapter disabled. Decoding is greedy, so runs
+are reproducible and the two models are compared under the same decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune import models
+from finetune.data import ASSISTANT, SYSTEM, Dialogue, Message, read_rows, trim_trailing_user
+from finetune.errors import DataError, ModelNotFoundError
+from finetune.metrics import METRICS, score_corpus
+from finetune.template import prompt_ids
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions.jsonl"
+BASE, TUNED = "base", "adapter"
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    row_id: str
+    context: list[Message]
+    reference: str
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    batch_size: int = 32
+    repetition_penalty: float = 1.0
+
+
+def eval_items(dialogues: Sequence[Dialogue]) -> list[EvalItem]:
+    """Each dialogue up to (not including) its last assistant turn, and that turn."""
+    items = []
+    for d in dialogues:
+        last = max((i for i, m in enumerate(d.messages) if m["role"] == ASSISTANT), default=None)
+        if last is None or last == 0:
+            continue
+        items.append(EvalItem(d.row_id, d.messages[:last], d.messages[last]["content"]))
+    return items
+
+
+def read_eval_dialogues(path: str | Path) -> list[Dialogue]:
+    """Well-formed dialogues of `path`; rows ending on a user turn are cut back to their last reply."""
+    from finetune.data import structure_problems
+
+    out, skipped = [], 0
+    for row in read_rows(path):
+        if row.problems or not row.messages:
+            skipped += 1
+            continue
+        messages = trim_trailing_user(row.messages)
+        if structure_problems(messages):
+            skipped += 1
+            continue
+        out.append(Dialogue(row.row_id, messages))
+    if skipped:
+        log.warning("%s: %d malformed rows left out of the evaluation", path, skipped)
+    if not out:
+        raise DataError(f"{path} has no dialogue to evaluate")
+    return out
+
+
+def load_for_eval(base: str, adapter: str | Path | None) -> tuple[Any, Any]:
+    """The model (with the adapter attached if given) and tokenizer, on the best device."""
+    gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if gpu else torch.float32
+    tokenizer = models.load_tokenizer(base)
+    tokenizer.padding_side = "left"
+    model = models.load_model(base, dtype=dtype, attn_implementation="sdpa")
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ModelNotFoundError(
+                f"{adapter} is not an adapter directory (no adapter_config.json)"
+            )
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.to("cuda" if gpu else "cpu").eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def generate(
+    model: Any, tokenizer: Any, contexts: Sequence[Sequence[Message]], settings: GenerationSettings
+) -> list[str]:
+    """Greedy replies to each context, batched by similar length, in input order."""
+    device = next(model.parameters()).device
+    prompts = [prompt_ids(tokenizer, c) for c in contexts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies: list[str] = [""] * len(prompts)
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(order), settings.batch_size):
+        chunk = order[start : start + settings.batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=False,
+            repetition_penalty=settings.repetition_penalty,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row, i in enumerate(chunk):
+            replies[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+    return replies
+
+
+def predict(
+    data: str | Path,
+    adapter: str | Path | None,
+    base: str,
+    settings: GenerationSettings,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Prediction records: id, reference, and the base (and adapter) replies."""
+    items = eval_items(read_eval_dialogues(data))[:limit]
+    model, tokenizer = load_for_eval(base, adapter)
+    contexts = [it.context for it in items]
+    if adapter is not None:
+        with model.disable_adapter():
+            base_replies = generate(model, tokenizer, contexts, settings)
+        tuned = generate(model, tokenizer, contexts, settings)
+    else:
+        base_replies, tuned = generate(model, tokenizer, contexts, settings), None
+    records = []
+    for k, it in enumerate(items):
+        rec: dict[str, Any] = {
+            "id": it.row_id,
+            "prompt": it.context[-1]["content"],
+            "reference": it.reference,
+            BASE: base_replies[k],
+        }
+        if tuned is not None:
+            rec[TUNED] = tuned[k]
+        records.append(rec)
+    return records
+
+
+def score_records(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    refs = [r["reference"] for r in records]
+    result = {}
+    for column in (BASE, TUNED):
+        if records and column in records[0]:
+            result[column] = score_corpus([r[column] for r in records], refs)
+    return result
+
+
+def metrics_table(results: dict[str, dict[str, float]]) -> str:
+    lines = ["| model | " + " | ".join(METRICS) + " |", "| --- |" + " ---: |" * len(METRICS)]
+    for model, scores in results.items():
+        lines.append(f"| {model} | " + " | ".join(f"{scores[m]:.2f}" for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def write_report(
+    records: Sequence[dict[str, Any]], output: str | Path, title: str
+) -> dict[str, dict[str, float]]:
+    """Score `records` and write metrics.json, metrics.md and metrics.png beside the predictions."""
+    from finetune.plots import plot_metrics
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    results = score_records(records)
+    (output / "metrics.json").write_text(
+        json.dumps({"dialogues": len(records), "scores": results}, indent=2) + "\n",
+        encoding="utf-8",
+    )
+    (output / "metrics.md").write_text(
+        f"# {title}\n\n{len(records)} dialogues\n\n{metrics_table(results)}\n", encoding="utf-8"
+    )
+    plot_metrics(results, output / "metrics.png", title)
+    return results
+
+
+def write_predictions(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+    )
+    return path
+
+
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no predictions file at {path}")
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+
+
+def adapter_manifest(adapter: str | Path | None) -> dict[str, Any]:
+    if adapter is None:
+        return {}
+    path = Path(adapter) / "rolecast.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def base_for(adapter: str | Path | None, base: str | None) -> str:
+    """`base` if given, else the base the adapter was trained on, else the default model."""
+    if base:
+        return base
+    return str(adapter_manifest(adapter).get("settings", {}).get("base", models.DEFAULT_BASE))
+
+
+def compare(
+    adapter: str | Path,
+    prompts: Sequence[str],
+    base: str | None,
+    system: str | None,
+    settings: GenerationSettings,
+) -> list[tuple[str, str, str]]:
+    """(prompt, base reply, adapter reply) for each prompt, under the persona's system prompt."""
+    manifest = adapter_manifest(adapter)
+    system = system if system is not None else manifest.get("system_prompt")
+    contexts = [
+        ([{"role": SYSTEM, "content": system}] if system else []) + [{"role": "user", "content": p}]
+        for p in prompts
+    ]
+    model, tokenizer = load_for_eval(base_for(adapter, base), adapter)
+    with model.disable_adapter():
+        base_replies = generate(model, tokenizer, contexts, settings)
+    tuned = generate(model, tokenizer, contexts, settings)
+    return list(zip(prompts, base_replies, tuned, strict=True))

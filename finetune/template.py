@@ -1,0 +1,107 @@
+"""Token ids and assistant-only labels, with the spans taken from the tokenizer's chat template.
+
+No role prefixes are written here. The span of assistant turn *i* is found by rendering the
+template twice: the conversation up to turn *i* with the generation prompt (where the model
+starts to speak) and the conversation through turn *i* (where the template closes that turn).
+The text between the two — the reply and the template's own end-of-turn marker — is what the
+model must learn to produce. Templates that mark turns with ``{% generation %}`` give the mask
+directly and are used that way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from finetune.data import ASSISTANT, Message
+from finetune.errors import TemplateError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One dialogue as token ids, with labels equal to the ids on assistant tokens, else -100."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_labels(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def render(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(
+            "the tokenizer has no chat template; use an instruct/chat model or set one on the tokenizer"
+        )
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def assistant_char_spans(
+    tokenizer: Any, messages: Sequence[Message]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of every assistant turn in it."""
+    full = render(tokenizer, messages)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != ASSISTANT:
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render(tokenizer, messages[: i + 1])
+        if not (full.startswith(through) and through.startswith(before)):
+            raise TemplateError(
+                "the chat template renders earlier turns differently once later turns follow, so "
+                "assistant spans cannot be read from it; use a template with {% generation %} markers"
+            )
+        if message["content"] not in through[len(before) :]:
+            raise TemplateError("the chat template does not render the assistant text verbatim")
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def encode(tokenizer: Any, messages: Sequence[Message]) -> Encoded:
+    """Token ids of the templated dialogue and labels on the assistant turns only."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if "{% generation %}" in template or "{%- generation %}" in template:
+        out = tokenizer.apply_chat_template(
+            list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids = list(out["input_ids"])
+        mask = list(out["assistant_masks"])
+        return Encoded(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)])
+
+    text, spans = assistant_char_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [IGNORE_INDEX] * len(ids)
+    span_index = 0
+    for j, (start, _end) in enumerate(enc["offset_mapping"]):
+        while span_index < len(spans) and start >= spans[span_index][1]:
+            span_index += 1
+        if span_index == len(spans):
+            break
+        if start >= spans[span_index][0]:
+            labels[j] = ids[j]
+    return Encoded(ids, labels)
+
+
+def count_tokens(tokenizer: Any, messages: Sequence[Message]) -> int:
+    """Length of the templated dialogue in tokens."""
+    return len(tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+    """Token ids of `messages` followed by the template's generation prompt (for inference)."""
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
