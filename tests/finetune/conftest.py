@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
+
+from tests.finetune.ft_helpers import dialogue, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,13 +22,13 @@ LLAMA3_TEMPLATE = (
 )
 
 
-def data_dir() -> Path:
+def shared_data_dir() -> Path:
     return Path(os.environ.get("ROLECAST_DATA_DIR", REPO.parent / "shared" / "data" / "roleplay"))
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    path = data_dir()
+    path = shared_data_dir()
     if not (path / "haruhi.jsonl").is_file():
         pytest.skip(f"shared role-play data not found at {path} (set ROLECAST_DATA_DIR)")
     return path
@@ -66,7 +67,7 @@ def llama3_tokenizer(smol_tokenizer):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer) -> Path:  # type: ignore[no-untyped-def]
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer) -> Path:  # type: ignore[no-untyped-def]
     """A 2-layer Llama with the SmolLM2 vocabulary, saved as a local checkpoint."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -90,23 +91,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer) -> 
     model.save_pretrained(out)
     smol_tokenizer.save_pretrained(out)
     return out
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
-    )
-    return path
-
-
-def dialogue(i: int, turns: int = 2) -> dict:
-    conv = [{"from": "system", "value": "你是凉宫春日。"}]
-    for t in range(turns):
-        conv.append({"from": "human", "value": f"阿虚: 「第{i}个问题，第{t}轮？」"})
-        conv.append(
-            {"from": "gpt", "value": f"无聊！第{i}号回答{t}：去找外星人吧。" + "快点" * (i % 5)}
-        )
-    return {"id": f"row_{i}", "conversations": conv}
 
 
 @pytest.fixture

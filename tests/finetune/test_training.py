@@ -1,0 +1,172 @@
+"""LoRA SFT on a tiny Llama built from a config (CPU): packing, freezing, resume, bad data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from finetune import trainer as trainer_mod
+from finetune.config import TrainConfig
+from finetune.data import load_dialogues
+from finetune.errors import ConfigError, DataError
+from finetune.packing import collate_packed, collate_padded
+from finetune.trainer import batch_loss, encode_dialogues, lora_config, train
+from tests.finetune.ft_helpers import dialogue, write_jsonl
+
+
+def config(data: Path, base: Path, output: Path, **overrides: object) -> TrainConfig:
+    settings: dict[str, object] = {
+        "data": str(data),
+        "persona": "haruhi",
+        "base": str(base),
+        "output": str(output),
+        "max_length": 256,
+        "batch_tokens": 512,
+        "epochs": 2,
+        "learning_rate": 1e-2,
+        "progress": False,
+    }
+    settings.update(overrides)
+    return TrainConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_packed_and_padded_batches_give_the_same_loss(
+    tiny_llama_dir: Path, small_dataset: Path, smol_tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    samples = encode_dialogues(smol_tokenizer, load_dialogues(small_dataset))[:5]
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    with torch.no_grad():
+        padded, n_padded = batch_loss(
+            model, collate_padded(samples, smol_tokenizer.pad_token_id), varlen=False
+        )
+        packed, n_packed = batch_loss(model, collate_packed(samples), varlen=False)
+        alone = [batch_loss(model, collate_packed([s]), varlen=False) for s in samples]
+    assert n_packed == n_padded == sum(n for _, n in alone) > 0
+    assert float(packed) / n_packed == pytest.approx(float(padded) / n_padded, rel=1e-5)
+    # packing does not let a dialogue see its neighbours: the sum equals the dialogues one by one
+    assert float(packed) == pytest.approx(sum(float(x) for x, _ in alone), rel=1e-5)
+
+
+def test_base_weights_stay_frozen_and_adapter_weights_change(
+    tiny_llama_dir: Path, small_dataset: Path, smol_tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    cfg = config(small_dataset, tiny_llama_dir, Path("unused"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = get_peft_model(model, lora_config(cfg, model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    samples = encode_dialogues(smol_tokenizer, load_dialogues(small_dataset))
+    for i in range(3):
+        loss, n = batch_loss(model, collate_packed(samples[i * 4 : i * 4 + 4]), varlen=False)
+        (loss / n).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            assert not torch.equal(param, before[name]), f"{name} did not change"
+        else:
+            assert torch.equal(param, before[name]), f"base weight {name} changed"
+
+
+def test_train_writes_a_vllm_loadable_adapter_and_manifest(
+    tiny_llama_dir: Path, small_dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    manifest = train(config(small_dataset, tiny_llama_dir, out, validation_data=str(small_dataset)))
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA"
+    assert not adapter_config.get("modules_to_save")
+    assert not adapter_config.get("use_dora")
+    assert set(adapter_config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    saved = json.loads((out / "rolecast.json").read_text())
+    assert saved == manifest
+    assert saved["data"]["dialogues"] == 12 and len(saved["data"]["sha256"]) == 64
+    assert saved["tokens_per_s"] > 0 and saved["settings"]["lora_r"] == 16
+    assert saved["system_prompt"] == "你是凉宫春日。"
+    log = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == manifest["metrics"]["steps"]
+    assert losses[-1] < losses[0]
+    assert any("validation_loss" in r for r in log)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the adapter loads back onto the base and its LoRA B matrices (zero at init) were trained
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tuned = PeftModel.from_pretrained(base, str(out))
+    assert any(float(p.abs().sum()) > 0 for n, p in tuned.named_parameters() if "lora_B" in n)
+
+
+def test_resume_continues_from_the_checkpoint(
+    tiny_llama_dir: Path, small_dataset: Path, tmp_path: Path
+) -> None:
+    straight = tmp_path / "straight"
+    train(config(small_dataset, tiny_llama_dir, straight, max_steps=4, save_steps=2))
+    # an interrupted run: everything after the step-2 checkpoint is lost
+    broken = tmp_path / "broken"
+    train(
+        config(small_dataset, tiny_llama_dir, broken, max_steps=4, save_steps=2, save_total_limit=5)
+    )
+    for name in ("adapter_model.safetensors", "adapter_config.json", "rolecast.json"):
+        (broken / name).unlink()
+    import shutil
+
+    shutil.rmtree(broken / "checkpoints" / "step-4")
+    with pytest.raises(ConfigError):  # a half-done run is not silently overwritten
+        train(config(small_dataset, tiny_llama_dir, broken, max_steps=4, save_steps=2))
+    manifest = train(
+        config(small_dataset, tiny_llama_dir, broken, max_steps=4, save_steps=2, resume=True)
+    )
+    assert manifest["metrics"]["steps"] == 4
+    a = [json.loads(x) for x in (straight / "loss.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (broken / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)
+    from safetensors.torch import load_file
+
+    wa = load_file(str(straight / "adapter_model.safetensors"))
+    wb = load_file(str(broken / "adapter_model.safetensors"))
+    for key, value in wa.items():
+        torch.testing.assert_close(wb[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_malformed_dataset_stops_training_before_the_model_loads(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ends = dialogue(1)
+    ends["conversations"].append({"from": "human", "value": "然后呢？"})
+    twice = dialogue(2)
+    twice["conversations"].insert(2, {"from": "human", "value": "喂？"})
+    data = write_jsonl(tmp_path / "bad.jsonl", [dialogue(0), ends, twice])
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded although the data is malformed")
+
+    monkeypatch.setattr(trainer_mod.models, "load_model", no_model)
+    with pytest.raises(DataError) as info:
+        train(config(data, tiny_llama_dir, tmp_path / "out"))
+    problems = "\n".join(info.value.problems)
+    assert "row_1" in problems and "ends_on_user" in problems
+    assert "row_2" in problems and "user_twice" in problems
+    assert "row_0" not in problems
+
+
+def test_config_validation_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--lora_r"):
+        TrainConfig(data="x", persona="p", lora_r=0)
+    with pytest.raises(ConfigError, match="--batch_tokens"):
+        TrainConfig(data="x", persona="p", batch_tokens=100, max_length=2048)
