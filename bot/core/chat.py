@@ -136,6 +136,7 @@ class ChatService:
             else:
                 yield event
         assert completion is not None
+        await self.prompts.settle(prompt, completion.prompt_tokens)
         text = completion.text.strip()
         if not text:
             raise RolecastError(

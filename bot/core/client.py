@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 import openai
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, AsyncStream
+from openai.types.chat import ChatCompletionChunk
 from tenacity import (
     AsyncRetrying,
     RetryError,
@@ -252,20 +253,33 @@ class ModelClient:
     ) -> AsyncIterator[str | Completion]:
         """Yield text deltas as they arrive, then one `Completion`."""
         started = time.monotonic()
-        extra: dict[str, Any] = {"repetition_penalty": sampling.repetition_penalty}
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": list(messages),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+            "repetition_penalty": sampling.repetition_penalty,  # vLLM's extra sampling field
+        }
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        if sampling.stop:
+            body["stop"] = sampling.stop
+        # `chat.completions.create` runs the SDK's typed transform over every message of the
+        # body, which costs ~0.3 ms per message on a 2-core machine (70 ms for a 227-turn
+        # prompt): more than everything else the bot does per message. The body here is
+        # already plain JSON, so it goes through the SDK's generic `post`, which keeps its
+        # error mapping and SSE parsing.
         stream = await self._call(
             "the chat request",
-            self._openai.chat.completions.create,
-            model=model,
-            messages=list(messages),
+            self._openai.post,
+            "/chat/completions",
+            body=body,
+            cast_to=ChatCompletionChunk,
             stream=True,
-            stream_options={"include_usage": True},
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            seed=sampling.seed,
-            stop=sampling.stop or None,
-            extra_body=extra,
+            stream_cls=AsyncStream[ChatCompletionChunk],
         )
         parts: list[str] = []
         ttft: float | None = None

@@ -85,6 +85,11 @@ class Prompt:
     summary_through: int | None = None
     oldest_included_id: int | None = None
     lore: list[str] = field(default_factory=list)
+    # The newest turn, when it had no cached count, is costed by an upper bound instead of a
+    # /tokenize call: (turn id, bound). `PromptBuilder.settle` replaces the bound by the exact
+    # count once the server reports the prompt's real size.
+    estimated: tuple[int, int] | None = None
+    exact: bool = True  # every other part of `prompt_tokens` is an exact count
 
 
 def summary_block(content: str) -> str:
@@ -103,6 +108,12 @@ class _ModelCounts:
     baseline: int  # tokens of a conversation holding only an empty system message
     generation_prompt: int  # what add_generation_prompt adds
     cards: dict[str, int] = field(default_factory=dict)
+    wrap: dict[str, int] = field(default_factory=dict)  # per role: a message with no content
+
+
+# A byte-level BPE token covers at least one UTF-8 byte; SentencePiece adds at most a word
+# marker; the margin also covers merges across the template's wrapping.
+_BOUND_MARGIN = 4
 
 
 class PromptBuilder:
@@ -141,6 +152,29 @@ class PromptBuilder:
         counts = await self._model_counts(model)
         total = await self.client.tokenize(model, [_EMPTY_SYSTEM, message])
         return max(total.count - counts.baseline, 1)
+
+    async def upper_bound(self, model: str, message: Message) -> int:
+        """A cost no smaller than `message_cost`, without tokenizing its text."""
+        counts = await self._model_counts(model)
+        role = message["role"]
+        if role not in counts.wrap:
+            counts.wrap[role] = await self.message_cost(model, {"role": role, "content": ""})
+        return counts.wrap[role] + len(message["content"].encode()) + _BOUND_MARGIN
+
+    async def settle(self, prompt: Prompt, prompt_tokens: int | None) -> None:
+        """Cache the exact count of the turn `build` only bounded, from the prompt size the
+        server reported: everything else in the prompt was counted exactly, so the
+        difference is that turn's cost. Saves a /tokenize call per message."""
+        if prompt.estimated is None or not prompt.exact or not prompt_tokens:
+            return
+        turn_id, bound = prompt.estimated
+        cost = prompt_tokens - (prompt.prompt_tokens - bound)
+        if 1 <= cost <= bound:
+            await self.memory.set_token_counts([(turn_id, cost)])
+        else:  # the server counts differently (another template?): count it next time
+            log.warning(
+                "prompt size %d does not add up; turn %d stays uncounted", prompt_tokens, turn_id
+            )
 
     async def build(
         self,
@@ -197,16 +231,21 @@ class PromptBuilder:
 
         chosen: list[Turn] = []
         new_counts: list[tuple[int, int]] = []
+        estimated: tuple[int, int] | None = None
         truncated = False
         async for turn in self.memory.iter_turns_backwards(channel_id, persona):
             if turn.id <= after_id:
                 break  # the summary covers this turn and every older one
             cost = turn.token_count
             if cost is None:
-                cost = await self.message_cost(
-                    model, turn_message(turn, speaker_names=self.speaker_names)
-                )
-                new_counts.append((turn.id, cost))
+                message = turn_message(turn, speaker_names=self.speaker_names)
+                if not chosen and turn.role == "user":
+                    bound = await self.upper_bound(model, message)
+                    if used + bound <= budget:
+                        cost, estimated = bound, (turn.id, bound)
+                if cost is None:
+                    cost = await self.message_cost(model, message)
+                    new_counts.append((turn.id, cost))
             if used + cost > budget:
                 truncated = True
                 if not chosen:
@@ -234,6 +273,10 @@ class PromptBuilder:
             summary_through=summary.through_id if summary is not None else None,
             oldest_included_id=oldest_id,
             lore=lore,
+            estimated=estimated,
+            # summary and lore blocks are costed as messages of their own, a little more
+            # than they add inside the system message: the total is then only a bound
+            exact=not extra,
         )
 
     async def _lore(

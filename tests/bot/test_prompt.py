@@ -91,11 +91,26 @@ async def test_turn_counts_are_cached_in_the_database(
     persona = PersonaRegistry(None).load().get("haruhi")
     for i in range(10):
         await builder.memory.add_turn("c", persona="haruhi", role="user", content=f"话{i}")
-    await builder.build("c", persona.card, "haruhi", model="fake-base", max_tokens=MAX_TOKENS)
-    assert all(t.token_count for t in await builder.memory.recent_turns("c", "haruhi", limit=20))
+    prompt = await builder.build(
+        "c", persona.card, "haruhi", model="fake-base", max_tokens=MAX_TOKENS
+    )
+    newest, *older = await builder.memory.recent_turns("c", "haruhi", limit=20)
+    assert all(t.token_count for t in older)
+    # The newest user turn is only bounded, not tokenized: the reply's usage settles it.
+    assert newest.token_count is None and prompt.estimated is not None
+    assert prompt.estimated[0] == newest.id
+    served = server.count(prompt.messages, add_generation_prompt=True)  # what usage reports
+    assert served <= prompt.prompt_tokens
+    await builder.settle(prompt, served)
+    exact = await builder.message_cost("fake-base", {"role": "user", "content": "话9"})
+    assert (await builder.memory.turn(newest.id)).token_count == exact  # type: ignore[union-attr]
+
     calls = server.tokenize_calls
-    await builder.build("c", persona.card, "haruhi", model="fake-base", max_tokens=MAX_TOKENS)
+    again = await builder.build(
+        "c", persona.card, "haruhi", model="fake-base", max_tokens=MAX_TOKENS
+    )
     assert server.tokenize_calls == calls  # nothing counted twice
+    assert again.estimated is None and again.prompt_tokens == served
 
 
 async def test_other_personas_turns_stay_out(builder: PromptBuilder) -> None:
