@@ -3,8 +3,10 @@
 Prints JSON lines:
 - `per_message`: a mention handled end to end by the real bot (dpytest gateway, the chat cog,
   SQLite, prompt assembly, HTTP streaming from the instant model server in its own process,
-  the webhook post) — p50/p99 wall time per message, and the same for its parts: storing the
-  turn, assembling the prompt, and the model round trip to an instant server.
+  the webhook post). The bot's own cost is the chat cog's handler time minus what the instant
+  server and loopback HTTP take by themselves (the same request sent with a bare HTTP
+  client); the client's request building and SSE parsing count as the bot's. Also its parts:
+  storing the turn, assembling the prompt, the model round trip through the client.
 - `assembly`: `PromptBuilder.build` for a channel holding 1,000 vs 100,000 stored turns
   (token counts cached as in steady state): p50/p99 and the ratio. Target: flat within 20%.
 
@@ -107,6 +109,21 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
             settings=settings,
             intents=discord.Intents.all(),
         )
+        # The bot's own work per message is the chat cog's handler: from the gateway event to
+        # the reply stored and posted. Timed by wrapping the handler before the cog loads;
+        # dpytest's fake gateway around it is test harness, not bot.
+        from bot.cogs.chat.listener import ChatListener
+
+        handler: list[float] = []
+        on_message = ChatListener.on_message
+
+        async def on_message_timed(self: ChatListener, message: discord.Message) -> None:
+            started = time.perf_counter()
+            await on_message(self, message)
+            if not message.author.bot and message.webhook_id is None:
+                handler.append(time.perf_counter() - started)
+
+        monkeypatch.setattr(ChatListener, "on_message", on_message_timed)
         await bot._async_setup_hook()
         dpytest.configure(bot, members=["alice"])
         assert bot.user is not None
@@ -142,7 +159,10 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
         async def build_timed(*a: Any, **k: Any) -> Any:
             return await timed(lambda: build(*a, **k), assemble)
 
+        last_prompt: list[Any] = []
+
         async def stream_timed(*a: Any, **k: Any) -> Any:
+            last_prompt[:] = [a[0], a[1]]
             started = time.perf_counter()
             async for event in stream_chat(*a, **k):
                 yield event
@@ -160,22 +180,49 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
             )
             if i >= 100:  # warm-up: fill the history budget, first calls, code paths
                 total.append(time.perf_counter() - started)
-        for part in (store, assemble, model):
+        for part in (store, assemble, model, handler):
             del part[: len(part) - messages]
         monkeypatch.undo()
         await dpytest.empty_queue()
         for name in list(bot.extensions):
             await bot.unload_extension(name)
-    bot_only = [t - m for t, m in zip(total, model, strict=True)]
+    floor = await instant_floor(url, *last_prompt, repeats=messages)
+    floor_p50 = statistics.median(floor)
     return {
         "bench": "per_message",
         "messages": messages,
-        "total": quantiles(total),
-        "bot_only_total_minus_model_round_trip": quantiles(bot_only),
+        "prompt_messages": len(last_prompt[1]),
+        "whole_incl_test_gateway": quantiles(total),
+        "bot_handler": quantiles(handler),
+        "bot_own_cost_handler_minus_instant_server_floor": quantiles(
+            [h - floor_p50 for h in handler]
+        ),
         "store_user_turn": quantiles(store[-messages:]),
         "assemble_prompt": quantiles(assemble),
-        "model_round_trip_instant_server": quantiles(model),
+        "model_round_trip_through_client": quantiles(model),
+        "instant_server_floor_raw_http": quantiles(floor),
     }
+
+
+async def instant_floor(url: str, model: str, messages: list[Any], *, repeats: int) -> list[float]:
+    """What the instant server and loopback HTTP cost on their own: the same streaming request
+    the bot sends, posted with a bare HTTP client that reads the bytes and parses nothing."""
+    body = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 64,
+    }
+    samples: list[float] = []
+    async with httpx.AsyncClient(timeout=30) as http:
+        for _ in range(repeats + 20):
+            started = time.perf_counter()
+            async with http.stream("POST", f"{url}/chat/completions", json=body) as response:
+                async for _ in response.aiter_bytes():
+                    pass
+            samples.append(time.perf_counter() - started)
+    return samples[20:]
 
 
 async def assembly(url: str, home: Path, sizes: list[int], repeats: int) -> dict[str, Any]:

@@ -121,8 +121,7 @@ class RolecastBot(commands.Bot):
         self.personas = personas
         self.settings = settings
         self.extension_names = list(extensions)
-        self.chat = ChatService(memory, personas, client, speaker_names=True)
-        self.chat.prompts = PromptBuilder(
+        prompts = PromptBuilder(
             memory,
             client,
             speaker_names=True,
@@ -130,6 +129,7 @@ class RolecastBot(commands.Bot):
             lore_budget=settings.prompt.lore_budget_tokens,
             lore_scan_depth=settings.prompt.lore_scan_depth,
         )
+        self.chat = ChatService(memory, personas, client, prompts=prompts)
         self.approvals = Approvals(
             memory,
             context_turns=settings.discord.dialogue_turns,
@@ -152,6 +152,10 @@ class RolecastBot(commands.Bot):
             else:
                 synced = await self.tree.sync()
             log.info("synced %d application commands", len(synced))
+
+    async def close(self) -> None:
+        await super().close()
+        await self.chat.aclose()  # background token counts, before the client closes
 
     async def load_cogs(self) -> None:
         for name in self.extension_names:

@@ -347,6 +347,7 @@ async def run_chat(settings: BotSettings, options: ChatOptions) -> int:
             )
         )
         chat = ChatService(memory, personas, client)
+        stack.push_async_callback(chat.aclose)
         session = TerminalChat(chat, options, interactive=interactive, out=out, err=err)
         try:
             return await session.run()

@@ -45,12 +45,16 @@ class ChatService:
         personas: PersonaRegistry,
         client: ModelClient,
         *,
-        speaker_names: bool = False,
+        prompts: PromptBuilder | None = None,
     ) -> None:
         self.memory = memory
         self.personas = personas
         self.client = client
-        self.prompts = PromptBuilder(memory, client, speaker_names=speaker_names)
+        self.prompts = prompts or PromptBuilder(memory, client)
+
+    async def aclose(self) -> None:
+        """Finish background work; call before closing the client and the database."""
+        await self.prompts.aclose()
 
     async def persona(self, channel_id: str) -> Persona | None:
         """The channel's active persona, or None when none is set (or it was removed)."""
@@ -145,6 +149,7 @@ class ChatService:
         turn = await self.memory.add_turn(
             channel_id, persona=persona.key, role="assistant", content=text, model=completion.model
         )
+        self.prompts.count_soon(model, turn)
         yield Reply(turn, completion, prompt)
 
     async def history(self, channel_id: str, *, limit: int = 20) -> list[Turn]:

@@ -138,17 +138,20 @@ class Memory:
     # -- channels -------------------------------------------------------------------------
 
     async def channel(self, channel_id: str) -> Channel:
-        """The channel's state, creating an empty row the first time it is seen."""
-        now = time.time()
-        await self.db.execute(sql.UPSERT_CHANNEL, (channel_id, now, now))
-        await self.db.commit()
+        """The channel's state; a channel never written to has no persona. A pure read: the
+        message path asks this several times per message, and a write transaction each time
+        would cost more than the rest of the bot's work."""
         async with self.db.execute(sql.SELECT_CHANNEL, (channel_id,)) as cursor:
             row = await cursor.fetchone()
-        assert row is not None
-        return Channel(*row)
+        return Channel(*row) if row is not None else Channel(channel_id, None, 0.0, 0.0)
+
+    async def _ensure_channel(self, channel_id: str) -> None:
+        """Create the channel's row if missing, inside the caller's transaction (no commit)."""
+        now = time.time()
+        await self.db.execute(sql.UPSERT_CHANNEL, (channel_id, now, now))
 
     async def set_persona(self, channel_id: str, persona: str) -> None:
-        await self.channel(channel_id)
+        await self._ensure_channel(channel_id)
         await self.db.execute(sql.UPDATE_CHANNEL_PERSONA, (persona, time.time(), channel_id))
         await self.db.commit()
 
@@ -168,7 +171,7 @@ class Memory:
         message_id: str | None = None,
     ) -> Turn:
         """Store one turn and commit before returning: once this returns it is on disk."""
-        await self.channel(channel_id)
+        await self._ensure_channel(channel_id)
         now = time.time()
         values = (
             channel_id,
@@ -198,13 +201,14 @@ class Memory:
         """Up to `limit` turns of `persona` in the channel, newest first, older than
         `before_id` when given (for paging backwards through a long history)."""
         upper = before_id if before_id is not None else 2**63 - 1
-        async with self.db.execute(
+        # fetchall: one trip to the database thread, where async iteration makes one per 64 rows
+        rows = await self.db.execute_fetchall(
             sql.SELECT_RECENT_TURNS, (channel_id, persona, upper, limit)
-        ) as cursor:
-            return [Turn.from_row(row) async for row in cursor]
+        )
+        return [Turn.from_row(row) for row in rows]
 
     async def iter_turns_backwards(
-        self, channel_id: str, persona: str, *, page: int = 64
+        self, channel_id: str, persona: str, *, page: int = 256
     ) -> AsyncIterator[Turn]:
         """Every turn of `persona` in the channel, newest first, fetched a page at a time."""
         before: int | None = None
@@ -240,29 +244,29 @@ class Memory:
     # -- channel settings (Discord) -------------------------------------------------------
 
     async def channel_settings(self, channel_id: str) -> ChannelSettings:
-        await self.channel(channel_id)
         async with self.db.execute(sql.SELECT_CHANNEL_SETTINGS, (channel_id,)) as cursor:
             row = await cursor.fetchone()
-        assert row is not None
+        if row is None:
+            return ChannelSettings(None, "mention", None)
         sampling = json.loads(row[2]) if row[2] else None
         return ChannelSettings(row[0], row[1], sampling)
 
     async def set_channel_guild(self, channel_id: str, guild_id: str | None) -> None:
         """Record which guild a channel belongs to (forget-me works per guild)."""
-        await self.channel(channel_id)
+        await self._ensure_channel(channel_id)
         cursor = await self.db.execute(sql.UPDATE_CHANNEL_GUILD, (guild_id, channel_id, guild_id))
         if cursor.rowcount:
             await self.db.commit()
 
     async def set_channel_mode(self, channel_id: str, mode: Literal["mention", "always"]) -> None:
-        await self.channel(channel_id)
+        await self._ensure_channel(channel_id)
         await self.db.execute(sql.UPDATE_CHANNEL_MODE, (mode, time.time(), channel_id))
         await self.db.commit()
 
     async def set_channel_sampling(
         self, channel_id: str, sampling: dict[str, object] | None
     ) -> None:
-        await self.channel(channel_id)
+        await self._ensure_channel(channel_id)
         raw = json.dumps(sampling, sort_keys=True) if sampling else None
         await self.db.execute(sql.UPDATE_CHANNEL_SAMPLING, (raw, time.time(), channel_id))
         await self.db.commit()
@@ -415,7 +419,7 @@ class Memory:
         token_count: int | None = None,
     ) -> Summary:
         now = time.time()
-        await self.channel(channel_id)
+        await self._ensure_channel(channel_id)
         await self.db.execute(
             sql.UPSERT_SUMMARY, (channel_id, persona, content, through_id, token_count, now)
         )

@@ -13,6 +13,7 @@ prompt's are measured the same way and cached per model in this process.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from bot.core.cards import Card
 from bot.core.client import Message, ModelClient
 from bot.core.lorebook import in_insertion_order, matching_entries
 from bot.core.memory import Memory, Turn
-from bot.errors import InputTooLongError
+from bot.errors import InputTooLongError, RolecastError
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class PromptBuilder:
         self.lore_budget = lore_budget
         self.lore_scan_depth = lore_scan_depth
         self._counts: dict[str, _ModelCounts] = {}
+        self._counting: set[asyncio.Task[None]] = set()
         self._lore_costs: dict[tuple[str, str, int, str], int] = {}
 
     async def _model_counts(self, model: str) -> _ModelCounts:
@@ -152,6 +154,29 @@ class PromptBuilder:
         counts = await self._model_counts(model)
         total = await self.client.tokenize(model, [_EMPTY_SYSTEM, message])
         return max(total.count - counts.baseline, 1)
+
+    def count_soon(self, model: str, turn: Turn) -> None:
+        """Count a just-stored turn in the background, so the reply's last edit does not wait
+        for it; `build` waits for it only if it is still running then. A failure leaves the
+        turn uncounted, and `build` counts it when it needs it."""
+        task = asyncio.create_task(self._count(model, turn))
+        self._counting.add(task)
+        task.add_done_callback(self._counting.discard)
+
+    async def _count(self, model: str, turn: Turn) -> None:
+        try:
+            cost = await self.message_cost(
+                model, turn_message(turn, speaker_names=self.speaker_names)
+            )
+        except RolecastError as exc:
+            log.debug("turn %d left uncounted: %s", turn.id, exc)
+            return
+        await self.memory.set_token_counts([(turn.id, cost)])
+
+    async def aclose(self) -> None:
+        """Let background counts finish (before the client and database close)."""
+        if self._counting:
+            await asyncio.gather(*self._counting, return_exceptions=True)
 
     async def upper_bound(self, model: str, message: Message) -> int:
         """A cost no smaller than `message_cost`, without tokenizing its text."""
@@ -190,6 +215,8 @@ class PromptBuilder:
 
         Raises InputTooLongError when the card and the newest turn alone exceed the budget.
         """
+        if self._counting:
+            await asyncio.gather(*self._counting, return_exceptions=True)
         counts = await self._model_counts(model)
         budget = counts.max_model_len - max_tokens - counts.generation_prompt
         system: Message = {"role": "system", "content": render_system(card, user=user_name)}

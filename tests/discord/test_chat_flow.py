@@ -108,7 +108,7 @@ async def test_replies_split_past_2000_characters(rig: Rig, server_state: Server
     # Every part belongs to the same stored reply.
     first = await rig.memory.turn_by_message(str(posts[0].message_id))
     second = await rig.memory.turn_by_message(str(posts[1].message_id))
-    assert first is not None and first == second
+    assert first is not None and second is not None and first.id == second.id
 
 
 async def test_streaming_edits_at_most_once_per_interval(
