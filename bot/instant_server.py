@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 Replier = Callable[[dict[str, Any]], str]
+Counter = Callable[[list[dict[str, Any]], bool], int]
 MESSAGE_OVERHEAD = 4  # tokens a chat template adds around each message
 GENERATION_PROMPT = 3
 
@@ -57,8 +58,23 @@ class ServerState:
     reply: Replier = echo_reply
     token_delay_s: float = 0.0
     fail_status: int | None = None  # answer chat requests with this HTTP status
+    # (messages, add_generation_prompt) -> tokens; e.g. a real tokenizer's chat template
+    counter: Counter = field(
+        default=lambda messages, gen: count_tokens(messages, add_generation_prompt=gen)
+    )
     requests: list[dict[str, Any]] = field(default_factory=list)
     tokenize_calls: int = 0
+    _failures: list[int] = field(default_factory=list)
+
+    def fail_next(self, *statuses: int) -> None:
+        """The next len(statuses) tokenize or chat requests answer with these statuses."""
+        self._failures.extend(statuses)
+
+    def injected_failure(self) -> JSONResponse | None:
+        if not self._failures:
+            return None
+        status = self._failures.pop(0)
+        return _error(status, f"injected {status}")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -82,12 +98,12 @@ def build_app(state: ServerState) -> Starlette:
         return JSONResponse({"object": "list", "data": data})
 
     async def tokenize(request: Request) -> JSONResponse:
+        if (failure := state.injected_failure()) is not None:
+            return failure
         body = await request.json()
         state.tokenize_calls += 1
         if "messages" in body:
-            count = count_tokens(
-                body["messages"], add_generation_prompt=bool(body.get("add_generation_prompt"))
-            )
+            count = state.counter(body["messages"], bool(body.get("add_generation_prompt")))
         else:
             count = len(str(body.get("prompt", "")).split())
         return JSONResponse(
@@ -95,6 +111,8 @@ def build_app(state: ServerState) -> Starlette:
         )
 
     async def chat(request: Request) -> Response:
+        if (failure := state.injected_failure()) is not None:
+            return failure
         body = await request.json()
         state.requests.append(body)
         if state.fail_status is not None:
@@ -105,7 +123,7 @@ def build_app(state: ServerState) -> Starlette:
         text = state.reply(body)
         words = text.split(" ")
         pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
-        prompt_tokens = count_tokens(body.get("messages", []), add_generation_prompt=True)
+        prompt_tokens = state.counter(body.get("messages", []), True)
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": len(pieces),

@@ -9,14 +9,18 @@ import pytest
 
 from bot.core.client import Completion, ModelClient
 from bot.errors import ModelServerError
+from bot.instant_server import InstantServer, ServerState
 from bot.settings import SamplingSettings
-from tests.fakes import FakeModelServer
+
+REPLY = "我可是SOS团团长！"
 
 
 @pytest.fixture
-def server() -> Iterator[FakeModelServer]:
-    with FakeModelServer(adapters=("haruhi@v1", "haruhi@v3", "haruhi@v2", "atri-x@v9")) as fake:
-        yield fake
+def server() -> Iterator[InstantServer]:
+    adapters = ["haruhi@v1", "haruhi@v3", "haruhi@v2", "atri-x@v9"]
+    state = ServerState(adapters=adapters, reply=lambda body: REPLY)
+    with InstantServer(state) as instant:
+        yield instant
 
 
 async def collect(client: ModelClient, model: str) -> tuple[str, Completion]:
@@ -32,50 +36,50 @@ async def collect(client: ModelClient, model: str) -> tuple[str, Completion]:
     return "".join(parts), done
 
 
-async def test_streams_text_and_usage(server: FakeModelServer) -> None:
+async def test_streams_text_and_usage(server: InstantServer) -> None:
     async with ModelClient(server.base_url) as client:
-        text, done = await collect(client, "fake-base")
-    assert text == server.reply == done.text
+        text, done = await collect(client, "instant-base")
+    assert text == REPLY == done.text
     assert done.finish_reason == "stop"
-    assert done.completion_tokens == len(server.reply)
+    assert done.completion_tokens == 1  # the instant server streams words; this is one
     assert done.ttft_s is not None and done.ttft_s <= done.total_s
-    sent = server.requests[-1]
+    sent = server.state.requests[-1]
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
     assert sent["seed"] == 1 and sent["repetition_penalty"] == 1.1 and sent["max_tokens"] == 200
 
 
-async def test_newest_adapter_version_wins(server: FakeModelServer) -> None:
+async def test_newest_adapter_version_wins(server: InstantServer) -> None:
     async with ModelClient(server.base_url) as client:
         assert await client.model_for("haruhi") == "haruhi@v3"
-        assert await client.model_for("atri") == "fake-base"  # 'atri-x' is another persona
+        assert await client.model_for("atri") == "instant-base"  # 'atri-x' is another persona
 
 
 @pytest.mark.parametrize("statuses", [(503,), (429, 500), (502, 503, 504)])
 async def test_transient_failures_are_retried(
-    server: FakeModelServer, statuses: tuple[int, ...]
+    server: InstantServer, statuses: tuple[int, ...]
 ) -> None:
-    server.fail_next(*statuses)
+    server.state.fail_next(*statuses)
     async with ModelClient(server.base_url, max_attempts=4, max_backoff_s=0.05) as client:
-        text, _ = await collect(client, "fake-base")
-    assert text == server.reply
+        text, _ = await collect(client, "instant-base")
+    assert text == REPLY
 
 
-async def test_gives_up_with_a_clear_message(server: FakeModelServer) -> None:
-    server.fail_next(503, 503, 503)
+async def test_gives_up_with_a_clear_message(server: InstantServer) -> None:
+    server.state.fail_next(503, 503, 503)
     async with ModelClient(server.base_url, max_attempts=3, max_backoff_s=0.05) as client:
         with pytest.raises(
             ModelServerError, match=r"not answering \(HTTP 503: injected 503; 3 attempts"
         ):
-            await collect(client, "fake-base")
+            await collect(client, "instant-base")
 
 
-async def test_client_errors_are_not_retried(server: FakeModelServer) -> None:
-    server.fail_next(400)
+async def test_client_errors_are_not_retried(server: InstantServer) -> None:
+    server.state.fail_next(400)
     async with ModelClient(server.base_url, max_attempts=4, max_backoff_s=0.05) as client:
         with pytest.raises(ModelServerError, match="refused the chat request: HTTP 400"):
-            await collect(client, "fake-base")
-        text, _ = await collect(client, "fake-base")  # the next one is fine
-    assert text == server.reply
+            await collect(client, "instant-base")
+        text, _ = await collect(client, "instant-base")  # the next one is fine
+    assert text == REPLY
 
 
 async def test_server_down() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,23 +13,32 @@ from bot.core.memory import Memory
 from bot.core.personas import PersonaRegistry
 from bot.core.prompt import PromptBuilder, render_system, substitute
 from bot.errors import InputTooLongError
-from tests.fakes import FakeModelServer
+from bot.instant_server import InstantServer, ServerState
 
 CONTEXT = 1600
 MAX_TOKENS = 100
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_tokenizer_dir: Path) -> Iterator[FakeModelServer]:
+def server(smollm2_tokenizer_dir: Path) -> Iterator[InstantServer]:
+    """An instant server that counts tokens with SmolLM2's real chat template."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    with FakeModelServer(tokenizer=tokenizer, max_model_len=CONTEXT) as fake:
-        yield fake
+
+    def count(messages: list[dict[str, Any]], add_generation_prompt: bool) -> int:
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True
+        )
+        return len(ids if isinstance(ids, list) else ids["input_ids"])
+
+    state = ServerState(max_model_len=CONTEXT, counter=count)
+    with InstantServer(state) as instant:
+        yield instant
 
 
 @pytest.fixture
-async def builder(tmp_path: Path, server: FakeModelServer) -> AsyncIterator[PromptBuilder]:
+async def builder(tmp_path: Path, server: InstantServer) -> AsyncIterator[PromptBuilder]:
     async with Memory.open(tmp_path / "p.db") as memory, ModelClient(server.base_url) as client:
         yield PromptBuilder(memory, client)
 
@@ -49,7 +59,7 @@ def test_card_macros_and_sections() -> None:
 
 
 async def test_newest_turns_fill_the_budget_and_the_card_always_stays(
-    builder: PromptBuilder, server: FakeModelServer
+    builder: PromptBuilder, server: InstantServer
 ) -> None:
     persona = PersonaRegistry(None).load().get("haruhi")
     for i in range(200):
@@ -58,7 +68,7 @@ async def test_newest_turns_fill_the_budget_and_the_card_always_stays(
             "c", persona="haruhi", role=role, content=f"第{i}句话，说点什么。"
         )
     prompt = await builder.build(
-        "c", persona.card, "haruhi", model="fake-base", max_tokens=MAX_TOKENS
+        "c", persona.card, "haruhi", model="instant-base", max_tokens=MAX_TOKENS
     )
 
     assert prompt.messages[0] == {"role": "system", "content": persona.card.data.system_prompt}
@@ -70,46 +80,43 @@ async def test_newest_turns_fill_the_budget_and_the_card_always_stays(
     ]  # contiguous, in order
     # The whole prompt, counted by the real template, fits the context with room for the reply;
     # one more turn would not have.
-    exact = server.count(prompt.messages, add_generation_prompt=True)
+    exact = server.state.counter(prompt.messages, True)
     assert exact == prompt.prompt_tokens
     assert exact + MAX_TOKENS <= CONTEXT
     one_more = [
         prompt.messages[0],
         {"role": "user", "content": f"第{199 - len(kept)}句话，说点什么。"},
     ]
-    assert (
-        server.count(one_more + prompt.messages[1:], add_generation_prompt=True) + MAX_TOKENS
-        > CONTEXT
-    )
+    assert server.state.counter(one_more + prompt.messages[1:], True) + MAX_TOKENS > CONTEXT
     # Older turns are dropped from the prompt, never from the database.
     assert await builder.memory.count_turns("c") == 200
 
 
 async def test_turn_counts_are_cached_in_the_database(
-    builder: PromptBuilder, server: FakeModelServer
+    builder: PromptBuilder, server: InstantServer
 ) -> None:
     persona = PersonaRegistry(None).load().get("haruhi")
     for i in range(10):
         await builder.memory.add_turn("c", persona="haruhi", role="user", content=f"话{i}")
     prompt = await builder.build(
-        "c", persona.card, "haruhi", model="fake-base", max_tokens=MAX_TOKENS
+        "c", persona.card, "haruhi", model="instant-base", max_tokens=MAX_TOKENS
     )
     newest, *older = await builder.memory.recent_turns("c", "haruhi", limit=20)
     assert all(t.token_count for t in older)
     # The newest user turn is only bounded, not tokenized: the reply's usage settles it.
     assert newest.token_count is None and prompt.estimated is not None
     assert prompt.estimated[0] == newest.id
-    served = server.count(prompt.messages, add_generation_prompt=True)  # what usage reports
+    served = server.state.counter(prompt.messages, True)  # what usage reports
     assert served <= prompt.prompt_tokens
     await builder.settle(prompt, served)
-    exact = await builder.message_cost("fake-base", {"role": "user", "content": "话9"})
+    exact = await builder.message_cost("instant-base", {"role": "user", "content": "话9"})
     assert (await builder.memory.turn(newest.id)).token_count == exact  # type: ignore[union-attr]
 
-    calls = server.tokenize_calls
+    calls = server.state.tokenize_calls
     again = await builder.build(
-        "c", persona.card, "haruhi", model="fake-base", max_tokens=MAX_TOKENS
+        "c", persona.card, "haruhi", model="instant-base", max_tokens=MAX_TOKENS
     )
-    assert server.tokenize_calls == calls  # nothing counted twice
+    assert server.state.tokenize_calls == calls  # nothing counted twice
     assert again.estimated is None and again.prompt_tokens == served
 
 
@@ -118,7 +125,7 @@ async def test_other_personas_turns_stay_out(builder: PromptBuilder) -> None:
     await builder.memory.add_turn("c", persona="haruhi", role="user", content="春日的话")
     await builder.memory.add_turn("c", persona="atri", role="user", content="亚托莉的话")
     prompt = await builder.build(
-        "c", persona.card, "atri", model="fake-base", max_tokens=MAX_TOKENS
+        "c", persona.card, "atri", model="instant-base", max_tokens=MAX_TOKENS
     )
     assert [m["content"] for m in prompt.messages[1:]] == ["亚托莉的话"]
 
@@ -128,7 +135,9 @@ async def test_a_turn_that_can_never_fit_is_refused(builder: PromptBuilder) -> N
     await builder.memory.add_turn("c", persona="haruhi", role="user", content="短的")
     await builder.memory.add_turn("c", persona="haruhi", role="user", content="长" * 3000)
     with pytest.raises(InputTooLongError, match="shorten it"):
-        await builder.build("c", persona.card, "haruhi", model="fake-base", max_tokens=MAX_TOKENS)
+        await builder.build(
+            "c", persona.card, "haruhi", model="instant-base", max_tokens=MAX_TOKENS
+        )
 
 
 async def test_speaker_names_prefix_user_turns(builder: PromptBuilder) -> None:
@@ -138,6 +147,6 @@ async def test_speaker_names_prefix_user_turns(builder: PromptBuilder) -> None:
         "c", persona="haruhi", role="user", content="「会议？」", author_name="阿虚"
     )
     prompt = await builder.build(
-        "c", persona.card, "haruhi", model="fake-base", max_tokens=MAX_TOKENS
+        "c", persona.card, "haruhi", model="instant-base", max_tokens=MAX_TOKENS
     )
     assert prompt.messages[-1] == {"role": "user", "content": "阿虚: 「会议？」"}
