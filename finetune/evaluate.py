@@ -21,7 +21,7 @@ from finetune import models
 from finetune.data import ASSISTANT, SYSTEM, Dialogue, Message, read_rows, trim_trailing_user
 from finetune.errors import DataError, ModelNotFoundError
 from finetune.metrics import METRICS, score_corpus
-from finetune.template import prompt_ids
+from finetune.template import end_of_turn_ids, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,43 @@ def load_for_eval(base: str, adapter: str | Path | None) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
+    """Token ids that end a reply: the template's end-of-turn token and every eos the tokenizer
+    and the model's generation config name, as vLLM and LLaMA-Factory stop on a template's stop
+    words. Stopping on a document-level eos (`<|endoftext|>`) alone lets a model that has closed
+    its turn go on into the template's separator, which then lands in the reply.
+    """
+    ids: set[int] = set(end_of_turn_ids(tokenizer))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif config_eos:
+        ids.update(int(i) for i in config_eos)
+    return sorted(ids)
+
+
+def cut_at_stop(ids: Sequence[int], stops: Sequence[int]) -> list[int]:
+    """The generated ids before the first stop token."""
+    out = []
+    for token in ids:
+        if token in stops:
+            break
+        out.append(int(token))
+    return out
+
+
 @torch.no_grad()
 def generate(
     model: Any, tokenizer: Any, contexts: Sequence[Sequence[Message]], settings: GenerationSettings
 ) -> list[str]:
-    """Greedy replies to each context, batched by similar length, in input order."""
+    """Greedy replies to each context, batched by similar length, in input order.
+
+    Generation stops at the end of the assistant turn; the reply is the text before it.
+    """
     device = next(model.parameters()).device
+    stops = stop_token_ids(tokenizer, model)
     prompts = [prompt_ids(tokenizer, c) for c in contexts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
@@ -119,10 +150,11 @@ def generate(
             do_sample=False,
             repetition_penalty=settings.repetition_penalty,
             pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops,
         )
         for row, i in enumerate(chunk):
-            replies[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+            reply = cut_at_stop(out[row, width:].tolist(), stops)
+            replies[i] = tokenizer.decode(reply, skip_special_tokens=True)
     return replies
 
 
@@ -132,25 +164,33 @@ def predict(
     base: str,
     settings: GenerationSettings,
     limit: int | None = None,
+    include_base: bool = True,
 ) -> list[dict[str, Any]]:
-    """Prediction records: id, reference, and the base (and adapter) replies."""
+    """Prediction records: id, reference, and the base and/or adapter replies.
+
+    `include_base=False` (with an adapter) skips the base model's replies, e.g. when several
+    adapters are compared on one split whose base replies are already known.
+    """
     items = eval_items(read_eval_dialogues(data))[:limit]
     model, tokenizer = load_for_eval(base, adapter)
     contexts = [it.context for it in items]
+    base_replies = tuned = None
     if adapter is not None:
-        with model.disable_adapter():
-            base_replies = generate(model, tokenizer, contexts, settings)
+        if include_base:
+            with model.disable_adapter():
+                base_replies = generate(model, tokenizer, contexts, settings)
         tuned = generate(model, tokenizer, contexts, settings)
     else:
-        base_replies, tuned = generate(model, tokenizer, contexts, settings), None
+        base_replies = generate(model, tokenizer, contexts, settings)
     records = []
     for k, it in enumerate(items):
         rec: dict[str, Any] = {
             "id": it.row_id,
             "prompt": it.context[-1]["content"],
             "reference": it.reference,
-            BASE: base_replies[k],
         }
+        if base_replies is not None:
+            rec[BASE] = base_replies[k]
         if tuned is not None:
             rec[TUNED] = tuned[k]
         records.append(rec)

@@ -96,6 +96,31 @@ def encode(tokenizer: Any, messages: Sequence[Message]) -> Encoded:
     return Encoded(ids, labels)
 
 
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The special token(s) with which the chat template closes an assistant turn.
+
+    Read from the template: what it renders after a reply's text, up to the first token that
+    is not special (ChatML: `<|im_end|>` before its newline; Llama 3: `<|eot_id|>`).
+    """
+    probe = "x"
+    messages = [{"role": "user", "content": "?"}, {"role": ASSISTANT, "content": probe}]
+    before = render(tokenizer, messages[:1], add_generation_prompt=True)
+    through = render(tokenizer, messages)
+    tail = through[len(before) :]
+    if not tail.startswith(probe):
+        return []
+    tail_ids = tokenizer(tail[len(probe) :], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special
+    }
+    ids = []
+    for token in tail_ids:
+        if token not in special:
+            break
+        ids.append(int(token))
+    return ids
+
+
 def count_tokens(tokenizer: Any, messages: Sequence[Message]) -> int:
     """Length of the templated dialogue in tokens."""
     return len(tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"])
