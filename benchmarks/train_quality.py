@@ -11,6 +11,13 @@ For each persona file (haruhi, atri, xin by default) this runs the same commands
 The validation split is held out from training; its last replies are what is scored.
 `--no-score` saves predictions only (for a GPU host without the metric packages);
 `--score-only WORK` scores saved predictions later. Prints one JSON object per persona.
+
+`--select` first chooses the settings among CANDIDATES on a validation split carved from the
+first persona's training portion (`data split P.clean_train.jsonl --seed 42`): each candidate
+is trained on the rest of that portion, its replies at each repetition penalty are scored
+there, and the one with the best min(BLEU-4 / 7, ROUGE-L / 25) wins. The held-out split is
+not looked at until the chosen settings are trained and evaluated on it, once per persona.
+The trainings of a stage run side by side (a 135M model leaves a GPU mostly idle).
 """
 
 from __future__ import annotations
@@ -20,13 +27,41 @@ import json
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+COMMON = ["--max_length", "4096", "--batch_tokens", "8192", "--seed", "42", "--no_progress"]
+
+# The settings of the first published run (kept as the reference candidate).
 SETTINGS = [
     "--lora_r", "32", "--lora_alpha", "64", "--lora_dropout", "0.05",
-    "--learning_rate", "3e-4", "--epochs", "5", "--warmup_ratio", "0.03",
-    "--max_length", "4096", "--batch_tokens", "8192", "--seed", "42", "--no_progress",
+    "--learning_rate", "3e-4", "--epochs", "5", "--warmup_ratio", "0.03", *COMMON,
 ]  # fmt: skip
+
+
+def _rs(r: int, lr: str, epochs: str, *extra: str) -> list[str]:
+    """rsLoRA on all linear layers with alpha 16 (scale 16 / sqrt(r)), cosine with 5% warm-up."""
+    return [
+        "--lora_r", str(r), "--lora_alpha", "16", "--use_rslora", "true",
+        "--lora_dropout", "0.05", "--learning_rate", lr, "--epochs", epochs,
+        "--warmup_ratio", "0.05", *extra, *COMMON,
+    ]  # fmt: skip
+
+
+CANDIDATES: dict[str, list[str]] = {
+    "r32-lr3e-4-e5": SETTINGS,
+    "r32-lr3e-4-e3": [*SETTINGS, "--epochs", "3"],
+    "rs64-lr5e-4-e3": _rs(64, "5e-4", "3"),
+    "rs64-lr1e-3-e2": _rs(64, "1e-3", "2"),
+    "rs64-lr1e-3-e3": _rs(64, "1e-3", "3"),
+    "rs64-lr1e-3-e3-wd": _rs(64, "1e-3", "3", "--weight_decay", "0.1", "--lora_dropout", "0.1"),
+    "rs64-lr2e-3-e2": _rs(64, "2e-3", "2"),
+    "rs128-lr1e-3-e3": _rs(128, "1e-3", "3"),
+    "rs128-lr2e-3-e3": _rs(128, "2e-3", "3"),
+}
+SELECTED = [c for c in CANDIDATES if c != "r32-lr3e-4-e5"]  # the sweep; the first run's is known
+REPETITION_PENALTIES = ("1.0", "1.1", "1.2")
+TARGET = {"bleu-4": 7.0, "rouge-l": 25.0}
 
 
 # The finetune commands alone, as `rolecast` registers them (a training host needs no bot deps).
@@ -41,6 +76,85 @@ def sh(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def prepare(data_dir: Path, work: Path, persona: str) -> None:
+    """Clean and split once; the split depends only on the ids and the seed."""
+    clean = work / f"{persona}.clean.jsonl"
+    if clean.exists():
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    sh(
+        "data",
+        "clean",
+        str(data_dir / f"{persona}.jsonl"),
+        "-o",
+        str(clean),
+        "--max-length",
+        "4096",
+    )
+    sh("data", "split", str(clean), "-o", str(work), "--validation", "0.1", "--seed", "42")
+
+
+def train_and_predict(
+    train: Path, val: Path, persona: str, run: Path, flags: list[str], penalties: tuple[str, ...],
+    base_replies: bool,
+) -> None:  # fmt: skip
+    sh(
+        "train", "--data", str(train), "--validation_data", str(val), "--persona", persona,
+        "--output", str(run), *flags,
+    )  # fmt: skip
+    for rp in penalties:
+        sh(
+            "eval", "--data", str(val), "--adapter", str(run), "--output", str(run / f"eval-rp{rp}"),
+            "--repetition-penalty", rp, "--no-score",
+            *([] if base_replies else ["--no-base-replies"]),
+        )  # fmt: skip
+
+
+def parallel(jobs: list[tuple]) -> None:
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        for future in [pool.submit(train_and_predict, *job) for job in jobs]:
+            future.result()
+
+
+def score(predictions: Path) -> dict[str, dict[str, float]]:
+    from finetune.evaluate import read_predictions, write_report
+
+    return write_report(read_predictions(predictions), predictions.parent, predictions.parent.name)
+
+
+def select(work: Path, persona: str) -> tuple[str, str]:
+    """Train every candidate on part of the training portion; pick on the carved validation."""
+    sel = work / "select"
+    sh(
+        "data", "split", str(work / f"{persona}.clean_train.jsonl"), "-o", str(sel),
+        "--validation", "0.1", "--seed", "42",
+    )  # fmt: skip
+    train, val = (
+        sel / f"{persona}.clean_train_train.jsonl",
+        sel / f"{persona}.clean_train_validation.jsonl",
+    )
+    parallel(
+        [(train, val, persona, sel / name, flags, REPETITION_PENALTIES, False)
+         for name, flags in CANDIDATES.items() if name in SELECTED]
+    )  # fmt: skip
+    table = []
+    for name in SELECTED:
+        manifest = json.loads((sel / name / "rolecast.json").read_text())
+        for rp in REPETITION_PENALTIES:
+            scores = score(sel / name / f"eval-rp{rp}" / "predictions.jsonl")["adapter"]
+            merit = min(scores[m] / t for m, t in TARGET.items())
+            table.append(
+                {"candidate": name, "repetition_penalty": rp, "merit": round(merit, 4), **scores,
+                 "validation_loss": manifest["metrics"].get("validation_loss")}
+            )  # fmt: skip
+    best = max(table, key=lambda row: row["merit"])
+    (sel / "selection.json").write_text(json.dumps({"best": best, "table": table}, indent=2) + "\n")
+    for row in table:
+        print(json.dumps(row), flush=True)
+    print(json.dumps({"selected": best}), flush=True)
+    return best["candidate"], best["repetition_penalty"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -53,74 +167,53 @@ def main() -> None:
     parser.add_argument("--no-score", action="store_true")
     parser.add_argument("--score-only", action="store_true")
     parser.add_argument(
+        "--select", action="store_true", help="Choose the settings first (see the module doc)."
+    )
+    parser.add_argument(
+        "--candidate", default="r32-lr3e-4-e5", choices=sorted(CANDIDATES),
+        help="Settings to train with when not selecting.",
+    )  # fmt: skip
+    parser.add_argument("--repetition-penalty", default="1.0")
+    parser.add_argument(
         "--extra", default="", help="Extra `rolecast train` flags, e.g. '--epochs 3'."
     )
     parser.add_argument("--tag", default="", help="Suffix of the run directories (for ablations).")
     args = parser.parse_args()
 
+    work = args.work
+    name, rp = args.candidate, args.repetition_penalty
+    if not args.score_only:
+        for persona in args.personas:
+            prepare(args.data_dir, work, persona)
+        if args.select:
+            name, rp = select(work, args.personas[0])
+        flags = [*CANDIDATES[name], *shlex.split(args.extra)]
+        parallel(
+            [(work / f"{p}.clean_train.jsonl", work / f"{p}.clean_validation.jsonl", p,
+              work / f"{p}{args.tag}", flags, (rp,), True) for p in args.personas]
+        )  # fmt: skip
+        (work / "final.json").write_text(
+            json.dumps({"candidate": name, "flags": flags, "repetition_penalty": rp}) + "\n"
+        )
+    if args.no_score:
+        return
     for persona in args.personas:
-        work = args.work
-        clean = work / f"{persona}.clean.jsonl"
         run = work / f"{persona}{args.tag}"
-        val = work / f"{persona}.clean_validation.jsonl"
-        if not args.score_only:
-            work.mkdir(parents=True, exist_ok=True)
-            if not clean.exists():
-                sh(
-                    "data",
-                    "clean",
-                    str(args.data_dir / f"{persona}.jsonl"),
-                    "-o",
-                    str(clean),
-                    "--max-length",
-                    "4096",
-                )
-                sh(
-                    "data",
-                    "split",
-                    str(clean),
-                    "-o",
-                    str(work),
-                    "--validation",
-                    "0.1",
-                    "--seed",
-                    "42",
-                )
-            sh(
-                "train", "--data", str(work / f"{persona}.clean_train.jsonl"), "--validation_data", str(val),
-                "--persona", persona, "--output", str(run), *SETTINGS, *shlex.split(args.extra),
-            )  # fmt: skip
-            sh(
-                "eval",
-                "--data",
-                str(val),
-                "--adapter",
-                str(run),
-                "--output",
-                str(run / "eval"),
-                "--no-score",
+        (evaluated,) = sorted(run.glob("eval-rp*/predictions.jsonl"))
+        scores = score(evaluated)
+        manifest = json.loads((run / "rolecast.json").read_text())
+        print(
+            json.dumps(
+                {
+                    "persona": persona + args.tag,
+                    **scores,
+                    "decoding": evaluated.parent.name,
+                    "train": manifest["metrics"],
+                    "tokens_per_s": manifest["tokens_per_s"],
+                    "train_time_s": manifest["train_time_s"],
+                }
             )
-        if not args.no_score:
-            sh(
-                "eval",
-                "--predictions",
-                str(run / "eval" / "predictions.jsonl"),
-                "--output",
-                str(run / "eval"),
-            )
-            scores = json.loads((run / "eval" / "metrics.json").read_text())
-            manifest = json.loads((run / "rolecast.json").read_text())
-            print(
-                json.dumps(
-                    {
-                        "persona": persona + args.tag,
-                        **scores,
-                        "train": manifest["metrics"],
-                        "tokens_per_s": manifest["tokens_per_s"],
-                        "train_time_s": manifest["train_time_s"],
-                    }
-                )
-            )
+        )
 
 
 if __name__ == "__main__":

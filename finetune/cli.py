@@ -195,6 +195,9 @@ def evaluate(
     repetition_penalty: float = typer.Option(
         1.0, help="Generation repetition penalty (1.0 = none)."
     ),
+    base_replies: bool = typer.Option(
+        True, help="With --adapter, also predict with the base model (--no-base-replies: skip)."
+    ),
 ) -> None:
     """Predict the last reply of each dialogue with the base and the adapter; BLEU-4, ROUGE-1/2/L."""
     from finetune import evaluate as ev
@@ -205,7 +208,9 @@ def evaluate(
             records = ev.read_predictions(predictions)
         elif data is not None:
             settings = ev.GenerationSettings(max_new_tokens, batch_size, repetition_penalty)
-            records = ev.predict(data, adapter, ev.base_for(adapter, base), settings, limit)
+            records = ev.predict(
+                data, adapter, ev.base_for(adapter, base), settings, limit, base_replies
+            )
             ev.write_predictions(records, output / ev.PREDICTIONS)
             typer.echo(f"{len(records)} predictions written to {output / ev.PREDICTIONS}")
         else:

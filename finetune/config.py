@@ -34,6 +34,10 @@ class TrainConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    use_rslora: bool = field(
+        default=False,
+        metadata={"help": "Rank-stabilized LoRA: scale alpha / sqrt(r) instead of alpha / r."},
+    )
     target_modules: str = field(
         default="all-linear",
         metadata={

@@ -75,6 +75,7 @@ def lora_config(cfg: TrainConfig, model: Any) -> Any:
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
+        use_rslora=cfg.use_rslora,
         target_modules=targets,
         bias="none",
         use_dora=False,
