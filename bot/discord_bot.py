@@ -23,7 +23,7 @@ from bot.core.memory import ChannelSettings, Memory
 from bot.core.personas import Persona, PersonaRegistry
 from bot.core.prompt import PromptBuilder
 from bot.core.queue import ChannelQueue, Cooldown
-from bot.core.sidecar import EmbeddedServer
+from bot.core.sidecar import embedded_server
 from bot.core.summary import Summarizer
 from bot.errors import RolecastError
 from bot.settings import BotSettings, SamplingSettings
@@ -201,16 +201,6 @@ def avatar_url(persona: Persona) -> str | None:
 # -- entry points ------------------------------------------------------------------------
 
 
-def _model_client(settings: BotSettings, url: str) -> ModelClient:
-    return ModelClient(
-        url,
-        api_key=settings.api_key.get_secret_value(),
-        timeout_s=settings.request_timeout_s,
-        max_attempts=settings.retry_attempts,
-        max_backoff_s=settings.retry_max_wait_s,
-    )
-
-
 async def run_bot(settings: BotSettings) -> None:
     """Connect to Discord and serve until stopped."""
     if settings.discord_token is None:
@@ -222,16 +212,12 @@ async def run_bot(settings: BotSettings) -> None:
     async with AsyncExitStack() as stack:
         url = settings.server_url
         if url is None:
-            server = EmbeddedServer(
-                settings.serve_args,
-                startup_timeout=settings.server_startup_timeout_s,
-                log_path=settings.logs / "server.log",
-            )
+            server = embedded_server(settings)
             log.info("starting the embedded model server on %s", server.url)
             await stack.enter_async_context(server)
             url = server.base_url
         memory = await stack.enter_async_context(Memory.open(settings.database))
-        client = await stack.enter_async_context(_model_client(settings, url))
+        client = await stack.enter_async_context(ModelClient.from_settings(settings, url))
         bot = RolecastBot(memory=memory, client=client, personas=personas, settings=settings)
         async with bot:
             try:

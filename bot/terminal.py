@@ -23,7 +23,7 @@ from bot.core.chat import ChatService, Reply, Speaker
 from bot.core.client import ModelClient
 from bot.core.memory import Memory, Turn
 from bot.core.personas import PersonaRegistry
-from bot.core.sidecar import EmbeddedServer
+from bot.core.sidecar import embedded_server
 from bot.errors import ModelServerError, RolecastError
 from bot.settings import BotSettings, SamplingSettings
 
@@ -325,11 +325,7 @@ async def run_chat(settings: BotSettings, options: ChatOptions) -> int:
     async with AsyncExitStack() as stack:
         url = settings.server_url
         if url is None:
-            server = EmbeddedServer(
-                settings.serve_args,
-                startup_timeout=settings.server_startup_timeout_s,
-                log_path=settings.logs / "server.log",
-            )
+            server = embedded_server(settings)
             err.print(f"[dim]Starting the embedded model server on {server.url} …[/]")
             loop = asyncio.get_running_loop()
             started = loop.time()
@@ -337,15 +333,7 @@ async def run_chat(settings: BotSettings, options: ChatOptions) -> int:
             err.print(f"[dim]Model server ready in {loop.time() - started:.1f} s.[/]")
             url = server.base_url
         memory = await stack.enter_async_context(Memory.open(settings.database))
-        client = await stack.enter_async_context(
-            ModelClient(
-                url,
-                api_key=settings.api_key.get_secret_value(),
-                timeout_s=settings.request_timeout_s,
-                max_attempts=settings.retry_attempts,
-                max_backoff_s=settings.retry_max_wait_s,
-            )
-        )
+        client = await stack.enter_async_context(ModelClient.from_settings(settings, url))
         chat = ChatService(memory, personas, client)
         stack.push_async_callback(chat.aclose)
         session = TerminalChat(chat, options, interactive=interactive, out=out, err=err)

@@ -29,7 +29,7 @@ from tenacity import (
 )
 
 from bot.errors import ModelServerError
-from bot.settings import SamplingSettings
+from bot.settings import BotSettings, SamplingSettings
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,16 @@ class ModelClient:
         )
         self._models: list[ServedModel] = []
         self._models_at = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: BotSettings, base_url: str) -> ModelClient:
+        return cls(
+            base_url,
+            api_key=settings.api_key.get_secret_value(),
+            timeout_s=settings.request_timeout_s,
+            max_attempts=settings.retry_attempts,
+            max_backoff_s=settings.retry_max_wait_s,
+        )
 
     async def __aenter__(self) -> ModelClient:
         return self

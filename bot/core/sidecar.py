@@ -21,6 +21,7 @@ from types import TracebackType
 import httpx
 
 from bot.errors import ModelServerError
+from bot.settings import BotSettings
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +164,12 @@ class EmbeddedServer:
         tb: TracebackType | None,
     ) -> None:
         await asyncio.to_thread(self.stop)
+
+
+def embedded_server(settings: BotSettings) -> EmbeddedServer:
+    """The embedded server the entry points start when no server URL is configured."""
+    return EmbeddedServer(
+        settings.serve_args,
+        startup_timeout=settings.server_startup_timeout_s,
+        log_path=settings.logs / "server.log",
+    )
