@@ -113,6 +113,7 @@ async def run_mode(
                     if chunk.usage:
                         tokens += chunk.usage.completion_tokens
                 ttfts.append(first if first is not None else time.perf_counter() - started)
+                print(f"{len(ttfts)}/{requests} done", file=sys.stderr, flush=True)
 
         started = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(requests)))
@@ -140,6 +141,7 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="mixed mode")
     parser.add_argument("--sequential-requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--server-log", type=Path, help="keep the server's log here")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="rolecast-bench-") as tmp:
@@ -151,7 +153,8 @@ async def main() -> None:
         serve_args += ["--max-num-seqs", str(args.concurrency), "--max-model-len", "2048"]
         for name, path in zip(names, adapters, strict=True):
             serve_args += ["--lora-modules", f"{name}={path}"]
-        server = EmbeddedServer(serve_args=serve_args, log_path=work / "server.log")
+        log_path = args.server_log or work / "server.log"
+        server = EmbeddedServer(serve_args=serve_args, log_path=log_path)
         async with server:
             common = {
                 "model": "random:" + args.random_weights if args.random_weights else args.model,

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.engine import Engine
 from serving.errors import ServingError
 from serving.metrics import EngineMetrics
-from serving.models import LoadedModel, load_model
+from serving.models import LoadedModel, load_model, set_cpu_threads
 from serving.protocol import (
     ChatCompletionRequest,
     ErrorInfo,
@@ -63,6 +63,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        set_cpu_threads(settings.cpu_threads)
         loaded = await asyncio.to_thread(
             load_model,
             settings.model,

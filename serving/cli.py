@@ -37,6 +37,9 @@ def serve(
     device: str | None = typer.Option(None, help="auto | cpu | cuda [default: auto]"),
     dtype: str | None = typer.Option(None, help="auto | float32 | bfloat16 [default: auto]"),
     max_model_len: int | None = typer.Option(None, help="Context length in tokens"),
+    cpu_threads: int | None = typer.Option(
+        None, help="torch threads on a CPU [default: half the logical CPUs]"
+    ),
     max_num_seqs: int | None = typer.Option(None, help="Requests per batch [default: 16]"),
     max_waiting: int | None = typer.Option(None, help="Queue before HTTP 429 [default: 64]"),
     max_lora_rank: int | None = typer.Option(None, help="Largest LoRA rank [default: 64]"),
@@ -69,6 +72,7 @@ def serve(
         "device": device,
         "dtype": dtype,
         "max_model_len": max_model_len,
+        "cpu_threads": cpu_threads,
         "max_num_seqs": max_num_seqs,
         "max_waiting": max_waiting,
         "max_lora_rank": max_lora_rank,

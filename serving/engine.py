@@ -103,6 +103,7 @@ class Engine:
         self._base: Any = loaded.model
         self._peft: Any = None  # a PeftModel around _base once an adapter is loaded
         self._device = torch.device(loaded.device)
+        self._threads = torch.get_num_threads()  # as sized by the caller; re-applied in _run
         tok = loaded.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._pad_id = int(pad if pad is not None else 0)
@@ -360,6 +361,7 @@ class Engine:
         return bool(self._stopping or self._waiting or self._running or self._commands or drained)
 
     def _run(self) -> None:
+        torch.set_num_threads(self._threads)  # OpenMP sizes its pool per calling thread
         with torch.inference_mode():
             while True:
                 with self._lock:

@@ -112,6 +112,20 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
+def set_cpu_threads(threads: int | None) -> int:
+    """Size torch's CPU thread pool. Half the logical CPUs by default: decoding is many small
+    operations, and a thread pool that needs every core stalls at each operation's barrier as
+    soon as anything else (the HTTP event loop, another process) takes a core. On a busy 2-core
+    machine one thread decoded a mixed-adapter batch of 8 some 20x faster than two."""
+    import os
+
+    import torch
+
+    count = threads or max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(count)
+    return count
+
+
 @dataclass
 class LoadedModel:
     """The base model and its tokenizer, ready for the engine."""

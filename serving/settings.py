@@ -50,6 +50,11 @@ class ServeSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
     )
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads on a CPU; default: half the logical CPUs (at least 1).",
+    )
     max_model_len: int | None = Field(
         None, ge=16, description="Context length; default: the model's max_position_embeddings."
     )
