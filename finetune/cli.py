@@ -198,6 +198,11 @@ def evaluate(
     base_replies: bool = typer.Option(
         True, help="With --adapter, also predict with the base model (--no-base-replies: skip)."
     ),
+    baseline: Path | None = typer.Option(
+        None,
+        help="With --adapter, compare against this adapter (e.g. the served version) instead "
+        "of the base model.",
+    ),
 ) -> None:
     """Predict the last reply of each dialogue with the base and the adapter; BLEU-4, ROUGE-1/2/L."""
     from finetune import evaluate as ev
@@ -209,14 +214,15 @@ def evaluate(
         elif data is not None:
             settings = ev.GenerationSettings(max_new_tokens, batch_size, repetition_penalty)
             records = ev.predict(
-                data, adapter, ev.base_for(adapter, base), settings, limit, base_replies
+                data, adapter, ev.base_for(adapter, base), settings, limit, base_replies, baseline
             )
             ev.write_predictions(records, output / ev.PREDICTIONS)
             typer.echo(f"{len(records)} predictions written to {output / ev.PREDICTIONS}")
         else:
             raise typer.BadParameter("give --data to generate, or --predictions to score")
         if score:
-            title = f"{(data or predictions).stem}: base vs adapter"  # type: ignore[union-attr]
+            against = "baseline" if baseline is not None else "base"
+            title = f"{(data or predictions).stem}: {against} vs adapter"  # type: ignore[union-attr]
             results = ev.write_report(records, output, title)
             typer.echo(ev.metrics_table(results))
     except FinetuneError as exc:

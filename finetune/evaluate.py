@@ -26,7 +26,7 @@ from finetune.template import end_of_turn_ids, prompt_ids
 log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions.jsonl"
-BASE, TUNED = "base", "adapter"
+BASE, BASELINE, TUNED = "base", "baseline", "adapter"
 
 
 @dataclass(frozen=True)
@@ -165,16 +165,31 @@ def predict(
     settings: GenerationSettings,
     limit: int | None = None,
     include_base: bool = True,
+    baseline: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Prediction records: id, reference, and the base and/or adapter replies.
 
     `include_base=False` (with an adapter) skips the base model's replies, e.g. when several
-    adapters are compared on one split whose base replies are already known.
+    adapters are compared on one split whose base replies are already known. `baseline`, a
+    second adapter on the same base (the version being served), is compared instead of the
+    base model: its replies go in a `baseline` column and the base model's are skipped.
     """
     items = eval_items(read_eval_dialogues(data))[:limit]
     model, tokenizer = load_for_eval(base, adapter)
     contexts = [it.context for it in items]
-    base_replies = tuned = None
+    base_replies = tuned = baseline_replies = None
+    if baseline is not None:
+        if adapter is None:
+            raise DataError("a baseline adapter is compared against an --adapter; give one")
+        if not (Path(baseline) / "adapter_config.json").is_file():
+            raise ModelNotFoundError(
+                f"{baseline} is not an adapter directory (no adapter_config.json)"
+            )
+        model.load_adapter(str(baseline), adapter_name=BASELINE)
+        model.set_adapter(BASELINE)
+        baseline_replies = generate(model, tokenizer, contexts, settings)
+        model.set_adapter("default")
+        include_base = False
     if adapter is not None:
         if include_base:
             with model.disable_adapter():
@@ -191,6 +206,8 @@ def predict(
         }
         if base_replies is not None:
             rec[BASE] = base_replies[k]
+        if baseline_replies is not None:
+            rec[BASELINE] = baseline_replies[k]
         if tuned is not None:
             rec[TUNED] = tuned[k]
         records.append(rec)
@@ -200,7 +217,7 @@ def predict(
 def score_records(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     refs = [r["reference"] for r in records]
     result = {}
-    for column in (BASE, TUNED):
+    for column in (BASE, BASELINE, TUNED):
         if records and column in records[0]:
             result[column] = score_corpus([r[column] for r in records], refs)
     return result
