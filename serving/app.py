@@ -93,7 +93,11 @@ def build_app(settings: ServeSettings) -> FastAPI:
                 tokenization=ServingTokenization(chat, models),
             )
             for name, path in startup_adapters(settings).items():
-                await engine.load_adapter(name, path)
+                try:
+                    await engine.load_adapter(name, path)
+                except ServingError as exc:
+                    # one bad adapter must not keep the base and the other personas offline
+                    log.error("not serving adapter %s: %s", name, exc.message)
             log.info("serving %s (%d adapters)", base_name, len(engine.adapters()))
             yield
         finally:

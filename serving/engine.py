@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -163,7 +163,7 @@ class Engine:
         self._submit(request)
         return request
 
-    async def outputs(self, request: Request) -> AsyncIterator[RequestOutput]:
+    async def outputs(self, request: Request) -> AsyncGenerator[RequestOutput, None]:
         """Yield a submitted request's outputs as they are generated. Closing the iterator early
         (a client that went away) cancels the request at the next step."""
         try:
@@ -185,7 +185,7 @@ class Engine:
         *,
         adapter: str | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """`submit` and `outputs` in one."""
         request = self.submit(prompt_ids, params, adapter=adapter, request_id=request_id)
         async with aclosing(self.outputs(request)) as outputs:
@@ -303,12 +303,25 @@ class Engine:
         problem = lora_config_problem(config, self.max_lora_rank)
         if problem:
             raise BadRequestError(f"Loading lora {name} failed: {problem}", param="lora_path")
-        weights = [adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"]
-        if not any(w.is_file() for w in weights):
+        weights = adapter_dir / "adapter_model.safetensors"
+        if not weights.is_file():
             raise BadRequestError(
                 f"Loading lora {name} failed: no adapter_model.safetensors in {path}",
                 param="lora_path",
             )
+        try:
+            # Read the header before PEFT touches the model: a first adapter that fails inside
+            # PeftModel.from_pretrained would leave LoRA layers in the base without a handle.
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as f:
+                if not list(f.keys()):
+                    raise ValueError("it holds no tensors")
+        except Exception as exc:
+            raise BadRequestError(
+                f"Loading lora {name} failed: {weights.name} is unreadable: {exc}",
+                param="lora_path",
+            ) from exc
         try:
             if self._peft is None:
                 self._peft = PeftModel.from_pretrained(
@@ -492,6 +505,8 @@ class Engine:
             return F.pad(t, spec)
 
         layers = []
+        old: Any
+        new: Any
         for old, new in zip(self._cache.layers, cache.layers, strict=True):
             keys = torch.cat([pad(old.keys, old_len, 2), pad(new.keys, new_len, 2)])
             values = torch.cat([pad(old.values, old_len, 2), pad(new.values, new_len, 2)])
@@ -602,6 +617,7 @@ class Engine:
         used = mask.any(dim=0)
         start = int(used.to(torch.int8).argmax()) if bool(used.any()) else 0
         self._mask = mask[:, start:]
+        layer: Any
         for layer in self._cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:, :]
             layer.values = layer.values.index_select(0, index)[:, :, start:, :]

@@ -61,7 +61,7 @@ def prepare_default_model() -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The weights are de-quantized to float32 on load; what remains of the GGUF quantizer only
     # stops save_pretrained, so drop it and save a plain checkpoint.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,7 @@ def load_model(
         raise ModelLoadError(f"cannot load model {model!r}: {exc}") from exc
     if tokenizer.chat_template is None:
         raise ModelLoadError(f"the tokenizer of {model!r} has no chat template")
-    hf_model.to(dev).eval()
+    hf_model.to(dev).eval()  # type: ignore[arg-type]
     limit = getattr(hf_model.config, "max_position_embeddings", None) or 2048
     if max_model_len is not None:
         if max_model_len > limit:

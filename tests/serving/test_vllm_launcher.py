@@ -83,3 +83,38 @@ def test_registry_pointer_and_names_never_reused(tmp_path: Path) -> None:
     c = registry.add_version("atri", fake_adapter(tmp_path / "src3", 8))
     assert c.served_name == "atri@v3"
     assert not list(tmp_path.glob("atri/.*"))  # no temp files left behind
+
+
+def test_adapters_cli_list_publish_rollback(tmp_path: Path) -> None:
+    registry_dir = tmp_path / "registry"
+    runner = CliRunner()
+
+    def rolecast(*args: str) -> tuple[int, str]:
+        result = runner.invoke(app, [*args, "--adapters-dir", str(registry_dir)])
+        return result.exit_code, result.output
+
+    code, out = rolecast(
+        "adapters", "publish", str(fake_adapter(tmp_path / "a", 8)), "--persona", "xin"
+    )
+    assert code == 0 and "published xin@v1 (was none" in out, out
+    code, out = rolecast(
+        "adapters", "publish", str(fake_adapter(tmp_path / "b", 16)), "--persona", "xin"
+    )
+    assert code == 0 and "published xin@v2 (was xin@v1" in out, out
+
+    bad = fake_adapter(tmp_path / "bad", 8)
+    (bad / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "modules_to_save": ["lm_head"], "use_dora": True})
+    )
+    code, out = rolecast("adapters", "publish", str(bad), "--persona", "xin")
+    assert code == 1 and "modules_to_save" in out and "use_dora" in out
+
+    code, out = rolecast("adapters", "list")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2
+    assert lines[0].startswith("  xin@v1") and lines[1].startswith("* xin@v2")
+
+    code, out = rolecast("adapters", "rollback", "xin")
+    assert code == 0 and "xin is back on xin@v1 (was xin@v2)" in out
+    code, out = rolecast("adapters", "rollback", "xin")
+    assert code == 1 and "no earlier published version" in out
