@@ -1,6 +1,9 @@
 """The generation engine: one background thread that runs a step loop over a batch of requests,
 each with its own LoRA adapter (or none), admitting new requests as others finish.
 
+What transformers ships was the first choice: `transformers serve` loads one model per name and
+has no LoRA adapters at all (no PEFT, no load/unload routes), so it cannot serve personas.
+
 Why a scheduler of our own: transformers' continuous-batching manager (`generate_batch`,
 `init_continuous_batching`) packs every request of a step into one row of one sequence for its
 paged-attention kernels, so a forward pass sees a batch of 1. PEFT's mixed-adapter inference
