@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -15,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bot.errors import RolecastError
+from bot.retrain.terminal import retrain
 from bot.settings import BotSettings
 
 persona_app = typer.Typer(
@@ -28,7 +30,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def load_settings(**overrides: object) -> BotSettings:
+def load_settings(**overrides: Any) -> BotSettings:
     try:
         return BotSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
@@ -187,4 +189,5 @@ def register(app: typer.Typer) -> None:
     """Add the bot commands to the root app."""
     app.command("chat")(chat)
     app.command("bot")(discord_bot)
+    app.command("retrain")(retrain)
     app.add_typer(persona_app, name="persona")

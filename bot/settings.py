@@ -75,6 +75,52 @@ class PromptSettings(BaseModel):
     lore_scan_depth: int = Field(4, ge=1, le=50, description="recent turns scanned for keys")
 
 
+DEFAULT_TRAIN_LAUNCH = (
+    "{python} -m rolecast train --data {train} --persona {persona} --base {base} --output {output}"
+)
+
+
+class RetrainSettings(BaseModel):
+    """The retrain loop: approved dialogues -> adapter -> gate -> publish (`/retrain`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = Field(
+        "default",
+        description="base model to train on (`rolecast train --base`); must be the "
+        "model server's base model",
+    )
+    launch: str = Field(
+        DEFAULT_TRAIN_LAUNCH,
+        description="training command; {python} {train} {validation} {persona} {base} {output} "
+        "{workdir} are filled in, e.g. `accelerate launch -m rolecast train ...` or an ssh "
+        "wrapper for a GPU host that sees the same paths",
+    )
+    train_args: list[str] = Field(
+        default_factory=list, description="extra `rolecast train` flags, e.g. ['--epochs', '2']"
+    )
+    min_approved: int = Field(20, ge=2, description="approved dialogues a retrain needs")
+    max_length: int = Field(2048, ge=16, description="longest dialogue kept, in tokens")
+    validation: float = Field(0.1, gt=0.0, lt=1.0, description="held-out fraction for the gate")
+    seed: int = Field(42, description="seed of the train / held-out split")
+    tolerance: float = Field(
+        1.0,
+        ge=-100.0,
+        le=100.0,
+        description="BLEU-4 and ROUGE-L points (0-100) the new adapter may lose against the live "
+        "one and still be published; negative = it must win by that much",
+    )
+    eval_max_new_tokens: int = Field(128, ge=1, le=4096)
+    workdir: Path | None = Field(None, description="job directories; default <home>/retrain")
+    poll_s: float = Field(1.0, gt=0, description="how often training progress is read")
+    max_attempts: int = Field(
+        3, ge=1, description="training launches per job (a resume after a crash is one more)"
+    )
+    status_interval_s: float = Field(
+        3.0, ge=0.5, description="a Discord status message is edited at most this often"
+    )
+
+
 class BotSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ROLECAST_",
@@ -106,6 +152,12 @@ class BotSettings(BaseSettings):
     discord_token: SecretStr | None = None
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
     prompt: PromptSettings = Field(default_factory=PromptSettings)
+    adapters_dir: Path | None = Field(
+        None,
+        description="adapter registry shared with the model server (its `--adapters-dir`); "
+        "personas speak through its current versions; default <home>/adapters",
+    )
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -129,3 +181,11 @@ class BotSettings(BaseSettings):
     @property
     def logs(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def adapters(self) -> Path:
+        return self.adapters_dir or self.home / "adapters"
+
+    @property
+    def retrain_dir(self) -> Path:
+        return self.retrain.workdir or self.home / "retrain"

@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -29,6 +30,7 @@ from tenacity import (
 )
 
 from bot.errors import ModelServerError
+from bot.retrain.adapters import current_served_name
 from bot.settings import BotSettings, SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 Message = dict[str, str]
 ADAPTER_NAME = re.compile(r"^(?P<persona>.+)@v(?P<version>\d+)$")
 MODELS_TTL_S = 5.0
+POINTER_REFRESH_S = 1.0  # a registry pointer to a name not listed re-reads the list this often
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,10 @@ class ModelClient:
         timeout_s: float = 120.0,
         max_attempts: int = 4,
         max_backoff_s: float = 8.0,
+        adapters_dir: Path | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.adapters_dir = adapters_dir
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
         self.root_url = self.base_url.removesuffix("/v1")
@@ -128,8 +133,10 @@ class ModelClient:
         self._http = httpx.AsyncClient(
             timeout=timeout, headers={"Authorization": f"Bearer {api_key}"}
         )
+        # The SDK keeps its own HTTP client (openai 3 is built on httpx2, not httpx); retries
+        # are tenacity's, so the SDK makes none of its own.
         self._openai = AsyncOpenAI(
-            base_url=self.base_url, api_key=api_key, http_client=self._http, max_retries=0
+            base_url=self.base_url, api_key=api_key, timeout=timeout_s, max_retries=0
         )
         self._models: list[ServedModel] = []
         self._models_at = 0.0
@@ -142,6 +149,7 @@ class ModelClient:
             timeout_s=settings.request_timeout_s,
             max_attempts=settings.retry_attempts,
             max_backoff_s=settings.retry_max_wait_s,
+            adapters_dir=settings.adapters,
         )
 
     async def __aenter__(self) -> ModelClient:
@@ -167,7 +175,7 @@ class ModelClient:
             before_sleep=lambda state: log.warning(
                 "model server attempt %d failed (%s); retrying",
                 state.attempt_number,
-                _describe(state.outcome.exception()) if state.outcome else "?",
+                _describe(exc) if state.outcome and (exc := state.outcome.exception()) else "?",
             ),
             reraise=False,
         )
@@ -239,10 +247,19 @@ class ModelClient:
         return self._models
 
     async def model_for(self, persona: str) -> str:
-        """The served name for `persona`: its newest loaded adapter `<persona>@v<N>`, or the
-        base model when it has none. Publishing loads a new version before unloading the old
-        one, so picking the highest version switches personas over without a restart."""
+        """The served name for `persona`: the version the adapter registry's `current.json`
+        points at when it is loaded (so a rollback takes effect at once, even while the newer
+        version is still loaded and draining), else its newest loaded adapter `<persona>@v<N>`,
+        else the base model. Publishing loads a new version before switching the pointer."""
         models = await self.models()
+        if self.adapters_dir is not None:
+            wanted = current_served_name(self.adapters_dir, persona)
+            if wanted is not None:
+                stale = time.monotonic() - self._models_at > POINTER_REFRESH_S
+                if stale and not any(m.id == wanted for m in models):
+                    models = await self.models(refresh=True)  # just published or rolled back
+                if any(m.id == wanted for m in models):
+                    return wanted
         versions = [
             (int(m.group("version")), served.id)
             for served in models

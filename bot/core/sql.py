@@ -100,9 +100,50 @@ CREATE TABLE summaries (
 );
 """
 
+M003_RETRAIN = """
+-- Retrain jobs: approved dialogues -> adapter -> gate -> publish, one row per job, its state
+-- advanced step by step so that a restarted bot picks the job up where it stopped.
+CREATE TABLE retrain_jobs (
+    id             INTEGER PRIMARY KEY,
+    persona        TEXT NOT NULL,
+    state          TEXT NOT NULL CHECK (state IN ('queued', 'exporting', 'training',
+                       'evaluating', 'publishing', 'done', 'rejected', 'failed')),
+    reason         TEXT,                  -- why it was rejected or failed, or what it published
+    requested_by   TEXT,                  -- Discord user id or 'terminal:<user>'
+    guild_id       TEXT,                  -- export only this guild's dialogues (NULL = all)
+    channel_id     TEXT,                  -- where the status message is (Discord)
+    message_id     TEXT,
+    min_approved   INTEGER NOT NULL,
+    workdir        TEXT,
+    pid            INTEGER,               -- the training process, while one runs
+    attempts       INTEGER NOT NULL DEFAULT 0,  -- training launches (a resume is one more)
+    step           INTEGER,
+    total_steps    INTEGER,
+    loss           REAL,
+    tokens_per_s   REAL,
+    eta_s          REAL,
+    dialogues      INTEGER,               -- approved dialogues exported
+    metrics        TEXT,                  -- JSON: the gate's table and verdict
+    old_version    TEXT,                  -- served name live before the job, NULL = base model
+    new_version    TEXT,                  -- served name it published
+    created_at     REAL NOT NULL,
+    exporting_at   REAL,
+    training_at    REAL,
+    evaluating_at  REAL,
+    publishing_at  REAL,
+    finished_at    REAL,
+    updated_at     REAL NOT NULL
+);
+-- One active job per persona: a second request finds the first through this index.
+CREATE UNIQUE INDEX retrain_jobs_one_active ON retrain_jobs (persona)
+    WHERE state NOT IN ('done', 'rejected', 'failed');
+CREATE INDEX retrain_jobs_persona ON retrain_jobs (persona, id);
+"""
+
 MIGRATIONS: list[tuple[str, str]] = [
     ("m001_initial", M001_INITIAL),
     ("m002_discord", M002_DISCORD),
+    ("m003_retrain", M003_RETRAIN),
 ]
 
 PRAGMAS = (
@@ -250,4 +291,60 @@ SELECT_TURNS_BETWEEN = f"""
 SELECT {TURN_COLUMNS} FROM turns
 WHERE channel_id = ? AND persona = ? AND id > ? AND id < ?
 ORDER BY id LIMIT ?
+"""
+
+# -- m003: retrain jobs ----------------------------------------------------------------------
+
+RETRAIN_JOB_COLUMNS = (
+    "id, persona, state, reason, requested_by, guild_id, channel_id, message_id, min_approved, "
+    "workdir, pid, attempts, step, total_steps, loss, tokens_per_s, eta_s, dialogues, metrics, "
+    "old_version, new_version, created_at, exporting_at, training_at, evaluating_at, "
+    "publishing_at, finished_at, updated_at"
+)
+INSERT_RETRAIN_JOB = """
+INSERT INTO retrain_jobs (persona, state, requested_by, guild_id, channel_id, message_id,
+                          min_approved, created_at, updated_at)
+VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)
+"""
+SELECT_RETRAIN_JOB = f"SELECT {RETRAIN_JOB_COLUMNS} FROM retrain_jobs WHERE id = ?"
+SELECT_ACTIVE_RETRAIN_JOB = f"""
+SELECT {RETRAIN_JOB_COLUMNS} FROM retrain_jobs
+WHERE persona = ? AND state NOT IN ('done', 'rejected', 'failed')
+"""
+SELECT_ACTIVE_RETRAIN_JOBS = f"""
+SELECT {RETRAIN_JOB_COLUMNS} FROM retrain_jobs
+WHERE state NOT IN ('done', 'rejected', 'failed') ORDER BY id
+"""
+SELECT_RECENT_RETRAIN_JOBS = f"""
+SELECT {RETRAIN_JOB_COLUMNS} FROM retrain_jobs
+WHERE (? IS NULL OR persona = ?) ORDER BY id DESC LIMIT ?
+"""
+# The state and the timestamp of the state entered move together (?1 state, ?2 reason, ?3 now).
+UPDATE_RETRAIN_JOB_STATE = """
+UPDATE retrain_jobs SET state = ?1, reason = COALESCE(?2, reason), updated_at = ?3,
+    exporting_at = CASE WHEN ?1 = 'exporting' THEN ?3 ELSE exporting_at END,
+    training_at = CASE WHEN ?1 = 'training' THEN ?3 ELSE training_at END,
+    evaluating_at = CASE WHEN ?1 = 'evaluating' THEN ?3 ELSE evaluating_at END,
+    publishing_at = CASE WHEN ?1 = 'publishing' THEN ?3 ELSE publishing_at END,
+    finished_at = CASE WHEN ?1 IN ('done', 'rejected', 'failed') THEN ?3 ELSE finished_at END
+WHERE id = ?4
+"""
+UPDATE_RETRAIN_JOB_MESSAGE = """
+UPDATE retrain_jobs SET channel_id = ?, message_id = ?, updated_at = ? WHERE id = ?
+"""
+UPDATE_RETRAIN_JOB_EXPORT = """
+UPDATE retrain_jobs SET workdir = ?, dialogues = ?, old_version = ?, updated_at = ? WHERE id = ?
+"""
+UPDATE_RETRAIN_JOB_PID = """
+UPDATE retrain_jobs SET pid = ?, attempts = attempts + ?, updated_at = ? WHERE id = ?
+"""
+UPDATE_RETRAIN_JOB_PROGRESS = """
+UPDATE retrain_jobs SET step = ?, total_steps = ?, loss = ?, tokens_per_s = ?, eta_s = ?,
+    updated_at = ?
+WHERE id = ?
+"""
+UPDATE_RETRAIN_JOB_RESULT = """
+UPDATE retrain_jobs SET metrics = COALESCE(?, metrics), new_version = COALESCE(?, new_version),
+    updated_at = ?
+WHERE id = ?
 """
