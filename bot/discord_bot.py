@@ -38,6 +38,7 @@ EXTENSIONS: Sequence[str] = (
     "bot.cogs.feedback",
     "bot.cogs.admin",
     "bot.cogs.status",
+    "bot.cogs.retrain",
 )
 
 
@@ -212,7 +213,11 @@ async def run_bot(settings: BotSettings) -> None:
     async with AsyncExitStack() as stack:
         url = settings.server_url
         if url is None:
-            server = embedded_server(settings)
+            # the embedded server loads the registry's current versions, as retrains publish them
+            serve_args = [*settings.serve_args]
+            if "--adapters-dir" not in serve_args:
+                serve_args += ["--adapters-dir", str(settings.adapters)]
+            server = embedded_server(settings.model_copy(update={"serve_args": serve_args}))
             log.info("starting the embedded model server on %s", server.url)
             await stack.enter_async_context(server)
             url = server.base_url
