@@ -6,7 +6,8 @@ Prints JSON lines:
   the webhook post). The bot's own cost is the chat cog's handler time minus what the instant
   server and loopback HTTP take by themselves (the same request sent with a bare HTTP
   client); the client's request building and SSE parsing count as the bot's. Also its parts:
-  storing the turn, assembling the prompt, the model round trip through the client.
+  storing the turn, assembling the prompt, the model round trip through the client; and the
+  CPU time the bot's process spends per message, which other load on the machine barely moves.
 - `assembly`: `PromptBuilder.build` for a channel holding 1,000 vs 100,000 stored turns
   (token counts cached as in steady state): p50/p99 and the ratio. Target: flat within 20%.
 
@@ -173,13 +174,15 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
         monkeypatch.setattr(client, "stream_chat", stream_timed)
 
         total: list[float] = []
+        cpu: list[float] = []
         for i in range(messages + 100):
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             await dpytest.message(
                 f"{mention} message number {i} about the club room", channel, alice
             )
             if i >= 100:  # warm-up: fill the history budget, first calls, code paths
                 total.append(time.perf_counter() - started)
+                cpu.append(time.process_time() - started_cpu)
         for part in (store, assemble, model, handler):
             del part[: len(part) - messages]
         monkeypatch.undo()
@@ -193,6 +196,10 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
         "messages": messages,
         "prompt_messages": len(last_prompt[1]),
         "whole_incl_test_gateway": quantiles(total),
+        # CPU time of this process per message (all its threads: the bot, its SQLite thread,
+        # and the in-process test gateway): what the bot costs a machine, and much less
+        # sensitive than wall time to other load on a shared machine.
+        "bot_process_cpu_incl_test_gateway": quantiles(cpu),
         "bot_handler": quantiles(handler),
         "bot_own_cost_handler_minus_instant_server_floor": quantiles(
             [h - floor_p50 for h in handler]

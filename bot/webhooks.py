@@ -153,6 +153,10 @@ class ReplyStream:
         return [str(m.id) for m in self.messages]
 
     async def feed(self, delta: str) -> None:
+        if not self.text:
+            # The first post waits one interval too: a reply that is complete by then goes out
+            # in one API call instead of a send and an edit (webhooks are rate-limited).
+            self._last_flush = self.clock()
         self.text += delta
         if self.text.strip() and self.clock() - self._last_flush >= self.interval_s:
             await self.flush()
