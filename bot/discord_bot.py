@@ -213,11 +213,7 @@ async def run_bot(settings: BotSettings) -> None:
     async with AsyncExitStack() as stack:
         url = settings.server_url
         if url is None:
-            # the embedded server loads the registry's current versions, as retrains publish them
-            serve_args = [*settings.serve_args]
-            if "--adapters-dir" not in serve_args:
-                serve_args += ["--adapters-dir", str(settings.adapters)]
-            server = embedded_server(settings.model_copy(update={"serve_args": serve_args}))
+            server = embedded_server(settings)
             log.info("starting the embedded model server on %s", server.url)
             await stack.enter_async_context(server)
             url = server.base_url

@@ -167,9 +167,14 @@ class EmbeddedServer:
 
 
 def embedded_server(settings: BotSettings) -> EmbeddedServer:
-    """The embedded server the entry points start when no server URL is configured."""
+    """The embedded server the entry points start when no server URL is configured. It loads
+    the adapter registry's current versions, so personas speak through their published
+    adapters, as retrains publish them."""
+    serve_args = [*settings.serve_args]
+    if "--adapters-dir" not in serve_args:
+        serve_args += ["--adapters-dir", str(settings.adapters)]
     return EmbeddedServer(
-        settings.serve_args,
+        serve_args,
         startup_timeout=settings.server_startup_timeout_s,
         log_path=settings.logs / "server.log",
     )

@@ -225,3 +225,43 @@ def test_default_model_in_character(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def test_chat_speaks_through_the_published_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A persona with a published version answers through it, with no flag to say so: the
+    embedded server loads the registry's current versions and the client follows the pointer."""
+    from tests.adapters import make_adapter
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "trained", seed=7)
+    published = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rolecast",
+            "adapters",
+            "publish",
+            str(adapter),
+            "--persona",
+            "haruhi",
+            "--adapters-dir",
+            str(tmp_path / "adapters"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert published.returncode == 0, published.stderr
+    env = {"ROLECAST_SERVE_ARGS": f'["--model", "{tiny_model_dir}"]'}
+    result = chat(
+        tmp_path, "--persona", "haruhi", stdin="你好\n".encode(), server_url=None, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(tmp_path / "rolecast.db") as conn:
+        models = [
+            row[0]
+            for row in conn.execute(
+                "SELECT model FROM turns WHERE role = 'assistant' AND model IS NOT NULL"
+            )
+        ]
+    assert models == ["haruhi@v1"]
