@@ -222,16 +222,14 @@ class ReplyStream:
 
     async def _webhook_send(self, part: str) -> discord.Message:
         assert self._hook is not None
-        kwargs: dict[str, object] = {}
-        if isinstance(self.channel, discord.Thread):
-            kwargs["thread"] = self.channel
+        thread = self.channel if isinstance(self.channel, discord.Thread) else discord.utils.MISSING
         return await self._hook.send(
             part,
             username=self.identity.name[:80],
             avatar_url=self.identity.avatar_url or discord.utils.MISSING,
             allowed_mentions=NO_MENTIONS,
             wait=True,
-            **kwargs,  # type: ignore[arg-type]
+            thread=thread,
         )
 
     async def _edit(self, index: int, part: str) -> None:

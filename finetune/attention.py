@@ -74,6 +74,7 @@ def _varlen_attention(
             else torch.bfloat16
         )
         q, k, v = q.to(half), k.to(half), v.to(half)
+    assert max_len is not None
     out = varlen_attn(
         q, k, v, cu.to(torch.int32), cu.to(torch.int32), int(max_len), int(max_len), **extra
     )

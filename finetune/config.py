@@ -136,6 +136,10 @@ def parse_train_args(args: list[str], prog: str = "rolecast train") -> TrainConf
     """Flags to a TrainConfig, with transformers' HfArgumentParser (dataclass fields -> flags)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(TrainConfig, prog=prog, description="LoRA SFT of a persona adapter.")
+    parser = HfArgumentParser(
+        TrainConfig,  # type: ignore[arg-type]  # DataClassType is a NewType over any dataclass
+        prog=prog,
+        description="LoRA SFT of a persona adapter.",
+    )
     (config,) = parser.parse_args_into_dataclasses(args=args)
     return config

@@ -96,7 +96,7 @@ def keep_input_dtype(model: Any) -> None:
 
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
+            module.cast_input_dtype_enabled = False  # type: ignore[attr-defined]  # set by peft layers
 
 
 def batch_loss(model: Any, batch: Batch, varlen: bool) -> tuple[torch.Tensor, int]:

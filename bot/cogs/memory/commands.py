@@ -36,7 +36,7 @@ class ConfirmReset(discord.ui.View):
         self.key = key
         self.done = False
 
-    async def interaction_check(self, interaction: discord.Interaction[RolecastBot]) -> bool:
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
         return interaction.user.id == self.owner_id
 
     @discord.ui.button(label="Delete the memory", style=discord.ButtonStyle.danger)
