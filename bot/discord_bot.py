@@ -171,6 +171,16 @@ class RolecastBot(commands.Bot):
 
     # -- helpers the cogs share ------------------------------------------------------------
 
+    def persona_choices(self, current: str) -> list[app_commands.Choice[str]]:
+        """Autocomplete for a persona argument: key or name contains what was typed."""
+        needle = current.strip().lower()
+        choices = []
+        for p in self.personas.all():
+            if not needle or needle in p.key or needle in p.name.lower():
+                label = f"{p.name} ({p.key})"
+                choices.append(app_commands.Choice(name=label[:100], value=p.key))
+        return choices[:25]
+
     def sampling_for(self, channel: ChannelSettings) -> SamplingSettings:
         """The configured sampling with the channel's overrides applied."""
         if not channel.sampling:

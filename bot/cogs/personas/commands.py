@@ -40,13 +40,7 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
     async def persona_autocomplete(
         self, interaction: discord.Interaction[RolecastBot], current: str
     ) -> list[app_commands.Choice[str]]:
-        needle = current.strip().lower()
-        choices = [
-            app_commands.Choice(name=_short(f"{p.name} ({p.key})", 100), value=p.key)
-            for p in self.bot.personas.all()
-            if not needle or needle in p.key or needle in p.name.lower()
-        ]
-        return choices[:25]
+        return self.bot.persona_choices(current)
 
     @app_commands.command(name="set", description="Make a persona this channel's character.")
     @app_commands.describe(name="The persona (start typing to search)")

@@ -233,8 +233,4 @@ class RetrainCommands(commands.Cog):
     async def persona_autocomplete(
         self, interaction: discord.Interaction[RolecastBot], current: str
     ) -> list[app_commands.Choice[str]]:
-        return [
-            app_commands.Choice(name=p.name[:100], value=p.key)
-            for p in self.bot.personas.all()
-            if current.lower() in p.key or current.lower() in p.name.lower()
-        ][:25]
+        return self.bot.persona_choices(current)
