@@ -376,7 +376,9 @@ class RetrainService:
             argv = [part.format(**fields) for part in shlex.split(self.config.launch)]
         except (KeyError, IndexError, ValueError) as exc:
             raise Failed(f"the training launch template is invalid ({exc!r})") from None
-        argv += list(self.config.train_args)
+        # the trainer refuses dialogues over its --max_length (2048 unless given): give it the
+        # length cleaning kept, so one setting governs both; train_args may still override it
+        argv += ["--max_length", str(self.config.max_length), *self.config.train_args]
         argv.append("--no_progress")
         if resume:
             argv.append("--resume")

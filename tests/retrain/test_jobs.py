@@ -110,3 +110,20 @@ async def test_client_follows_the_registry_pointer(tmp_path: Path) -> None:
             await asyncio.sleep(1.05)
             assert await client.model_for("haruhi") == "haruhi@v7"
             assert await client.model_for("atri") == "instant-base"
+
+
+async def test_training_is_told_the_length_cleaning_kept(memory: Memory, tmp_path: Path) -> None:
+    """Cleaning keeps dialogues up to `retrain.max_length`; the trainer refuses any longer than
+    its own --max_length (2048 unless given), so it gets the same limit; train_args still win."""
+    from finetune.config import parse_train_args
+
+    personas = PersonaRegistry(tmp_path / "personas").load()
+    for train_args, expected in (([], 4096), (["--max_length", "1024"], 1024)):
+        retrain = {"max_length": 4096, "train_args": train_args}
+        settings = BotSettings(home=tmp_path, retrain=retrain)  # type: ignore[arg-type]
+        service = RetrainService(memory, personas, settings, server_url=None)
+        job = await service.store.create("haruhi", min_approved=5, requested_by="1")
+        argv = service.train_command(job, resume=False)
+        assert argv[1:4] == ["-m", "rolecast", "train"]
+        assert parse_train_args(argv[4:]).max_length == expected
+        await service.store.move(job, "failed", "only the command was built")
