@@ -52,6 +52,13 @@ class TrainConfig:
         default=0.03, metadata={"help": "Fraction of steps spent warming up."}
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    neftune_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "NEFTune: uniform noise on the input embeddings while training, "
+            "scaled alpha / sqrt(length * hidden size); 5 is the paper's usual value (0 = off)."
+        },
+    )
     max_grad_norm: float = field(
         default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."}
     )
@@ -101,6 +108,8 @@ class TrainConfig:
             problems.append(f"--lr_schedule must be one of {', '.join(SCHEDULES)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             problems.append("--warmup_ratio must be in [0, 1)")
+        if self.neftune_alpha < 0:
+            problems.append("--neftune_alpha must not be negative")
         if self.epochs <= 0 and self.max_steps <= 0:
             problems.append("--epochs or --max_steps must be positive")
         if self.max_length < 16:

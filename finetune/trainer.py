@@ -130,6 +130,42 @@ def batch_loss(model: Any, batch: Batch, varlen: bool) -> tuple[torch.Tensor, in
     return loss, int((targets != IGNORE_INDEX).sum())
 
 
+class NoisyEmbeddings:
+    """NEFTune (Jain et al., 2023): uniform noise added to the input embeddings while training.
+
+    The paper scales the noise by alpha / sqrt(L * d) for a sequence of L tokens with hidden
+    size d. In a packed row every dialogue keeps its own L, so a short dialogue packed beside
+    long ones gets the noise it would get alone. Evaluation and generation (module in eval
+    mode) see no noise, and nothing of this is saved with the adapter.
+    """
+
+    def __init__(self, model: Any, alpha: float) -> None:
+        self.alpha = alpha
+        self.scale: torch.Tensor | None = None  # (B, T), set per batch by `use`
+        embeddings = model.get_input_embeddings()
+        self.hidden = int(embeddings.weight.shape[-1])
+        self.handle = embeddings.register_forward_hook(self._add_noise)
+
+    def use(self, batch: Batch) -> None:
+        if batch.attention_mask is None and batch.cu_seq_lens is not None:
+            lengths = batch.cu_seq_lens.diff().long()
+            per_token = torch.repeat_interleave(lengths, lengths).unsqueeze(0)
+        elif batch.attention_mask is not None:
+            per_token = batch.attention_mask.sum(-1, keepdim=True).expand_as(batch.input_ids)
+        else:
+            per_token = torch.full_like(batch.input_ids, batch.input_ids.shape[-1])
+        self.scale = self.alpha / torch.sqrt(per_token.float().clamp(min=1) * self.hidden)
+
+    def _add_noise(self, module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if not module.training or self.scale is None:
+            return output
+        noise = torch.empty_like(output).uniform_(-1.0, 1.0)
+        return output + noise * self.scale.unsqueeze(-1).to(output.device, output.dtype)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
 def make_batches(cfg: TrainConfig, samples: Sequence[Encoded], epoch: int) -> list[list[int]]:
     if cfg.packing:
         return packed_batches(samples, cfg.batch_tokens, cfg.seed, epoch)
@@ -291,6 +327,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    noise = NoisyEmbeddings(model, cfg.neftune_alpha) if cfg.neftune_alpha > 0 else None
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
 
@@ -359,6 +396,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     batch = collate(cfg, [samples[i] for i in mine[m * world + rank]], pad_id).to(
                         device
                     )
+                    if noise is not None:
+                        noise.use(batch)
                     sync = k == len(group) - 1
                     ctx = accelerator.no_sync(model) if not sync and world > 1 else _null()
                     with ctx, accelerator.autocast():
@@ -419,6 +458,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 state.epoch += 1
                 state.micro = 0
     state.train_seconds += time.time() - loop_start
+    if noise is not None:
+        noise.remove()
 
     manifest: dict[str, Any] = {}
     if accelerator.is_main_process:

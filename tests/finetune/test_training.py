@@ -15,7 +15,7 @@ from finetune.config import TrainConfig
 from finetune.data import load_dialogues
 from finetune.errors import ConfigError, DataError
 from finetune.packing import collate_packed, collate_padded
-from finetune.trainer import batch_loss, encode_dialogues, lora_config, train
+from finetune.trainer import NoisyEmbeddings, batch_loss, encode_dialogues, lora_config, train
 from tests.finetune.ft_helpers import dialogue, write_jsonl
 
 
@@ -52,6 +52,33 @@ def test_packed_and_padded_batches_give_the_same_loss(
     assert float(packed) / n_packed == pytest.approx(float(padded) / n_padded, rel=1e-5)
     # packing does not let a dialogue see its neighbours: the sum equals the dialogues one by one
     assert float(packed) == pytest.approx(sum(float(x) for x, _ in alone), rel=1e-5)
+
+
+def test_neftune_noise_is_per_dialogue_and_only_while_training(
+    tiny_llama_dir: Path, small_dataset: Path, smol_tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    samples = encode_dialogues(smol_tokenizer, load_dialogues(small_dataset))[:3]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    embed = model.get_input_embeddings()
+    batch = collate_packed(samples)
+    clean = embed(batch.input_ids).detach()
+    noise = NoisyEmbeddings(model, alpha=5.0)
+    noise.use(batch)
+    model.train()
+    noisy = embed(batch.input_ids).detach()
+    hidden = clean.shape[-1]
+    start = 0
+    for s in samples:  # each dialogue's noise is bounded by alpha / sqrt(its own length * d)
+        delta = (noisy - clean)[0, start : start + len(s)]
+        bound = 5.0 / (len(s) * hidden) ** 0.5
+        assert float(delta.abs().max()) <= bound * (1 + 1e-5)
+        assert float(delta.abs().max()) > bound * 0.5  # uniform noise reaches near the bound
+        start += len(s)
+    model.eval()
+    torch.testing.assert_close(embed(batch.input_ids), clean)  # no noise outside training
+    noise.remove()
+    model.train()
+    torch.testing.assert_close(embed(batch.input_ids), clean)
 
 
 def test_base_weights_stay_frozen_and_adapter_weights_change(
@@ -113,12 +140,25 @@ def test_train_writes_a_vllm_loadable_adapter_and_manifest(
 def test_resume_continues_from_the_checkpoint(
     tiny_llama_dir: Path, small_dataset: Path, tmp_path: Path
 ) -> None:
+    # NEFTune on: its noise comes from the torch RNG, which the checkpoint restores
     straight = tmp_path / "straight"
-    train(config(small_dataset, tiny_llama_dir, straight, max_steps=4, save_steps=2))
+    train(
+        config(
+            small_dataset, tiny_llama_dir, straight, max_steps=4, save_steps=2, neftune_alpha=5.0
+        )
+    )
     # an interrupted run: everything after the step-2 checkpoint is lost
     broken = tmp_path / "broken"
     train(
-        config(small_dataset, tiny_llama_dir, broken, max_steps=4, save_steps=2, save_total_limit=5)
+        config(
+            small_dataset,
+            tiny_llama_dir,
+            broken,
+            max_steps=4,
+            save_steps=2,
+            save_total_limit=5,
+            neftune_alpha=5.0,
+        )
     )
     for name in ("adapter_model.safetensors", "adapter_config.json", "rolecast.json"):
         (broken / name).unlink()
@@ -128,7 +168,15 @@ def test_resume_continues_from_the_checkpoint(
     with pytest.raises(ConfigError):  # a half-done run is not silently overwritten
         train(config(small_dataset, tiny_llama_dir, broken, max_steps=4, save_steps=2))
     manifest = train(
-        config(small_dataset, tiny_llama_dir, broken, max_steps=4, save_steps=2, resume=True)
+        config(
+            small_dataset,
+            tiny_llama_dir,
+            broken,
+            max_steps=4,
+            save_steps=2,
+            resume=True,
+            neftune_alpha=5.0,
+        )
     )
     assert manifest["metrics"]["steps"] == 4
     a = [json.loads(x) for x in (straight / "loss.jsonl").read_text().splitlines()]
@@ -168,5 +216,7 @@ def test_malformed_dataset_stops_training_before_the_model_loads(
 def test_config_validation_names_the_flag() -> None:
     with pytest.raises(ConfigError, match="--lora_r"):
         TrainConfig(data="x", persona="p", lora_r=0)
+    with pytest.raises(ConfigError, match="--neftune_alpha"):
+        TrainConfig(data="x", persona="p", neftune_alpha=-1)
     with pytest.raises(ConfigError, match="--batch_tokens"):
         TrainConfig(data="x", persona="p", batch_tokens=100, max_length=2048)
