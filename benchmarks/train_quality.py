@@ -58,7 +58,15 @@ CANDIDATES: dict[str, list[str]] = {
     "rs64-lr2e-3-e2": _rs(64, "2e-3", "2"),
     "rs128-lr1e-3-e3": _rs(128, "1e-3", "3"),
     "rs128-lr2e-3-e3": _rs(128, "2e-3", "3"),
+    "rs64-lr5e-4-e5": _rs(64, "5e-4", "5"),
+    "rs64-lr5e-4-e3-neft5": _rs(64, "5e-4", "3", "--neftune_alpha", "5"),
+    "rs64-lr1e-3-e3-neft5": _rs(64, "1e-3", "3", "--neftune_alpha", "5"),
+    "rs64-lr5e-4-e3-mix": _rs(64, "5e-4", "3"),
 }
+# Candidates whose training data adds the other personas' training portions (more Chinese
+# dialogue for a small model; each row keeps its own persona's system prompt). The other
+# personas' held-out rows are never added.
+MIXED = {"rs64-lr5e-4-e3-mix"}
 SELECTED = [c for c in CANDIDATES if c != "r32-lr3e-4-e5"]  # the sweep; the first run's is known
 REPETITION_PENALTIES = ("1.0", "1.1", "1.2")
 TARGET = {"bleu-4": 7.0, "rouge-l": 25.0}
@@ -94,6 +102,14 @@ def prepare(data_dir: Path, work: Path, persona: str) -> None:
     sh("data", "split", str(clean), "-o", str(work), "--validation", "0.1", "--seed", "42")
 
 
+def mixed_data(train: Path, work: Path, persona: str, others: list[str]) -> Path:
+    """`train` followed by the training portions of the other personas, as one file."""
+    out = train.with_name(train.stem + ".mix.jsonl")
+    parts = [train, *(work / f"{o}.clean_train.jsonl" for o in others if o != persona)]
+    out.write_text("".join(p.read_text(encoding="utf-8") for p in parts), encoding="utf-8")
+    return out
+
+
 def train_and_predict(
     train: Path, val: Path, persona: str, run: Path, flags: list[str], penalties: tuple[str, ...],
     base_replies: bool,
@@ -110,8 +126,11 @@ def train_and_predict(
         )  # fmt: skip
 
 
+WORKERS = 3  # trainings side by side on one GPU (eight ran out of memory on an H100)
+
+
 def parallel(jobs: list[tuple]) -> None:
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=min(WORKERS, len(jobs))) as pool:
         for future in [pool.submit(train_and_predict, *job) for job in jobs]:
             future.result()
 
@@ -122,7 +141,9 @@ def score(predictions: Path) -> dict[str, dict[str, float]]:
     return write_report(read_predictions(predictions), predictions.parent, predictions.parent.name)
 
 
-def select(work: Path, persona: str) -> tuple[str, str]:
+def select(
+    work: Path, persona: str, names: list[str], penalties: tuple[str, ...], others: list[str]
+) -> tuple[str, str]:
     """Train every candidate on part of the training portion; pick on the carved validation."""
     sel = work / "select"
     sh(
@@ -133,14 +154,15 @@ def select(work: Path, persona: str) -> tuple[str, str]:
         sel / f"{persona}.clean_train_train.jsonl",
         sel / f"{persona}.clean_train_validation.jsonl",
     )
+    todo = [n for n in names if not (sel / n / "rolecast.json").exists()]  # resumable sweep
     parallel(
-        [(train, val, persona, sel / name, flags, REPETITION_PENALTIES, False)
-         for name, flags in CANDIDATES.items() if name in SELECTED]
+        [(mixed_data(train, work, persona, others) if name in MIXED else train, val, persona,
+          sel / name, CANDIDATES[name], penalties, False) for name in todo]
     )  # fmt: skip
     table = []
-    for name in SELECTED:
+    for name in names:
         manifest = json.loads((sel / name / "rolecast.json").read_text())
-        for rp in REPETITION_PENALTIES:
+        for rp in penalties:
             scores = score(sel / name / f"eval-rp{rp}" / "predictions.jsonl")["adapter"]
             merit = min(scores[m] / t for m, t in TARGET.items())
             table.append(
@@ -156,6 +178,7 @@ def select(work: Path, persona: str) -> tuple[str, str]:
 
 
 def main() -> None:
+    global WORKERS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--data-dir",
@@ -175,21 +198,43 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--repetition-penalty", default="1.0")
     parser.add_argument(
+        "--only", nargs="+", choices=sorted(CANDIDATES), help="With --select: these candidates."
+    )
+    parser.add_argument(
+        "--penalties", nargs="+", default=list(REPETITION_PENALTIES),
+        help="With --select: repetition penalties to score each candidate at.",
+    )  # fmt: skip
+    parser.add_argument("--parallel", type=int, default=WORKERS, help="Trainings side by side.")
+    parser.add_argument(
+        "--select-only", action="store_true", help="Stop after --select has chosen (a sweep)."
+    )
+    parser.add_argument(
         "--extra", default="", help="Extra `rolecast train` flags, e.g. '--epochs 3'."
     )
     parser.add_argument("--tag", default="", help="Suffix of the run directories (for ablations).")
     args = parser.parse_args()
 
+    WORKERS = args.parallel
     work = args.work
     name, rp = args.candidate, args.repetition_penalty
     if not args.score_only:
         for persona in args.personas:
             prepare(args.data_dir, work, persona)
         if args.select:
-            name, rp = select(work, args.personas[0])
+            name, rp = select(
+                work, args.personas[0], args.only or SELECTED, tuple(args.penalties),
+                args.personas,
+            )  # fmt: skip
+            if args.select_only:
+                return
         flags = [*CANDIDATES[name], *shlex.split(args.extra)]
+
+        def train_file(p: str) -> Path:
+            plain = work / f"{p}.clean_train.jsonl"
+            return mixed_data(plain, work, p, args.personas) if name in MIXED else plain
+
         parallel(
-            [(work / f"{p}.clean_train.jsonl", work / f"{p}.clean_validation.jsonl", p,
+            [(train_file(p), work / f"{p}.clean_validation.jsonl", p,
               work / f"{p}{args.tag}", flags, (rp,), True) for p in args.personas]
         )  # fmt: skip
         (work / "final.json").write_text(
