@@ -62,6 +62,9 @@ class ServerState:
     counter: Counter = field(
         default=lambda messages, gen: count_tokens(messages, add_generation_prompt=gen)
     )
+    # reply text -> the completion tokens usage reports (default: one per streamed word); with
+    # a real tokenizer, its count of the text plus the end-of-turn token, as vLLM reports it
+    completion_counter: Callable[[str], int] | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
     tokenize_calls: int = 0
     _failures: list[int] = field(default_factory=list)
@@ -124,10 +127,13 @@ def build_app(state: ServerState) -> Starlette:
         words = text.split(" ")
         pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
         prompt_tokens = state.counter(body.get("messages", []), True)
+        completion_tokens = (
+            len(pieces) if state.completion_counter is None else state.completion_counter(text)
+        )
         usage = {
             "prompt_tokens": prompt_tokens,
-            "completion_tokens": len(pieces),
-            "total_tokens": prompt_tokens + len(pieces),
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
         }
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())

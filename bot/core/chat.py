@@ -146,10 +146,19 @@ class ChatService:
             raise RolecastError(
                 "The model returned an empty reply; try /retry or a higher temperature."
             )
+        # Stop strings cut the text short of the tokens generated: count such replies.
+        cost = None if sampling.stop else self.prompts.reply_cost(model, completion, text)
         turn = await self.memory.add_turn(
-            channel_id, persona=persona.key, role="assistant", content=text, model=completion.model
+            channel_id,
+            persona=persona.key,
+            role="assistant",
+            content=text,
+            model=completion.model,
+            token_count=cost,
         )
-        self.prompts.count_soon(model, turn)
+        if cost is None:
+            learn = not sampling.stop and text == completion.text
+            self.prompts.count_soon(model, turn, completion if learn else None)
         yield Reply(turn, completion, prompt)
 
     async def history(self, channel_id: str, *, limit: int = 20) -> list[Turn]:

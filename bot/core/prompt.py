@@ -9,6 +9,11 @@ through an index and makes no HTTP call for turns it has seen before.
 A turn's cost is measured as the growth of a rendered conversation when the turn is added to
 it, which includes the template's per-message wrapping; the card's cost and the generation
 prompt's are measured the same way and cached per model in this process.
+
+No /tokenize call is made per message in the steady state: the newest user turn is costed by
+an upper bound and settled exactly from the prompt size the server reports (`settle`), and a
+reply is costed from the tokens the server reports it generated (`reply_cost`), once exact counts
+of two earlier replies of the same model agreed on how the two relate.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 
 from bot.core.cards import Card
-from bot.core.client import Message, ModelClient
+from bot.core.client import Completion, Message, ModelClient
 from bot.core.lorebook import in_insertion_order, matching_entries
 from bot.core.memory import Memory, Turn
 from bot.errors import InputTooLongError, RolecastError
@@ -110,11 +115,26 @@ class _ModelCounts:
     generation_prompt: int  # what add_generation_prompt adds
     cards: dict[str, int] = field(default_factory=dict)
     wrap: dict[str, int] = field(default_factory=dict)  # per role: a message with no content
+    # Per finish reason: a reply's exact cost minus (the assistant wrapping + the completion
+    # tokens the server reported), once two exact counts agreed on it; None where they showed
+    # that replies of this model must be counted (a template that rewrites replies).
+    reply_offsets: dict[str | None, int | None] = field(default_factory=dict)
+    reply_samples: dict[str | None, int] = field(default_factory=dict)  # one exact count seen
 
 
 # A byte-level BPE token covers at least one UTF-8 byte; SentencePiece adds at most a word
 # marker; the margin also covers merges across the template's wrapping.
 _BOUND_MARGIN = 4
+# Completion tokens and a reply's cost differ by the end-of-turn token (counted in both or
+# not) and the template's line break: a few tokens. More, and the template rewrites replies
+# (drops reasoning, say): those replies are counted through /tokenize.
+_MAX_REPLY_OFFSET = 4
+# A reply costed from its completion tokens is exact when the model's tokens are the ones the
+# tokenizer would choose for its text, which is nearly always so; when they are not, the count
+# is off by a token or two, and the user turn settled after it takes the opposite error (the
+# pair stays exact). The budget keeps this many tokens free for such errors where the prompt's
+# window splits a pair.
+ESTIMATE_RESERVE = 16
 
 
 class PromptBuilder:
@@ -155,51 +175,103 @@ class PromptBuilder:
         total = await self.client.tokenize(model, [_EMPTY_SYSTEM, message])
         return max(total.count - counts.baseline, 1)
 
-    def count_soon(self, model: str, turn: Turn) -> None:
+    def count_soon(self, model: str, turn: Turn, completion: Completion | None = None) -> None:
         """Count a just-stored turn in the background, so the reply's last edit does not wait
         for it; `build` waits for it only if it is still running then. A failure leaves the
-        turn uncounted, and `build` counts it when it needs it."""
-        task = asyncio.create_task(self._count(model, turn))
+        turn uncounted, and `build` counts it when it needs it. With the `completion` that
+        wrote a reply, the exact count also teaches `reply_cost` how to cost the next ones."""
+        task = asyncio.create_task(self._count(model, turn, completion))
         self._counting.add(task)
         task.add_done_callback(self._counting.discard)
 
-    async def _count(self, model: str, turn: Turn) -> None:
+    async def _count(self, model: str, turn: Turn, completion: Completion | None) -> None:
         try:
             cost = await self.message_cost(
                 model, turn_message(turn, speaker_names=self.speaker_names)
             )
+            if completion is not None and completion.completion_tokens:
+                wrap = await self._wrap(model, "assistant")
+                self._learn_reply_offset(
+                    model, completion, cost - wrap - completion.completion_tokens
+                )
         except RolecastError as exc:
             log.debug("turn %d left uncounted: %s", turn.id, exc)
             return
         await self.memory.set_token_counts([(turn.id, cost)])
+
+    def _learn_reply_offset(self, model: str, completion: Completion, offset: int) -> None:
+        counts = self._counts[model]
+        reason = completion.finish_reason
+        if reason in counts.reply_offsets:
+            return  # learnt already (or found not to work)
+        if abs(offset) > _MAX_REPLY_OFFSET:
+            counts.reply_offsets[reason] = None
+            log.info("model %s: replies are counted through /tokenize (offset %d)", model, offset)
+        elif counts.reply_samples.get(reason) == offset:
+            counts.reply_offsets[reason] = offset
+        else:
+            counts.reply_samples[reason] = offset
+
+    def reply_cost(self, model: str, completion: Completion, text: str) -> int | None:
+        """The prompt cost of a reply stored as `text`, from the completion tokens the server
+        reported, without a /tokenize call; None until exact counts of this model's replies
+        agreed on how the two relate (then `count_soon(model, turn, completion)` counts it),
+        and when the stored text is not what the model generated (it was trimmed)."""
+        counts = self._counts.get(model)
+        tokens = completion.completion_tokens
+        if counts is None or not tokens or text != completion.text:
+            return None
+        offset = counts.reply_offsets.get(completion.finish_reason)
+        wrap = counts.wrap.get("assistant")
+        if offset is None or wrap is None:
+            return None
+        return max(wrap + tokens + offset, 1)
 
     async def aclose(self) -> None:
         """Let background counts finish (before the client and database close)."""
         if self._counting:
             await asyncio.gather(*self._counting, return_exceptions=True)
 
-    async def upper_bound(self, model: str, message: Message) -> int:
-        """A cost no smaller than `message_cost`, without tokenizing its text."""
+    async def _wrap(self, model: str, role: str) -> int:
+        """What a message of `role` with no content costs."""
         counts = await self._model_counts(model)
-        role = message["role"]
         if role not in counts.wrap:
             counts.wrap[role] = await self.message_cost(model, {"role": role, "content": ""})
-        return counts.wrap[role] + len(message["content"].encode()) + _BOUND_MARGIN
+        return counts.wrap[role]
 
-    async def settle(self, prompt: Prompt, prompt_tokens: int | None) -> None:
-        """Cache the exact count of the turn `build` only bounded, from the prompt size the
-        server reported: everything else in the prompt was counted exactly, so the
-        difference is that turn's cost. Saves a /tokenize call per message."""
+    async def upper_bound(self, model: str, message: Message) -> int:
+        """A cost no smaller than `message_cost`, without tokenizing its text."""
+        wrap = await self._wrap(model, message["role"])
+        return wrap + len(message["content"].encode()) + _BOUND_MARGIN
+
+    def settled(self, prompt: Prompt, prompt_tokens: int | None) -> list[tuple[int, int]]:
+        """The exact count of the turn `build` only bounded, from the prompt size the server
+        reported: everything else in the prompt was counted (a reply costed from its
+        completion tokens is exact in the normal case), so the difference is that turn's
+        cost. Saves a /tokenize call per message. Returns `(turn id, count)` pairs to cache
+        (none when there is nothing to settle or the sizes do not add up)."""
         if prompt.estimated is None or not prompt.exact or not prompt_tokens:
-            return
+            return []
         turn_id, bound = prompt.estimated
         cost = prompt_tokens - (prompt.prompt_tokens - bound)
         if 1 <= cost <= bound:
-            await self.memory.set_token_counts([(turn_id, cost)])
-        else:  # the server counts differently (another template?): count it next time
-            log.warning(
-                "prompt size %d does not add up; turn %d stays uncounted", prompt_tokens, turn_id
-            )
+            return [(turn_id, cost)]
+        # The server counts differently (another template?): the turn stays uncounted and is
+        # counted next time, and replies of this model are counted exactly until two exact
+        # counts agree again on how they relate to the completion tokens.
+        log.warning(
+            "prompt size %d does not add up; turn %d stays uncounted", prompt_tokens, turn_id
+        )
+        counts = self._counts.get(prompt.model)
+        if counts is not None:
+            counts.reply_offsets.clear()
+            counts.reply_samples.clear()
+        return []
+
+    async def settle(self, prompt: Prompt, prompt_tokens: int | None) -> None:
+        """Cache what `settled` finds."""
+        if counts := self.settled(prompt, prompt_tokens):
+            await self.memory.set_token_counts(counts)
 
     async def build(
         self,
@@ -218,7 +290,7 @@ class PromptBuilder:
         if self._counting:
             await asyncio.gather(*self._counting, return_exceptions=True)
         counts = await self._model_counts(model)
-        budget = counts.max_model_len - max_tokens - counts.generation_prompt
+        budget = counts.max_model_len - max_tokens - counts.generation_prompt - ESTIMATE_RESERVE
         system: Message = {"role": "system", "content": render_system(card, user=user_name)}
         card_key = f"{card.digest()}:{user_name}"
         if card_key not in counts.cards:
@@ -227,7 +299,8 @@ class PromptBuilder:
         if used >= budget:
             raise InputTooLongError(
                 f"The persona card alone takes {used} tokens, more than this model's budget of "
-                f"{budget} (context {counts.max_model_len} minus max_tokens {max_tokens}). "
+                f"{budget} (context {counts.max_model_len} minus max_tokens {max_tokens} and "
+                "a small reserve). "
                 "Lower max_tokens or shorten the card."
             )
 

@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 
-from bot.core.client import ModelClient
+from bot.core.chat import ChatService, Speaker
+from bot.core.client import Completion, ModelClient
 from bot.core.memory import Memory
 from bot.core.personas import PersonaRegistry
-from bot.core.prompt import PromptBuilder, render_system, substitute
+from bot.core.prompt import ESTIMATE_RESERVE, PromptBuilder, render_system, substitute, turn_message
 from bot.errors import InputTooLongError
 from bot.instant_server import InstantServer, ServerState
+from bot.settings import SamplingSettings
 
 CONTEXT = 1600
 MAX_TOKENS = 100
@@ -32,7 +34,10 @@ def server(smollm2_tokenizer_dir: Path) -> Iterator[InstantServer]:
         )
         return len(ids if isinstance(ids, list) else ids["input_ids"])
 
-    state = ServerState(max_model_len=CONTEXT, counter=count)
+    def completion_tokens(text: str) -> int:  # the reply's tokens and the end of turn, as vLLM
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+
+    state = ServerState(max_model_len=CONTEXT, counter=count, completion_counter=completion_tokens)
     with InstantServer(state) as instant:
         yield instant
 
@@ -78,16 +83,17 @@ async def test_newest_turns_fill_the_budget_and_the_card_always_stays(
     assert kept == [
         f"第{i}句话，说点什么。" for i in range(200 - len(kept), 200)
     ]  # contiguous, in order
-    # The whole prompt, counted by the real template, fits the context with room for the reply;
-    # one more turn would not have.
+    # The whole prompt, counted by the real template, fits the context with room for the reply
+    # and the reserve; one more turn would not have.
     exact = server.state.counter(prompt.messages, True)
     assert exact == prompt.prompt_tokens
-    assert exact + MAX_TOKENS <= CONTEXT
+    assert exact + MAX_TOKENS + ESTIMATE_RESERVE <= CONTEXT
     one_more = [
         prompt.messages[0],
         {"role": "user", "content": f"第{199 - len(kept)}句话，说点什么。"},
     ]
-    assert server.state.counter(one_more + prompt.messages[1:], True) + MAX_TOKENS > CONTEXT
+    one_more_count = server.state.counter(one_more + prompt.messages[1:], True)
+    assert one_more_count + MAX_TOKENS + ESTIMATE_RESERVE > CONTEXT
     # Older turns are dropped from the prompt, never from the database.
     assert await builder.memory.count_turns("c") == 200
 
@@ -150,3 +156,88 @@ async def test_speaker_names_prefix_user_turns(builder: PromptBuilder) -> None:
         "c", persona.card, "haruhi", model="instant-base", max_tokens=MAX_TOKENS
     )
     assert prompt.messages[-1] == {"role": "user", "content": "阿虚: 「会议？」"}
+
+
+def _completion(text: str, tokens: int, finish: str = "stop") -> Completion:
+    return Completion(text, "instant-base", finish, None, tokens, None, 0.0)
+
+
+async def test_reply_cost_from_usage_once_two_exact_counts_agree(
+    builder: PromptBuilder, server: InstantServer
+) -> None:
+    model = "instant-base"
+    tokens = server.state.completion_counter
+    assert tokens is not None
+
+    async def exact_count(text: str, completion: Completion) -> int:
+        turn = await builder.memory.add_turn("c", persona="haruhi", role="assistant", content=text)
+        builder.count_soon(model, turn, completion)
+        await builder.aclose()
+        counted = (await builder.memory.turn(turn.id)).token_count  # type: ignore[union-attr]
+        assert counted == await builder.message_cost(model, turn_message(turn, speaker_names=False))
+        return counted
+
+    first, second, third = "哼，无聊。", "SOS团今天去找外星人！", "阿虚，你迟到了，罚你请客。"
+    await exact_count(first, _completion(first, tokens(first)))
+    assert builder.reply_cost(model, _completion(second, tokens(second)), second) is None
+    await exact_count(second, _completion(second, tokens(second)))
+    # Two exact counts agreed: the next reply is costed from its completion tokens, exactly.
+    assert builder.reply_cost(model, _completion(third, tokens(third)), third) == (
+        await builder.message_cost(model, {"role": "assistant", "content": third})
+    )
+    # Not for a reply cut by the length limit (learnt on its own), nor for a trimmed one.
+    assert builder.reply_cost(model, _completion(third, tokens(third), "length"), third) is None
+    assert builder.reply_cost(model, _completion(f" {third}\n", tokens(third) + 2), third) is None
+
+    # A prompt size that does not add up unlearns it: replies are counted again.
+    persona = PersonaRegistry(None).load().get("haruhi")
+    await builder.memory.add_turn("c", persona="haruhi", role="user", content="今天做什么？")
+    prompt = await builder.build("c", persona.card, "haruhi", model=model, max_tokens=MAX_TOKENS)
+    assert prompt.estimated is not None
+    assert builder.settled(prompt, prompt.prompt_tokens + 10_000) == []
+    assert builder.reply_cost(model, _completion(third, tokens(third)), third) is None
+
+
+async def test_replies_of_a_template_that_rewrites_them_are_always_counted(
+    builder: PromptBuilder,
+) -> None:
+    model = "instant-base"
+    for text in ("<think>很长的思考……</think>哼。", "<think>又一段思考</think>好吧。"):
+        turn = await builder.memory.add_turn("c", persona="haruhi", role="assistant", content=text)
+        # what the model generated, reasoning included, is far more than what the prompt keeps
+        builder.count_soon(model, turn, _completion(text, 500))
+        await builder.aclose()
+    assert builder.reply_cost(model, _completion("哼。", 500), "哼。") is None
+
+
+async def test_a_long_chat_stays_in_the_context_without_a_tokenize_call_per_message(
+    tmp_path: Path, server: InstantServer
+) -> None:
+    """Replies costed from usage and user turns settled from it, against the real template:
+    every prompt leaves room for the reply, and the cached counts are the exact ones."""
+    state = server.state
+    personas = PersonaRegistry(None).load()
+    sampling = SamplingSettings(max_tokens=MAX_TOKENS)
+    async with Memory.open(tmp_path / "c.db") as memory, ModelClient(server.base_url) as client:
+        builder = PromptBuilder(memory, client)
+        chat = ChatService(memory, personas, client, prompts=builder)
+        await memory.set_persona("c", "haruhi")
+        first_request = len(state.requests)
+        calls = []
+        for i in range(40):
+            before = state.tokenize_calls
+            text = f"第{i}个问题：今天社团活动做什么？" + "嗯" * (i % 7)
+            async for _ in chat.send("c", text, Speaker("u1", "阿虚"), sampling):
+                pass
+            calls.append(state.tokenize_calls - before)
+        await chat.aclose()
+
+        prompts = [r["messages"] for r in state.requests[first_request:]]
+        assert len(prompts) == 40
+        assert prompts[-1][1]["content"] != "第0个问题：今天社团活动做什么？"  # the window is full
+        for messages in prompts:
+            assert state.counter(messages, True) + MAX_TOKENS <= CONTEXT
+        assert calls[-30:] == [0] * 30  # after the first replies taught the client
+        for turn in await memory.recent_turns("c", "haruhi", limit=100):
+            message = turn_message(turn, speaker_names=False)
+            assert turn.token_count == await builder.message_cost("instant-base", message)
