@@ -2,13 +2,14 @@
 
 The terminal chat and the Discord cogs drive this same object. Order matters for not losing
 anything: the user's turn is committed to SQLite before the model server is asked, so a down
-server costs the user a retry, never their words.
+server costs the user a retry, never their words. The reply is committed once, with what goes
+with it (the user turn's settled token count, the messages it was posted as).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from bot.core.client import Completion, ModelClient
@@ -19,6 +20,9 @@ from bot.errors import InputTooLongError, RolecastError
 from bot.settings import SamplingSettings
 
 log = logging.getLogger(__name__)
+
+# Posts a finished reply's text where it belongs; returns the ids of the messages it became.
+Deliver = Callable[[str], Awaitable[Sequence[str]]]
 
 
 @dataclass(frozen=True)
@@ -120,9 +124,17 @@ class ChatService:
             raise
 
     async def respond(
-        self, channel_id: str, sampling: SamplingSettings, *, user_name: str = "User"
+        self,
+        channel_id: str,
+        sampling: SamplingSettings,
+        *,
+        user_name: str = "User",
+        deliver: Deliver | None = None,
     ) -> AsyncIterator[str | Reply]:
-        """Stream a reply to the channel as it stands (also used to retry after a failure)."""
+        """Stream a reply to the channel as it stands (also used to retry after a failure).
+
+        `deliver` posts the finished text before the reply is stored, so that the messages it
+        became are stored with it; a reply that could not be delivered is not stored."""
         persona = await self.require_persona(channel_id)
         model = await self.client.model_for(persona.key)
         prompt = await self.prompts.build(
@@ -140,14 +152,17 @@ class ChatService:
             else:
                 yield event
         assert completion is not None
-        await self.prompts.settle(prompt, completion.prompt_tokens)
+        settled = self.prompts.settled(prompt, completion.prompt_tokens)
         text = completion.text.strip()
         if not text:
+            if settled:
+                await self.memory.set_token_counts(settled)
             raise RolecastError(
                 "The model returned an empty reply; try /retry or a higher temperature."
             )
         # Stop strings cut the text short of the tokens generated: count such replies.
         cost = None if sampling.stop else self.prompts.reply_cost(model, completion, text)
+        posted = await deliver(text) if deliver is not None else ()
         turn = await self.memory.add_turn(
             channel_id,
             persona=persona.key,
@@ -155,6 +170,8 @@ class ChatService:
             content=text,
             model=completion.model,
             token_count=cost,
+            posted_as=posted,
+            counts=settled,
         )
         if cost is None:
             learn = not sampling.stop and text == completion.text

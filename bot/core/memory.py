@@ -169,8 +169,16 @@ class Memory:
         token_count: int | None = None,
         model: str | None = None,
         message_id: str | None = None,
+        posted_as: Sequence[str] = (),
+        counts: Sequence[tuple[int, int]] = (),
     ) -> Turn:
-        """Store one turn and commit before returning: once this returns it is on disk."""
+        """Store one turn and commit before returning: once this returns it is on disk.
+
+        In the same transaction: the platform messages the turn was posted as (see
+        `link_messages`; the first becomes its `message_id`) and token counts of other turns
+        to cache (see `set_token_counts`), so a reply costs one commit."""
+        if posted_as and message_id is None:
+            message_id = posted_as[0]
         await self._ensure_channel(channel_id)
         now = time.time()
         values = (
@@ -186,9 +194,14 @@ class Memory:
             now,
         )
         cursor = await self.db.execute(sql.INSERT_TURN, values)
+        turn_id = cursor.lastrowid
+        assert turn_id is not None
+        if posted_as:
+            await self.db.executemany(sql.INSERT_TURN_MESSAGE, [(m, turn_id) for m in posted_as])
+        if counts:
+            await self.db.executemany(sql.UPDATE_TURN_TOKEN_COUNT, [(n, i) for i, n in counts])
         await self.db.commit()
-        assert cursor.lastrowid is not None
-        return Turn(cursor.lastrowid, *values)  # type: ignore[arg-type]
+        return Turn(turn_id, *values)  # type: ignore[arg-type]
 
     async def turn(self, turn_id: int) -> Turn | None:
         async with self.db.execute(sql.SELECT_TURN, (turn_id,)) as cursor:

@@ -65,3 +65,37 @@ async def test_clear_channel_only_touches_that_channel(tmp_path: Path) -> None:
         assert await memory.clear_channel("a") == 3
         assert await memory.count_turns("a") == 0
         assert await memory.count_turns("b") == 3
+
+
+async def test_a_reply_is_stored_with_its_messages_and_counts_in_one_commit(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "m.db"
+    async with Memory.open(db) as memory:
+        user = await memory.add_turn("c", persona="p", role="user", content="hi")
+        commits = 0
+        commit = memory.db.commit
+
+        async def counted_commit() -> None:
+            nonlocal commits
+            commits += 1
+            await commit()
+
+        memory.db.commit = counted_commit  # type: ignore[method-assign]
+        reply = await memory.add_turn(
+            "c",
+            persona="p",
+            role="assistant",
+            content="a reply posted in two parts",
+            token_count=9,
+            posted_as=["m1", "m2"],
+            counts=[(user.id, 5)],
+        )
+        assert commits == 1
+    async with Memory.open(db) as memory:  # on disk
+        for message_id in ("m1", "m2"):
+            found = await memory.turn_by_message(message_id)
+            assert found is not None and found.id == reply.id
+        assert reply.message_id == "m1"
+        assert (await memory.turn(reply.id)).token_count == 9  # type: ignore[union-attr]
+        assert (await memory.turn(user.id)).token_count == 5  # type: ignore[union-attr]

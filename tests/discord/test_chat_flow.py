@@ -14,6 +14,7 @@ import pytest
 from bot.cogs.chat.listener import SERVER_DOWN_NOTICE
 from bot.core.sidecar import free_port
 from bot.instant_server import InstantServer, ServerState
+from bot.webhooks import ReplyStream
 from tests.discord.conftest import Rig, make_rig
 from tests.discord.fakediscord import channel_texts, deliver
 
@@ -200,6 +201,25 @@ async def test_server_down_one_notice_turn_kept_then_recovers(
             "alice_0_nick: hello??",
             "alice_0_nick: back now?",
         ]
+
+
+async def test_a_reply_discord_refuses_is_not_kept(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    await rig.memory.set_persona(rig.key, "haruhi")
+
+    async def refused(self: ReplyStream, final_text: str | None = None) -> list[str]:
+        raise discord.Forbidden(dpytest.backend.FakeRequest(403, "Forbidden"), "Missing Access")
+
+    with monkeypatch.context() as patched, caplog.at_level(logging.WARNING):
+        patched.setattr(ReplyStream, "finish", refused)
+        await rig.say(f"{rig.mention()} can you hear me?")
+    # The user's words are kept; the reply nobody saw is not in the history.
+    assert await turns(rig) == [("user", "can you hear me?")]
+    assert "missing permissions" in caplog.text
+
+    await rig.say(f"{rig.mention()} and now?")
+    assert [role for role, _ in await turns(rig)] == ["user", "user", "assistant"]
 
 
 async def test_missing_send_permission_tells_the_asker_once(

@@ -3,9 +3,10 @@ in `always` channels — every message.
 
 Order of work for one message: store the user's turn (so nothing is lost), then wait for the
 channel's slot (one generation per channel, in order), then stream the reply through the
-persona's webhook. A burst of messages from one person in an `always` channel gets one answer:
-the job waits until its author has been quiet for `burst_window_s`, and a job whose message was
-already in an earlier reply's prompt is dropped. Bots and webhooks are never answered.
+persona's webhook and store it with the messages it became. A burst of messages from one
+person in an `always` channel gets one answer: the job waits until its author has been quiet
+for `burst_window_s`, and a job whose message was already in an earlier reply's prompt is
+dropped. Bots and webhooks are never answered.
 """
 
 from __future__ import annotations
@@ -162,15 +163,16 @@ class ChatListener(commands.Cog):
         reply: Reply | None = None
         try:
             async for event in bot.chat.respond(
-                key, bot.sampling_for(settings), user_name=message.author.display_name
+                key,
+                bot.sampling_for(settings),
+                user_name=message.author.display_name,
+                deliver=stream.finish,
             ):
                 if isinstance(event, Reply):
                     reply = event
                 else:
                     await stream.feed(event)
             assert reply is not None
-            ids = await stream.finish(reply.turn.content)
-            await bot.memory.link_messages(reply.turn.id, ids)
         except ModelServerError as exc:
             log.warning("channel %s: %s", key, exc)
             if key not in bot.down_notified:
