@@ -62,10 +62,13 @@ class ChatService:
 
     async def persona(self, channel_id: str) -> Persona | None:
         """The channel's active persona, or None when none is set (or it was removed)."""
-        channel = await self.memory.channel(channel_id)
-        if channel.persona is None or channel.persona not in self.personas:
+        return self.persona_by_key((await self.memory.channel(channel_id)).persona)
+
+    def persona_by_key(self, key: str | None) -> Persona | None:
+        """The persona a channel's stored key names, or None (none set, or it was removed)."""
+        if key is None or key not in self.personas:
             return None
-        return self.personas.get(channel.persona)
+        return self.personas.get(key)
 
     async def require_persona(self, channel_id: str) -> Persona:
         persona = await self.persona(channel_id)
@@ -116,7 +119,9 @@ class ChatService:
             message_id=message_id,
         )
         try:
-            async for event in self.respond(channel_id, sampling, user_name=speaker.name):
+            async for event in self.respond(
+                channel_id, sampling, user_name=speaker.name, persona=persona
+            ):
                 yield event
         except InputTooLongError:
             # The turn can never be answered; keeping it would only block the history.
@@ -129,13 +134,16 @@ class ChatService:
         sampling: SamplingSettings,
         *,
         user_name: str = "User",
+        persona: Persona | None = None,
         deliver: Deliver | None = None,
     ) -> AsyncIterator[str | Reply]:
         """Stream a reply to the channel as it stands (also used to retry after a failure).
 
-        `deliver` posts the finished text before the reply is stored, so that the messages it
-        became are stored with it; a reply that could not be delivered is not stored."""
-        persona = await self.require_persona(channel_id)
+        `persona` is the channel's active persona when the caller has just read it. `deliver`
+        posts the finished text before the reply is stored, so that the messages it became
+        are stored with it; a reply that could not be delivered is not stored."""
+        if persona is None:
+            persona = await self.require_persona(channel_id)
         model = await self.client.model_for(persona.key)
         prompt = await self.prompts.build(
             channel_id,

@@ -59,6 +59,7 @@ class ChannelSettings:
     guild_id: str | None
     mode: Literal["mention", "always"]
     sampling: dict[str, object] | None
+    persona: str | None = None  # the active persona's key (read with the settings)
 
 
 @dataclass(frozen=True)
@@ -262,7 +263,7 @@ class Memory:
         if row is None:
             return ChannelSettings(None, "mention", None)
         sampling = json.loads(row[2]) if row[2] else None
-        return ChannelSettings(row[0], row[1], sampling)
+        return ChannelSettings(row[0], row[1], sampling, row[3])
 
     async def set_channel_guild(self, channel_id: str, guild_id: str | None) -> None:
         """Record which guild a channel belongs to (forget-me works per guild)."""

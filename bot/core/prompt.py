@@ -96,6 +96,7 @@ class Prompt:
     # count once the server reports the prompt's real size.
     estimated: tuple[int, int] | None = None
     exact: bool = True  # every other part of `prompt_tokens` is an exact count
+    newest_id: int | None = None  # the newest turn in the prompt
 
 
 def summary_block(content: str) -> str:
@@ -359,6 +360,7 @@ class PromptBuilder:
             chosen.append(turn)
         await self._save(new_counts)
         oldest_id = chosen[-1].id if chosen else None
+        newest_id = chosen[0].id if chosen else None
         chosen.reverse()
         messages = [system] + [turn_message(t, speaker_names=self.speaker_names) for t in chosen]
         if truncated:
@@ -377,6 +379,7 @@ class PromptBuilder:
             # summary and lore blocks are costed as messages of their own, a little more
             # than they add inside the system message: the total is then only a bound
             exact=not extra,
+            newest_id=newest_id,
         )
 
     async def _lore(

@@ -199,7 +199,7 @@ DELETE_TURN = "DELETE FROM turns WHERE id = ?"
 
 # -- m002: Discord channels, guilds, approvals, summaries ----------------------------------
 
-SELECT_CHANNEL_SETTINGS = "SELECT guild_id, mode, sampling FROM channels WHERE id = ?"
+SELECT_CHANNEL_SETTINGS = "SELECT guild_id, mode, sampling, persona FROM channels WHERE id = ?"
 UPDATE_CHANNEL_GUILD = "UPDATE channels SET guild_id = ? WHERE id = ? AND guild_id IS NOT ?"
 UPDATE_CHANNEL_MODE = "UPDATE channels SET mode = ?, updated_at = ? WHERE id = ?"
 UPDATE_CHANNEL_SAMPLING = "UPDATE channels SET sampling = ?, updated_at = ? WHERE id = ?"

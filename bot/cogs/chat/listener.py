@@ -87,7 +87,7 @@ class ChatListener(commands.Cog):
         )
         if not triggered:
             return
-        persona = await self.bot.chat.persona(key)
+        persona = self.bot.chat.persona_by_key(settings.persona)
         if persona is None:
             if mentioned:
                 await self._notice(
@@ -153,7 +153,6 @@ class ChatListener(commands.Cog):
         if not (perms.send_messages or perms.manage_webhooks):
             await self._permission_problem(message, "missing Send Messages and Manage Webhooks")
             return
-        newest = await bot.memory.recent_turns(key, persona.key, limit=1)
         stream = ReplyStream(
             channel,
             bot.webhooks,
@@ -166,6 +165,7 @@ class ChatListener(commands.Cog):
                 key,
                 bot.sampling_for(settings),
                 user_name=message.author.display_name,
+                persona=persona,
                 deliver=stream.finish,
             ):
                 if isinstance(event, Reply):
@@ -189,8 +189,8 @@ class ChatListener(commands.Cog):
         except discord.Forbidden as exc:
             await self._permission_problem(message, exc.text or "forbidden")
             return
-        if newest:
-            self._answered[key] = max(self._answered.get(key, 0), newest[0].id)
+        if reply.prompt.newest_id is not None:
+            self._answered[key] = max(self._answered.get(key, 0), reply.prompt.newest_id)
         bot.down_notified.discard(key)
         if bot.settings.prompt.summaries:
             try:
