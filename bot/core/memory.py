@@ -222,17 +222,20 @@ class Memory:
         return [Turn.from_row(row) for row in rows]
 
     async def iter_turns_backwards(
-        self, channel_id: str, persona: str, *, page: int = 256
+        self, channel_id: str, persona: str, *, page: int = 256, first_page: int | None = None
     ) -> AsyncIterator[Turn]:
-        """Every turn of `persona` in the channel, newest first, fetched a page at a time."""
+        """Every turn of `persona` in the channel, newest first, fetched a page at a time
+        (the first page `first_page` long, when the caller knows how many it will want)."""
         before: int | None = None
+        limit = first_page or page
         while True:
-            turns = await self.recent_turns(channel_id, persona, limit=page, before_id=before)
+            turns = await self.recent_turns(channel_id, persona, limit=limit, before_id=before)
             for turn in turns:
                 yield turn
-            if len(turns) < page:
+            if len(turns) < limit:
                 return
             before = turns[-1].id
+            limit = page
 
     async def set_token_counts(self, counts: Sequence[tuple[int, int]]) -> None:
         """Cache prompt-token counts: `(turn_id, count)` pairs."""

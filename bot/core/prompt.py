@@ -136,6 +136,8 @@ _MAX_REPLY_OFFSET = 4
 # pair stays exact). The budget keeps this many tokens free for such errors where the prompt's
 # window splits a pair.
 ESTIMATE_RESERVE = 16
+# Turns read beyond the size of a channel's last prompt window before paging on.
+_PAGE_SLACK = 32
 
 
 class PromptBuilder:
@@ -158,6 +160,7 @@ class PromptBuilder:
         self._counts: dict[str, _ModelCounts] = {}
         self._counting: set[asyncio.Task[None]] = set()
         self._lore_costs: dict[tuple[str, str, int, str], int] = {}
+        self._windows: dict[tuple[str, str], int] = {}  # turns in the last prompt, per channel
 
     async def _model_counts(self, model: str) -> _ModelCounts:
         counts = self._counts.get(model)
@@ -334,7 +337,12 @@ class PromptBuilder:
         new_counts: list[tuple[int, int]] = []
         estimated: tuple[int, int] | None = None
         truncated = False
-        async for turn in self.memory.iter_turns_backwards(channel_id, persona):
+        # A prompt holds about as many turns as the last one did: read that many and a few.
+        window = self._windows.get((channel_id, persona))
+        first_page = window + _PAGE_SLACK if window is not None else None
+        async for turn in self.memory.iter_turns_backwards(
+            channel_id, persona, first_page=first_page
+        ):
             if turn.id <= after_id:
                 break  # the summary covers this turn and every older one
             cost = turn.token_count
@@ -359,6 +367,7 @@ class PromptBuilder:
             used += cost
             chosen.append(turn)
         await self._save(new_counts)
+        self._windows[(channel_id, persona)] = len(chosen)
         oldest_id = chosen[-1].id if chosen else None
         newest_id = chosen[0].id if chosen else None
         chosen.reverse()

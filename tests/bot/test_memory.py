@@ -55,6 +55,8 @@ async def test_paging_backwards_visits_every_turn_once(tmp_path: Path) -> None:
             await memory.add_turn("c", persona="p" if i % 3 else "q", role="user", content=str(i))
         seen = [int(t.content) async for t in memory.iter_turns_backwards("c", "p", page=16)]
         assert seen == [i for i in reversed(range(150)) if i % 3]
+        again = memory.iter_turns_backwards("c", "p", page=16, first_page=5)
+        assert [int(t.content) async for t in again] == seen
 
 
 async def test_clear_channel_only_touches_that_channel(tmp_path: Path) -> None:
