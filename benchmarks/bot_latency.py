@@ -6,8 +6,9 @@ Prints JSON lines:
   the webhook post). The bot's own cost is the chat cog's handler time minus what the instant
   server and loopback HTTP take by themselves (the same request sent with a bare HTTP
   client); the client's request building and SSE parsing count as the bot's. Also its parts:
-  storing the turn, assembling the prompt, the model round trip through the client; and the
-  CPU time the bot's process spends per message, which other load on the machine barely moves.
+  storing the user's turn, assembling the prompt, the model round trip through the client; the
+  CPU time the bot's process spends per message, which other load on the machine barely moves;
+  and the `/tokenize` calls and SQLite commits the bot makes per message.
 - `assembly`: `PromptBuilder.build` for a channel holding 1,000 vs 100,000 stored turns
   (token counts cached as in steady state): p50/p99 and the ratio. Target: flat within 20%.
 
@@ -155,6 +156,8 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
         add_turn, build, stream_chat = memory.add_turn, bot.chat.prompts.build, client.stream_chat
 
         async def add_turn_timed(*a: Any, **k: Any) -> Any:
+            if k.get("role") != "user":
+                return await add_turn(*a, **k)
             return await timed(lambda: add_turn(*a, **k), store)
 
         async def build_timed(*a: Any, **k: Any) -> Any:
@@ -169,9 +172,22 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
                 yield event
             model.append(time.perf_counter() - started)
 
+        calls = {"tokenize": 0, "sqlite_commit": 0}
+        tokenize, commit = client.tokenize, memory.db.commit
+
+        async def tokenize_counted(*a: Any, **k: Any) -> Any:
+            calls["tokenize"] += 1
+            return await tokenize(*a, **k)
+
+        async def commit_counted() -> None:
+            calls["sqlite_commit"] += 1
+            await commit()
+
         monkeypatch.setattr(memory, "add_turn", add_turn_timed)
         monkeypatch.setattr(bot.chat.prompts, "build", build_timed)
         monkeypatch.setattr(client, "stream_chat", stream_timed)
+        monkeypatch.setattr(client, "tokenize", tokenize_counted)
+        monkeypatch.setattr(memory.db, "commit", commit_counted)
 
         total: list[float] = []
         cpu: list[float] = []
@@ -183,6 +199,10 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
             if i >= 100:  # warm-up: fill the history budget, first calls, code paths
                 total.append(time.perf_counter() - started)
                 cpu.append(time.process_time() - started_cpu)
+            if i == 99:
+                calls.update(dict.fromkeys(calls, 0))
+        await bot.chat.prompts.aclose()  # counts still running in the background
+        per_call = {name: round(n / messages, 3) for name, n in calls.items()}
         for part in (store, assemble, model, handler):
             del part[: len(part) - messages]
         monkeypatch.undo()
@@ -204,7 +224,8 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
         "bot_own_cost_handler_minus_instant_server_floor": quantiles(
             [h - floor_p50 for h in handler]
         ),
-        "store_user_turn": quantiles(store[-messages:]),
+        "calls_per_message": per_call,
+        "store_user_turn": quantiles(store),
         "assemble_prompt": quantiles(assemble),
         "model_round_trip_through_client": quantiles(model),
         "instant_server_floor_raw_http": quantiles(floor),
