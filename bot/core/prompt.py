@@ -121,6 +121,7 @@ class _ModelCounts:
     # that replies of this model must be counted (a template that rewrites replies).
     reply_offsets: dict[str | None, int | None] = field(default_factory=dict)
     reply_samples: dict[str | None, int] = field(default_factory=dict)  # one exact count seen
+    replies_costed: int = 0  # from completion tokens, since this process started
 
 
 # A byte-level BPE token covers at least one UTF-8 byte; SentencePiece adds at most a word
@@ -136,6 +137,8 @@ _MAX_REPLY_OFFSET = 4
 # pair stays exact). The budget keeps this many tokens free for such errors where the prompt's
 # window splits a pair.
 ESTIMATE_RESERVE = 16
+# One reply in this many is counted through /tokenize all the same, to check the offset.
+RECHECK_EVERY = 32
 # Turns read beyond the size of a channel's last prompt window before paging on.
 _PAGE_SLACK = 32
 
@@ -207,7 +210,11 @@ class PromptBuilder:
         counts = self._counts[model]
         reason = completion.finish_reason
         if reason in counts.reply_offsets:
-            return  # learnt already (or found not to work)
+            learnt = counts.reply_offsets[reason]
+            if learnt is None or learnt == offset:
+                return  # found not to work, or confirmed by a check
+            log.info("model %s: a reply's offset was %d, not %d; relearning", model, offset, learnt)
+            del counts.reply_offsets[reason]
         if abs(offset) > _MAX_REPLY_OFFSET:
             counts.reply_offsets[reason] = None
             log.info("model %s: replies are counted through /tokenize (offset %d)", model, offset)
@@ -220,7 +227,8 @@ class PromptBuilder:
         """The prompt cost of a reply stored as `text`, from the completion tokens the server
         reported, without a /tokenize call; None until exact counts of this model's replies
         agreed on how the two relate (then `count_soon(model, turn, completion)` counts it),
-        and when the stored text is not what the model generated (it was trimmed)."""
+        when the stored text is not what the model generated (it was trimmed), and for one
+        reply in `RECHECK_EVERY`, whose exact count checks that the relation still holds."""
         counts = self._counts.get(model)
         tokens = completion.completion_tokens
         if counts is None or not tokens or text != completion.text:
@@ -228,6 +236,9 @@ class PromptBuilder:
         offset = counts.reply_offsets.get(completion.finish_reason)
         wrap = counts.wrap.get("assistant")
         if offset is None or wrap is None:
+            return None
+        counts.replies_costed += 1
+        if counts.replies_costed % RECHECK_EVERY == 0:
             return None
         return max(wrap + tokens + offset, 1)
 
