@@ -17,7 +17,13 @@ first persona's training portion (`data split P.clean_train.jsonl --seed 42`): e
 is trained on the rest of that portion, its replies at each repetition penalty are scored
 there, and the one with the best min(BLEU-4 / 7, ROUGE-L / 25) wins. The held-out split is
 not looked at until the chosen settings are trained and evaluated on it, once per persona.
-The trainings of a stage run side by side (a 135M model leaves a GPU mostly idle).
+The trainings of a stage run side by side, `--parallel` at a time (a 135M model leaves a GPU
+mostly idle); `--select-only` stops after choosing, and a sweep skips candidates already trained.
+
+Candidates ending in `-mix` train on the persona's training portion plus the other personas'
+(`--mix-with`), never their held-out rows. `naive-r16-lr2e-4-e3-padded` is the issue's reference
+LoRA, for a comparison on the same split. `--nearest-reply` scores a model-free baseline (copy
+the most similar training dialogue's reply) on both splits.
 """
 
 from __future__ import annotations
@@ -48,7 +54,16 @@ def _rs(r: int, lr: str, epochs: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+# The issue's reference point, for a same-split comparison: a plain 3-epoch LoRA, rank 16,
+# lr 2e-4, padded batches of 4.
+NAIVE = [
+    "--lora_r", "16", "--lora_alpha", "32", "--learning_rate", "2e-4", "--epochs", "3",
+    "--packing", "false", "--batch_size", "4", "--max_length", "4096", "--seed", "42",
+    "--no_progress",
+]  # fmt: skip
+
 CANDIDATES: dict[str, list[str]] = {
+    "naive-r16-lr2e-4-e3-padded": NAIVE,
     "r32-lr3e-4-e5": SETTINGS,
     "r32-lr3e-4-e3": [*SETTINGS, "--epochs", "3"],
     "rs64-lr5e-4-e3": _rs(64, "5e-4", "3"),
@@ -62,12 +77,20 @@ CANDIDATES: dict[str, list[str]] = {
     "rs64-lr5e-4-e3-neft5": _rs(64, "5e-4", "3", "--neftune_alpha", "5"),
     "rs64-lr1e-3-e3-neft5": _rs(64, "1e-3", "3", "--neftune_alpha", "5"),
     "rs64-lr5e-4-e3-mix": _rs(64, "5e-4", "3"),
+    "rs128-lr1e-3-e5": _rs(128, "1e-3", "5"),
+    "rs256-lr1e-3-e3": _rs(256, "1e-3", "3"),
+    "rs128-lr1e-3-e3-mix": _rs(128, "1e-3", "3"),
+    "rs256-lr1e-3-e3-mix": _rs(256, "1e-3", "3"),
+    "rs256-lr5e-4-e4-mix": _rs(256, "5e-4", "4"),
+    "rs128-lr1e-3-e4-mix": _rs(128, "1e-3", "4"),
 }
 # Candidates whose training data adds the other personas' training portions (more Chinese
 # dialogue for a small model; each row keeps its own persona's system prompt). The other
 # personas' held-out rows are never added.
-MIXED = {"rs64-lr5e-4-e3-mix"}
-SELECTED = [c for c in CANDIDATES if c != "r32-lr3e-4-e5"]  # the sweep; the first run's is known
+MIXED = {c for c in CANDIDATES if c.endswith("-mix")}
+SELECTED = [
+    c for c in CANDIDATES if c not in ("r32-lr3e-4-e5", "naive-r16-lr2e-4-e3-padded")
+]  # the sweep; the first run's is known
 REPETITION_PENALTIES = ("1.0", "1.1", "1.2")
 TARGET = {"bleu-4": 7.0, "rouge-l": 25.0}
 
@@ -177,6 +200,27 @@ def select(
     return best["candidate"], best["repetition_penalty"]
 
 
+def nearest_reply_baseline(train: Path, val: Path) -> dict[str, float]:
+    """Scores of a model-free baseline: for each scored reply, copy the last reply of the
+    training dialogue whose context shares the most character bigrams (Jaccard) with its own.
+    It shows how much of a score the data's near-repeats give away without any model."""
+    from finetune.data import load_dialogues
+    from finetune.evaluate import eval_items
+    from finetune.metrics import score_corpus
+
+    def bigrams(messages: list) -> set[str]:
+        text = " ".join(m["content"] for m in messages if m["role"] != "system")
+        return {text[i : i + 2] for i in range(len(text) - 1)}
+
+    pool = [(bigrams(i.context), i.reference) for i in eval_items(load_dialogues(train))]
+    items = eval_items(load_dialogues(val))
+    copied = []
+    for item in items:
+        g = bigrams(item.context)
+        copied.append(max(pool, key=lambda p: len(g & p[0]) / (1 + len(g | p[0])))[1])
+    return score_corpus(copied, [i.reference for i in items])
+
+
 def main() -> None:
     global WORKERS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -187,6 +231,10 @@ def main() -> None:
     )
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
     parser.add_argument("--personas", nargs="+", default=["haruhi", "atri", "xin"])
+    parser.add_argument(
+        "--mix-with", nargs="+", default=["haruhi", "atri", "xin"],
+        help="Personas whose training portions the -mix candidates add.",
+    )  # fmt: skip
     parser.add_argument("--no-score", action="store_true")
     parser.add_argument("--score-only", action="store_true")
     parser.add_argument(
@@ -212,18 +260,44 @@ def main() -> None:
         "--extra", default="", help="Extra `rolecast train` flags, e.g. '--epochs 3'."
     )
     parser.add_argument("--tag", default="", help="Suffix of the run directories (for ablations).")
+    parser.add_argument(
+        "--nearest-reply", action="store_true",
+        help="Only score the model-free nearest-training-reply baseline on both splits.",
+    )  # fmt: skip
     args = parser.parse_args()
 
     WORKERS = args.parallel
     work = args.work
     name, rp = args.candidate, args.repetition_penalty
-    if not args.score_only:
+    if args.nearest_reply:
         for persona in args.personas:
+            prepare(args.data_dir, work, persona)
+            sel = work / "select"
+            if not (sel / f"{persona}.clean_train_train.jsonl").exists():
+                sh(
+                    "data", "split", str(work / f"{persona}.clean_train.jsonl"), "-o", str(sel),
+                    "--validation", "0.1", "--seed", "42",
+                )  # fmt: skip
+            for split, (train, val) in {
+                "selection validation": (
+                    sel / f"{persona}.clean_train_train.jsonl",
+                    sel / f"{persona}.clean_train_validation.jsonl",
+                ),
+                "held-out": (
+                    work / f"{persona}.clean_train.jsonl",
+                    work / f"{persona}.clean_validation.jsonl",
+                ),
+            }.items():
+                scores = nearest_reply_baseline(train, val)
+                print(json.dumps({"persona": persona, "split": split, "nearest_reply": scores}))
+        return
+    if not args.score_only:
+        for persona in dict.fromkeys([*args.personas, *args.mix_with]):
             prepare(args.data_dir, work, persona)
         if args.select:
             name, rp = select(
                 work, args.personas[0], args.only or SELECTED, tuple(args.penalties),
-                args.personas,
+                args.mix_with,
             )  # fmt: skip
             if args.select_only:
                 return
@@ -231,7 +305,7 @@ def main() -> None:
 
         def train_file(p: str) -> Path:
             plain = work / f"{p}.clean_train.jsonl"
-            return mixed_data(plain, work, p, args.personas) if name in MIXED else plain
+            return mixed_data(plain, work, p, args.mix_with) if name in MIXED else plain
 
         parallel(
             [(train_file(p), work / f"{p}.clean_validation.jsonl", p,
