@@ -83,11 +83,19 @@ CANDIDATES: dict[str, list[str]] = {
     "rs256-lr1e-3-e3-mix": _rs(256, "1e-3", "3"),
     "rs256-lr5e-4-e4-mix": _rs(256, "5e-4", "4"),
     "rs128-lr1e-3-e4-mix": _rs(128, "1e-3", "4"),
+    "rs128-lr1e-3-e3-rag3": _rs(128, "1e-3", "3"),
+    "rs256-lr5e-4-e4-rag3": _rs(256, "5e-4", "4"),
+    "rs64-lr5e-4-e3-rag3": _rs(64, "5e-4", "3"),
 }
 # Candidates whose training data adds the other personas' training portions (more Chinese
 # dialogue for a small model; each row keeps its own persona's system prompt). The other
 # personas' held-out rows are never added.
 MIXED = {c for c in CANDIDATES if c.endswith("-mix")}
+# Candidates whose dialogues carry, in the system prompt, the RETRIEVED most similar exchanges of
+# the persona's training portion (never the dialogue itself), as ChatHaruhi does with a
+# character's classic scenes. Train and scored files get the same treatment.
+RETRIEVED = {c for c in CANDIDATES if c.endswith("-rag3")}
+RETRIEVED_K = 3
 SELECTED = [
     c for c in CANDIDATES if c not in ("r32-lr3e-4-e5", "naive-r16-lr2e-4-e3-padded")
 ]  # the sweep; the first run's is known
@@ -179,8 +187,8 @@ def select(
     )
     todo = [n for n in names if not (sel / n / "rolecast.json").exists()]  # resumable sweep
     parallel(
-        [(mixed_data(train, work, persona, others) if name in MIXED else train, val, persona,
-          sel / name, CANDIDATES[name], penalties, False) for name in todo]
+        [(*data_for(name, train, val, work, persona, others), persona, sel / name,
+          CANDIDATES[name], penalties, False) for name in todo]
     )  # fmt: skip
     table = []
     for name in names:
@@ -200,6 +208,18 @@ def select(
     return best["candidate"], best["repetition_penalty"]
 
 
+def _bigrams(messages: list) -> set[str]:
+    text = " ".join(m["content"] for m in messages if m["role"] != "system")
+    return {text[i : i + 2] for i in range(len(text) - 1)}
+
+
+def _nearest(key: set[str], pool: list, k: int, skip: str | None = None) -> list:
+    """The k pool entries (id, bigrams, ...) most similar to `key` (Jaccard), `skip` excepted."""
+    scored = [(len(key & p[1]) / (1 + len(key | p[1])), n, p) for n, p in enumerate(pool)]
+    scored = [x for x in scored if x[2][0] != skip]
+    return [p for _, _, p in sorted(scored, key=lambda x: (-x[0], x[1]))[:k]]
+
+
 def nearest_reply_baseline(train: Path, val: Path) -> dict[str, float]:
     """Scores of a model-free baseline: for each scored reply, copy the last reply of the
     training dialogue whose context shares the most character bigrams (Jaccard) with its own.
@@ -208,17 +228,51 @@ def nearest_reply_baseline(train: Path, val: Path) -> dict[str, float]:
     from finetune.evaluate import eval_items
     from finetune.metrics import score_corpus
 
-    def bigrams(messages: list) -> set[str]:
-        text = " ".join(m["content"] for m in messages if m["role"] != "system")
-        return {text[i : i + 2] for i in range(len(text) - 1)}
-
-    pool = [(bigrams(i.context), i.reference) for i in eval_items(load_dialogues(train))]
+    pool = [(i.row_id, _bigrams(i.context), i.reference) for i in eval_items(load_dialogues(train))]
     items = eval_items(load_dialogues(val))
-    copied = []
-    for item in items:
-        g = bigrams(item.context)
-        copied.append(max(pool, key=lambda p: len(g & p[0]) / (1 + len(g | p[0])))[1])
+    copied = [_nearest(_bigrams(i.context), pool, 1)[0][2] for i in items]
     return score_corpus(copied, [i.reference for i in items])
+
+
+def with_examples(path: Path, bank: Path, k: int = RETRIEVED_K) -> Path:
+    """`path` with the k most similar exchanges of `bank` appended to each system prompt.
+
+    The key is the dialogue's context before its last reply (what a served request has); a
+    dialogue never retrieves itself. Each example is the bank dialogue's last user turn and
+    reply.
+    """
+    from finetune.data import load_dialogues, to_sharegpt
+    from finetune.evaluate import eval_items
+
+    pool = [
+        (i.row_id, _bigrams(i.context), i.context[-1]["content"], i.reference)
+        for i in eval_items(load_dialogues(bank))
+    ]
+    out = path.with_name(path.stem + f".rag{k}.jsonl")
+    rows = []
+    for dialogue in load_dialogues(path):
+        last = max(n for n, m in enumerate(dialogue.messages) if m["role"] == "assistant")
+        found = _nearest(_bigrams(dialogue.messages[:last]), pool, k, skip=dialogue.row_id)
+        lines = "\n###\n".join(f"{user}\n你: {reply}" for _, _, user, reply in found)
+        messages = [dict(m) for m in dialogue.messages]
+        note = f"以下是你在相似情境中说过的话，可以参考：\n###\n{lines}\n###"
+        if messages[0]["role"] == "system":
+            messages[0]["content"] = messages[0]["content"] + "\n\n" + note
+        else:
+            messages.insert(0, {"role": "system", "content": note})
+        row = to_sharegpt(type(dialogue)(dialogue.row_id, messages))
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+    out.write_text("".join(rows), encoding="utf-8")
+    return out
+
+
+def data_for(name: str, train: Path, val: Path, work: Path, persona: str, mix_with: list[str]):
+    """The (training, scored) files candidate `name` uses."""
+    if name in RETRIEVED:
+        return with_examples(train, train), with_examples(val, train)
+    if name in MIXED:
+        return mixed_data(train, work, persona, mix_with), val
+    return train, val
 
 
 def main() -> None:
@@ -303,12 +357,9 @@ def main() -> None:
                 return
         flags = [*CANDIDATES[name], *shlex.split(args.extra)]
 
-        def train_file(p: str) -> Path:
-            plain = work / f"{p}.clean_train.jsonl"
-            return mixed_data(plain, work, p, args.mix_with) if name in MIXED else plain
-
         parallel(
-            [(train_file(p), work / f"{p}.clean_validation.jsonl", p,
+            [(*data_for(name, work / f"{p}.clean_train.jsonl", work / f"{p}.clean_validation.jsonl",
+                        work, p, args.mix_with), p,
               work / f"{p}{args.tag}", flags, (rp,), True) for p in args.personas]
         )  # fmt: skip
         (work / "final.json").write_text(
