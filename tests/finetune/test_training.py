@@ -141,43 +141,23 @@ def test_resume_continues_from_the_checkpoint(
     tiny_llama_dir: Path, small_dataset: Path, tmp_path: Path
 ) -> None:
     # NEFTune on: its noise comes from the torch RNG, which the checkpoint restores
+    def run(output: Path, **extra: object) -> dict:
+        settings = {"max_steps": 4, "save_steps": 2, "neftune_alpha": 5.0, **extra}
+        return train(config(small_dataset, tiny_llama_dir, output, **settings))
+
     straight = tmp_path / "straight"
-    train(
-        config(
-            small_dataset, tiny_llama_dir, straight, max_steps=4, save_steps=2, neftune_alpha=5.0
-        )
-    )
+    run(straight)
     # an interrupted run: everything after the step-2 checkpoint is lost
     broken = tmp_path / "broken"
-    train(
-        config(
-            small_dataset,
-            tiny_llama_dir,
-            broken,
-            max_steps=4,
-            save_steps=2,
-            save_total_limit=5,
-            neftune_alpha=5.0,
-        )
-    )
+    run(broken, save_total_limit=5)
     for name in ("adapter_model.safetensors", "adapter_config.json", "rolecast.json"):
         (broken / name).unlink()
     import shutil
 
     shutil.rmtree(broken / "checkpoints" / "step-4")
     with pytest.raises(ConfigError):  # a half-done run is not silently overwritten
-        train(config(small_dataset, tiny_llama_dir, broken, max_steps=4, save_steps=2))
-    manifest = train(
-        config(
-            small_dataset,
-            tiny_llama_dir,
-            broken,
-            max_steps=4,
-            save_steps=2,
-            resume=True,
-            neftune_alpha=5.0,
-        )
-    )
+        run(broken)
+    manifest = run(broken, resume=True)
     assert manifest["metrics"]["steps"] == 4
     a = [json.loads(x) for x in (straight / "loss.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (broken / "loss.jsonl").read_text().splitlines()]
