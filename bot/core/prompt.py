@@ -11,7 +11,7 @@ it, which includes the template's per-message wrapping; the card's cost and the 
 prompt's are measured the same way and cached per model in this process.
 
 No /tokenize call is made per message in the steady state: the newest user turn is costed by
-an upper bound and settled exactly from the prompt size the server reports (`settle`), and a
+an upper bound and settled exactly from the prompt size the server reports (`settled`), and a
 reply is costed from the tokens the server reports it generated (`reply_cost`), once exact counts
 of two earlier replies of the same model agreed on how the two relate.
 """
@@ -92,7 +92,7 @@ class Prompt:
     oldest_included_id: int | None = None
     lore: list[str] = field(default_factory=list)
     # The newest turn, when it had no cached count, is costed by an upper bound instead of a
-    # /tokenize call: (turn id, bound). `PromptBuilder.settle` replaces the bound by the exact
+    # /tokenize call: (turn id, bound). `PromptBuilder.settled` replaces the bound by the exact
     # count once the server reports the prompt's real size.
     estimated: tuple[int, int] | None = None
     exact: bool = True  # every other part of `prompt_tokens` is an exact count
@@ -282,11 +282,6 @@ class PromptBuilder:
             counts.reply_offsets.clear()
             counts.reply_samples.clear()
         return []
-
-    async def settle(self, prompt: Prompt, prompt_tokens: int | None) -> None:
-        """Cache what `settled` finds."""
-        if counts := self.settled(prompt, prompt_tokens):
-            await self.memory.set_token_counts(counts)
 
     async def build(
         self,

@@ -121,7 +121,7 @@ async def test_turn_counts_are_cached_in_the_database(
     assert prompt.estimated[0] == newest.id
     served = server.state.counter(prompt.messages, True)  # what usage reports
     assert served <= prompt.prompt_tokens
-    await builder.settle(prompt, served)
+    await builder.memory.set_token_counts(builder.settled(prompt, served))
     exact = await builder.message_cost("instant-base", {"role": "user", "content": "话9"})
     assert (await builder.memory.turn(newest.id)).token_count == exact  # type: ignore[union-attr]
 
