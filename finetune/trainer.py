@@ -147,13 +147,12 @@ class NoisyEmbeddings:
         self.handle = embeddings.register_forward_hook(self._add_noise)
 
     def use(self, batch: Batch) -> None:
-        if batch.attention_mask is None and batch.cu_seq_lens is not None:
+        if batch.attention_mask is not None:  # padded rows: each row's real length
+            per_token = batch.attention_mask.sum(-1, keepdim=True).expand_as(batch.input_ids)
+        else:  # one packed row: each token's own dialogue's length
+            assert batch.cu_seq_lens is not None  # collate_packed always sets it
             lengths = batch.cu_seq_lens.diff().long()
             per_token = torch.repeat_interleave(lengths, lengths).unsqueeze(0)
-        elif batch.attention_mask is not None:
-            per_token = batch.attention_mask.sum(-1, keepdim=True).expand_as(batch.input_ids)
-        else:
-            per_token = torch.full_like(batch.input_ids, batch.input_ids.shape[-1])
         self.scale = self.alpha / torch.sqrt(per_token.float().clamp(min=1) * self.hidden)
 
     def _add_noise(self, module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
