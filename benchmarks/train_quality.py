@@ -160,8 +160,8 @@ def train_and_predict(
 WORKERS = 3  # trainings side by side on one GPU (eight ran out of memory on an H100)
 
 
-def parallel(jobs: list[tuple]) -> None:
-    with ThreadPoolExecutor(max_workers=min(WORKERS, len(jobs))) as pool:
+def parallel(jobs: list[tuple], workers: int = WORKERS) -> None:
+    with ThreadPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
         for future in [pool.submit(train_and_predict, *job) for job in jobs]:
             future.result()
 
@@ -172,23 +172,31 @@ def score(predictions: Path) -> dict[str, dict[str, float]]:
     return write_report(read_predictions(predictions), predictions.parent, predictions.parent.name)
 
 
-def select(
-    work: Path, persona: str, names: list[str], penalties: tuple[str, ...], others: list[str]
-) -> tuple[str, str]:
-    """Train every candidate on part of the training portion; pick on the carved validation."""
+def select_split(work: Path, persona: str) -> tuple[Path, Path]:
+    """The selection split: the persona's training portion split again (train, validation)."""
     sel = work / "select"
     sh(
         "data", "split", str(work / f"{persona}.clean_train.jsonl"), "-o", str(sel),
         "--validation", "0.1", "--seed", "42",
     )  # fmt: skip
-    train, val = (
+    return (
         sel / f"{persona}.clean_train_train.jsonl",
         sel / f"{persona}.clean_train_validation.jsonl",
     )
+
+
+def select(
+    work: Path, persona: str, names: list[str], penalties: tuple[str, ...], others: list[str],
+    workers: int = WORKERS,
+) -> tuple[str, str]:  # fmt: skip
+    """Train every candidate on part of the training portion; pick on the carved validation."""
+    sel = work / "select"
+    train, val = select_split(work, persona)
     todo = [n for n in names if not (sel / n / "rolecast.json").exists()]  # resumable sweep
     parallel(
         [(*data_for(name, train, val, work, persona, others), persona, sel / name,
-          CANDIDATES[name], penalties, False) for name in todo]
+          CANDIDATES[name], penalties, False) for name in todo],
+        workers,
     )  # fmt: skip
     table = []
     for name in names:
@@ -250,9 +258,9 @@ def with_examples(path: Path, bank: Path, k: int = RETRIEVED_K) -> Path:
     ]
     out = path.with_name(path.stem + f".rag{k}.jsonl")
     rows = []
-    for dialogue in load_dialogues(path):
-        last = max(n for n, m in enumerate(dialogue.messages) if m["role"] == "assistant")
-        found = _nearest(_bigrams(dialogue.messages[:last]), pool, k, skip=dialogue.row_id)
+    dialogues = load_dialogues(path)  # every one ends on a reply: one eval item each
+    for dialogue, item in zip(dialogues, eval_items(dialogues), strict=True):
+        found = _nearest(_bigrams(item.context), pool, k, skip=dialogue.row_id)
         lines = "\n###\n".join(f"{user}\n你: {reply}" for _, _, user, reply in found)
         messages = [dict(m) for m in dialogue.messages]
         note = f"以下是你在相似情境中说过的话，可以参考：\n###\n{lines}\n###"
@@ -276,7 +284,6 @@ def data_for(name: str, train: Path, val: Path, work: Path, persona: str, mix_wi
 
 
 def main() -> None:
-    global WORKERS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--data-dir",
@@ -320,23 +327,13 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
 
-    WORKERS = args.parallel
     work = args.work
     name, rp = args.candidate, args.repetition_penalty
     if args.nearest_reply:
         for persona in args.personas:
             prepare(args.data_dir, work, persona)
-            sel = work / "select"
-            if not (sel / f"{persona}.clean_train_train.jsonl").exists():
-                sh(
-                    "data", "split", str(work / f"{persona}.clean_train.jsonl"), "-o", str(sel),
-                    "--validation", "0.1", "--seed", "42",
-                )  # fmt: skip
             for split, (train, val) in {
-                "selection validation": (
-                    sel / f"{persona}.clean_train_train.jsonl",
-                    sel / f"{persona}.clean_train_validation.jsonl",
-                ),
+                "selection validation": select_split(work, persona),
                 "held-out": (
                     work / f"{persona}.clean_train.jsonl",
                     work / f"{persona}.clean_validation.jsonl",
@@ -351,7 +348,7 @@ def main() -> None:
         if args.select:
             name, rp = select(
                 work, args.personas[0], args.only or SELECTED, tuple(args.penalties),
-                args.mix_with,
+                args.mix_with, args.parallel,
             )  # fmt: skip
             if args.select_only:
                 return
@@ -360,7 +357,8 @@ def main() -> None:
         parallel(
             [(*data_for(name, work / f"{p}.clean_train.jsonl", work / f"{p}.clean_validation.jsonl",
                         work, p, args.mix_with), p,
-              work / f"{p}{args.tag}", flags, (rp,), True) for p in args.personas]
+              work / f"{p}{args.tag}", flags, (rp,), True) for p in args.personas],
+            args.parallel,
         )  # fmt: skip
         (work / "final.json").write_text(
             json.dumps({"candidate": name, "flags": flags, "repetition_penalty": rp}) + "\n"
