@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -100,6 +101,19 @@ SELECTED = [
     c for c in CANDIDATES if c not in ("r32-lr3e-4-e5", "naive-r16-lr2e-4-e3-padded")
 ]  # the sweep; the first run's is known
 REPETITION_PENALTIES = ("1.0", "1.1", "1.2")
+# Decodings besides greedy at a repetition penalty (`rp<x>`): each is scored in `eval-<name>`.
+DECODINGS: dict[str, list[str]] = {
+    "beam4": ["--num-beams", "4"],
+    "mbr16": ["--samples", "16", "--temperature", "0.7", "--top-p", "0.95"],
+}
+
+
+def decoding_flags(name: str) -> list[str]:
+    if name.startswith("rp"):
+        return ["--repetition-penalty", name.removeprefix("rp")]
+    return DECODINGS[name]
+
+
 TARGET = {"bleu-4": 7.0, "rouge-l": 25.0}
 
 
@@ -141,20 +155,46 @@ def mixed_data(train: Path, work: Path, persona: str, others: list[str]) -> Path
     return out
 
 
+def predict(val: Path, run: Path, decodings: tuple[str, ...], base_replies: bool) -> None:
+    for name in decodings:
+        if (run / f"eval-{name}" / "predictions.jsonl").exists():
+            continue  # resumable: made by an earlier, interrupted sweep
+        sh(
+            "eval", "--data", str(val), "--adapter", str(run), "--output", str(run / f"eval-{name}"),
+            *decoding_flags(name), "--no-score", *([] if base_replies else ["--no-base-replies"]),
+        )  # fmt: skip
+
+
 def train_and_predict(
-    train: Path, val: Path, persona: str, run: Path, flags: list[str], penalties: tuple[str, ...],
+    train: Path, val: Path, persona: str, run: Path, flags: list[str], decodings: tuple[str, ...],
     base_replies: bool,
 ) -> None:  # fmt: skip
-    sh(
-        "train", "--data", str(train), "--validation_data", str(val), "--persona", persona,
-        "--output", str(run), *flags,
-    )  # fmt: skip
-    for rp in penalties:
+    if not (run / "rolecast.json").exists():
         sh(
-            "eval", "--data", str(val), "--adapter", str(run), "--output", str(run / f"eval-rp{rp}"),
-            "--repetition-penalty", rp, "--no-score",
-            *([] if base_replies else ["--no-base-replies"]),
+            "train", "--data", str(train), "--validation_data", str(val), "--persona", persona,
+            "--output", str(run), *flags, *(["--resume", "true"] if any(run.glob("checkpoints/*")) else []),
         )  # fmt: skip
+    predict(val, run, decodings, base_replies)
+
+
+def seeded(run: Path, flags: list[str], seeds: list[int]) -> list[tuple[Path, list[str]]]:
+    """`run` with its own flags, then one run per extra seed (`<run>-s<seed>`)."""
+    return [(run, flags)] + [
+        (run.with_name(f"{run.name}-s{s}"), [*flags, "--seed", str(s)]) for s in seeds
+    ]
+
+
+def soup_of(runs: list[Path]) -> Path:
+    """The directory of the average of `runs` (the first run's name, `-soup<K>`)."""
+    return runs[0].with_name(f"{runs[0].name}-soup{len(runs)}")
+
+
+def make_soup(runs: list[Path], val: Path, decodings: tuple[str, ...], base_replies: bool) -> Path:
+    out = soup_of(runs)
+    if not (out / "rolecast.json").exists():
+        sh("soup", *map(str, runs), "--output", str(out))
+    predict(val, out, decodings, base_replies)
+    return out
 
 
 WORKERS = 3  # trainings side by side on one GPU (eight ran out of memory on an H100)
@@ -186,26 +226,37 @@ def select_split(work: Path, persona: str) -> tuple[Path, Path]:
 
 
 def select(
-    work: Path, persona: str, names: list[str], penalties: tuple[str, ...], others: list[str],
-    workers: int = WORKERS,
+    work: Path, persona: str, names: list[str], decodings: tuple[str, ...], others: list[str],
+    workers: int = WORKERS, seeds: list[int] | None = None, soup: bool = False,
+    extra: list[str] | None = None,
 ) -> tuple[str, str]:  # fmt: skip
-    """Train every candidate on part of the training portion; pick on the carved validation."""
+    """Train every candidate on part of the training portion; pick on the carved validation.
+
+    With `seeds`, each candidate is also trained once per extra seed, and with `soup` those
+    runs are averaged into one more adapter; every run is a row of the table.
+    """
     sel = work / "select"
     train, val = select_split(work, persona)
-    todo = [n for n in names if not (sel / n / "rolecast.json").exists()]  # resumable sweep
+    runs = {
+        name: seeded(sel / name, [*CANDIDATES[name], *(extra or [])], seeds or []) for name in names
+    }
     parallel(
-        [(*data_for(name, train, val, work, persona, others), persona, sel / name,
-          CANDIDATES[name], penalties, False) for name in todo],
+        [(*data_for(name, train, val, work, persona, others), persona, run, flags, decodings,
+          False)
+         for name in names for run, flags in runs[name]],  # resumable: done steps are skipped
         workers,
     )  # fmt: skip
+    dirs = [run for name in names for run, _ in runs[name]]
+    if soup and seeds:
+        dirs += [make_soup([r for r, _ in runs[name]], val, decodings, False) for name in names]
     table = []
-    for name in names:
-        manifest = json.loads((sel / name / "rolecast.json").read_text())
-        for rp in penalties:
-            scores = score(sel / name / f"eval-rp{rp}" / "predictions.jsonl")["adapter"]
+    for run in dirs:
+        manifest = json.loads((run / "rolecast.json").read_text())
+        for decoding in decodings:
+            scores = score(run / f"eval-{decoding}" / "predictions.jsonl")["adapter"]
             merit = min(scores[m] / t for m, t in TARGET.items())
             table.append(
-                {"candidate": name, "repetition_penalty": rp, "merit": round(merit, 4), **scores,
+                {"candidate": run.name, "decoding": decoding, "merit": round(merit, 4), **scores,
                  "validation_loss": manifest["metrics"].get("validation_loss")}
             )  # fmt: skip
     best = max(table, key=lambda row: row["merit"])
@@ -213,7 +264,7 @@ def select(
     for row in table:
         print(json.dumps(row), flush=True)
     print(json.dumps({"selected": best}), flush=True)
-    return best["candidate"], best["repetition_penalty"]
+    return best["candidate"], best["decoding"]
 
 
 def _bigrams(messages: list) -> set[str]:
@@ -313,12 +364,23 @@ def main() -> None:
         "--penalties", nargs="+", default=list(REPETITION_PENALTIES),
         help="With --select: repetition penalties to score each candidate at.",
     )  # fmt: skip
+    parser.add_argument(
+        "--decodings", nargs="+", default=[], choices=sorted(DECODINGS),
+        help="Decodings scored besides greedy at the repetition penalties (all stages).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[],
+        help="Train each run again with these seeds (directories <run>-s<seed>).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--soup", action="store_true", help="With --seeds: average each run's seeds into one."
+    )
     parser.add_argument("--parallel", type=int, default=WORKERS, help="Trainings side by side.")
     parser.add_argument(
         "--select-only", action="store_true", help="Stop after --select has chosen (a sweep)."
     )
     parser.add_argument(
-        "--extra", default="", help="Extra `rolecast train` flags, e.g. '--epochs 3'."
+        "--extra", default="", help="Extra `rolecast train` flags for every run, e.g. '--epochs 3'."
     )
     parser.add_argument("--tag", default="", help="Suffix of the run directories (for ablations).")
     parser.add_argument(
@@ -328,7 +390,8 @@ def main() -> None:
     args = parser.parse_args()
 
     work = args.work
-    name, rp = args.candidate, args.repetition_penalty
+    name, soup = args.candidate, args.soup and bool(args.seeds)
+    decodings = (f"rp{args.repetition_penalty}", *args.decodings)
     if args.nearest_reply:
         for persona in args.personas:
             prepare(args.data_dir, work, persona)
@@ -346,42 +409,57 @@ def main() -> None:
         for persona in dict.fromkeys([*args.personas, *args.mix_with]):
             prepare(args.data_dir, work, persona)
         if args.select:
-            name, rp = select(
-                work, args.personas[0], args.only or SELECTED, tuple(args.penalties),
-                args.mix_with, args.parallel,
+            chosen, decoding = select(
+                work, args.personas[0], args.only or SELECTED,
+                (*(f"rp{p}" for p in args.penalties), *args.decodings), args.mix_with,
+                args.parallel, args.seeds, args.soup, shlex.split(args.extra),
             )  # fmt: skip
             if args.select_only:
                 return
+            # a seed's run has its candidate's settings; a soup's is that candidate, averaged
+            name = re.sub(r"-(s\d+|soup\d+)$", "", chosen)
+            soup, decodings = soup or "-soup" in chosen, (decoding,)
         flags = [*CANDIDATES[name], *shlex.split(args.extra)]
-
+        seeds = args.seeds if soup else []
+        runs = {p: seeded(work / f"{p}{args.tag}", flags, seeds) for p in args.personas}
+        data = {
+            p: data_for(name, work / f"{p}.clean_train.jsonl", work / f"{p}.clean_validation.jsonl",
+                        work, p, args.mix_with)
+            for p in args.personas
+        }  # fmt: skip
         parallel(
-            [(*data_for(name, work / f"{p}.clean_train.jsonl", work / f"{p}.clean_validation.jsonl",
-                        work, p, args.mix_with), p,
-              work / f"{p}{args.tag}", flags, (rp,), True) for p in args.personas],
+            [(*data[p], p, run, run_flags, decodings, run == runs[p][0][0] and not soup)
+             for p in args.personas for run, run_flags in runs[p]],
             args.parallel,
         )  # fmt: skip
+        if soup:
+            for p in args.personas:
+                make_soup([r for r, _ in runs[p]], data[p][1], decodings, True)
         (work / "final.json").write_text(
-            json.dumps({"candidate": name, "flags": flags, "repetition_penalty": rp}) + "\n"
+            json.dumps({"candidate": name, "flags": flags, "decodings": decodings, "soup": seeds})
+            + "\n"
         )
     if args.no_score:
         return
     for persona in args.personas:
         run = work / f"{persona}{args.tag}"
-        (evaluated,) = sorted(run.glob("eval-rp*/predictions.jsonl"))
-        scores = score(evaluated)
+        if soup:
+            run = soup_of([run, *(run.with_name(f"{run.name}-s{s}") for s in args.seeds)])
         manifest = json.loads((run / "rolecast.json").read_text())
-        print(
-            json.dumps(
-                {
-                    "persona": persona + args.tag,
-                    **scores,
-                    "decoding": evaluated.parent.name,
-                    "train": manifest["metrics"],
-                    "tokens_per_s": manifest["tokens_per_s"],
-                    "train_time_s": manifest["train_time_s"],
-                }
+        for evaluated in sorted(run.glob("eval-*/predictions.jsonl")):
+            print(
+                json.dumps(
+                    {
+                        "persona": persona + args.tag,
+                        "run": run.name,
+                        **score(evaluated),
+                        "decoding": evaluated.parent.name.removeprefix("eval-"),
+                        "train": manifest["metrics"],
+                        "tokens_per_s": manifest.get("tokens_per_s"),
+                        "train_time_s": manifest["train_time_s"],
+                    }
+                )
             )
-        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`rolecast data|train|eval|compare`: the training side's commands.
+"""`rolecast data|train|eval|compare|soup`: the training side's commands.
 
 Only typer is imported at module level: torch, transformers and the metric libraries are
 imported inside the commands, so the bot process that loads the root CLI never pulls them in.
@@ -195,6 +195,13 @@ def evaluate(
     repetition_penalty: float = typer.Option(
         1.0, help="Generation repetition penalty (1.0 = none)."
     ),
+    num_beams: int = typer.Option(1, help="Beam search width (1 = greedy)."),
+    samples: int = typer.Option(
+        1, help="Sample this many replies per dialogue and keep their consensus (MBR, ROUGE-L)."
+    ),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (with --samples)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with --samples)."),
+    seed: int = typer.Option(0, help="Sampling seed (with --samples)."),
     base_replies: bool = typer.Option(
         True, help="With --adapter, also predict with the base model (--no-base-replies: skip)."
     ),
@@ -212,7 +219,10 @@ def evaluate(
         if predictions is not None:
             records = ev.read_predictions(predictions)
         elif data is not None:
-            settings = ev.GenerationSettings(max_new_tokens, batch_size, repetition_penalty)
+            settings = ev.GenerationSettings(
+                max_new_tokens, batch_size, repetition_penalty, num_beams, samples, temperature,
+                top_p, seed,
+            )  # fmt: skip
             records = ev.predict(
                 data, adapter, ev.base_for(adapter, base), settings, limit, base_replies, baseline
             )
@@ -257,6 +267,26 @@ def compare(
     Console().print(table)
 
 
+def soup(
+    adapters: list[Path] = typer.Argument(..., help="Adapter directories of one base model."),
+    output: Path = typer.Option(..., help="Directory for the averaged adapter."),
+    rank: int | None = typer.Option(None, help="Rank of the result (default: the inputs')."),
+) -> None:
+    """Average adapters (e.g. one per seed) into one adapter of the same rank."""
+    from finetune.errors import FinetuneError
+    from finetune.soup import average_adapters
+
+    try:
+        manifest = average_adapters(adapters, output, rank)
+    except FinetuneError as exc:
+        _fail(exc)
+    info = manifest["soup"]
+    typer.echo(
+        f"{len(adapters)} adapters averaged into {output}: rank {info['rank']}, "
+        f"{info['retained_energy']:.2%} of the averaged update kept"
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Add the finetune commands to the root app."""
     app.add_typer(data_app, name="data")
@@ -271,3 +301,4 @@ def register(app: typer.Typer) -> None:
     )(train)
     app.command("eval")(evaluate)
     app.command("compare")(compare)
+    app.command("soup")(soup)

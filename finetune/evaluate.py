@@ -2,8 +2,10 @@
 
 Each dialogue is cut before its last assistant turn; the model continues from the template's
 generation prompt and its reply is scored against that turn (`finetune.metrics`). One model
-is loaded: base predictions are made with the adapter disabled. Decoding is greedy, so runs
-are reproducible and the two models are compared under the same decoding.
+is loaded: base predictions are made with the adapter disabled. Decoding is greedy by default,
+so runs are reproducible and the two models are compared under the same decoding; beam search
+(`num_beams`) and consensus decoding (`samples`: sample several replies, keep the one that agrees
+most with the others by ROUGE-L, i.e. minimum-Bayes-risk decoding) are settings of the same call.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import torch
 
 from finetune import models
 from finetune.data import ASSISTANT, SYSTEM, Dialogue, Message, read_rows, trim_trailing_user
-from finetune.errors import DataError, ModelNotFoundError
-from finetune.metrics import METRICS, score_corpus
+from finetune.errors import ConfigError, DataError, ModelNotFoundError
+from finetune.metrics import METRICS, consensus, score_corpus
 from finetune.template import end_of_turn_ids, prompt_ids
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,36 @@ class GenerationSettings:
     max_new_tokens: int = 256
     batch_size: int = 32
     repetition_penalty: float = 1.0
+    num_beams: int = 1
+    samples: int = 1  # > 1: sample this many replies and keep the consensus one
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1 or self.samples < 1:
+            raise ConfigError("num_beams and samples must be at least 1")
+        if self.num_beams > 1 and self.samples > 1:
+            raise ConfigError("choose beam search or sampled consensus, not both")
+        if self.samples > 1 and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ConfigError("sampling needs temperature > 0 and 0 < top_p <= 1")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The `generate` arguments beyond the prompt, eos and padding."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+            "do_sample": self.samples > 1,
+        }
+        if self.num_beams > 1:
+            kwargs.update(num_beams=self.num_beams, early_stopping=True)
+        if self.samples > 1:
+            kwargs.update(
+                num_return_sequences=self.samples, temperature=self.temperature, top_p=self.top_p
+            )
+        else:  # greedy or beam: no sampling parameters, so generate does not warn about them
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
 
 
 def eval_items(dialogues: Sequence[Dialogue]) -> list[EvalItem]:
@@ -125,11 +157,16 @@ def cut_at_stop(ids: Sequence[int], stops: Sequence[int]) -> list[int]:
 def generate(
     model: Any, tokenizer: Any, contexts: Sequence[Sequence[Message]], settings: GenerationSettings
 ) -> list[str]:
-    """Greedy replies to each context, batched by similar length, in input order.
+    """One reply to each context under `settings`, batched by similar length, in input order.
 
-    Generation stops at the end of the assistant turn; the reply is the text before it.
+    Generation stops at the end of the assistant turn; the reply is the text before it. With
+    `settings.samples > 1` each context gets that many sampled replies and the reply returned is
+    their consensus (`finetune.metrics.consensus`).
     """
     device = next(model.parameters()).device
+    if settings.samples > 1:
+        torch.manual_seed(settings.seed)
+    n = settings.samples
     stops = stop_token_ids(tokenizer, model)
     prompts = [prompt_ids(tokenizer, c) for c in contexts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -146,15 +183,16 @@ def generate(
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=False,
-            repetition_penalty=settings.repetition_penalty,
             pad_token_id=pad,
             eos_token_id=stops,
+            **settings.generate_kwargs(),
         )
-        for row, i in enumerate(chunk):
-            reply = cut_at_stop(out[row, width:].tolist(), stops)
-            replies[i] = tokenizer.decode(reply, skip_special_tokens=True)
+        for row, i in enumerate(chunk):  # the n sequences of a prompt are consecutive rows
+            candidates = [
+                tokenizer.decode(cut_at_stop(seq[width:].tolist(), stops), skip_special_tokens=True)
+                for seq in out[row * n : (row + 1) * n]
+            ]
+            replies[i] = candidates[consensus(candidates)] if n > 1 else candidates[0]
     return replies
 
 

@@ -55,6 +55,30 @@ def rouge(prediction: str, reference: str) -> dict[str, float]:
     return {k: round(float(scores[k]["f"]) * 100, 4) for k in ("rouge-1", "rouge-2", "rouge-l")}
 
 
+def consensus(candidates: Sequence[str]) -> int:
+    """Index of the candidate with the highest mean ROUGE-L F1 against the other candidates.
+
+    This is minimum-Bayes-risk selection with ROUGE-L as the utility: among sampled replies,
+    the one most like the rest is the model's most typical answer, and the expected score of
+    a reply is what MBR maximises. F1 is symmetric, so each pair is scored once; ties go to
+    the earliest candidate. An empty candidate agrees with nothing.
+    """
+    from rouge_chinese import Rouge
+
+    jieba = _jieba()
+    tokens = [" ".join(jieba.cut(c)) for c in candidates]
+    totals = [0.0] * len(candidates)
+    scorer = Rouge(metrics=["rouge-l"])
+    for i in range(len(candidates)):
+        for j in range(i + 1, len(candidates)):
+            if not tokens[i].split() or not tokens[j].split():
+                continue
+            f = float(scorer.get_scores(tokens[i], tokens[j])[0]["rouge-l"]["f"])
+            totals[i] += f
+            totals[j] += f
+    return max(range(len(candidates)), key=lambda i: (totals[i], -i))
+
+
 def score_pair(prediction: str, reference: str) -> dict[str, float]:
     return {"bleu-4": bleu4(prediction, reference), **rouge(prediction, reference)}
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from finetune.errors import ConfigError
 from finetune.evaluate import GenerationSettings, generate, stop_token_ids
 from finetune.template import end_of_turn_ids, prompt_ids
 
@@ -68,3 +69,68 @@ def test_reply_stops_at_end_of_turn_when_eos_is_the_document_end(smol_tokenizer,
     assert set(stop_token_ids(tok, scripted)) == {im_end, tok.eos_token_id}
     (out,) = generate(scripted, tok, contexts, GenerationSettings(max_new_tokens=32))
     assert out == "哼，无聊！"
+
+
+CONTEXTS = [
+    [{"role": "system", "content": "你是凉宫春日。"}, {"role": "user", "content": text}]
+    for text in ("你好", "阿虚: 「会议？那是啥啊」", "今天去找外星人吗？还是去找未来人？")
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(smol_tokenizer):  # type: ignore[no-untyped-def]
+    """A tiny random Llama with large weights, so different prompts get different replies."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smol_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        pad_token_id=smol_tokenizer.pad_token_id,
+        initializer_range=0.5,
+    )
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.padding_side = "left"
+    return LlamaForCausalLM(config).eval(), tok
+
+
+def test_consensus_picks_the_reply_most_like_the_others() -> None:
+    from finetune.metrics import consensus
+
+    # jieba: 我们/去/找/外星人 vs 我们/去/找/外星人/吧 share 4 tokens (F1 0.889); each shares
+    # only 外星人 with 外星人/在/哪里 (F1 0.286 and 0.250), and nothing with 无聊.
+    candidates = ["外星人在哪里", "我们去找外星人", "我们去找外星人吧", "无聊", ""]
+    assert consensus(candidates) == 1
+    assert consensus(["", ""]) == 0
+
+
+def test_generation_settings_refuse_contradictions() -> None:
+    with pytest.raises(ConfigError):
+        GenerationSettings(num_beams=0)
+    with pytest.raises(ConfigError):
+        GenerationSettings(num_beams=4, samples=8)
+    with pytest.raises(ConfigError):
+        GenerationSettings(samples=8, temperature=0.0)
+
+
+def test_sampled_consensus_keeps_each_prompt_its_own_replies(tiny) -> None:  # type: ignore[no-untyped-def]
+    # at a vanishing temperature every sample is the greedy reply, so the consensus of each
+    # prompt's samples must be that prompt's greedy reply: rows are grouped per prompt
+    model, tok = tiny
+    greedy = generate(model, tok, CONTEXTS, GenerationSettings(max_new_tokens=8))
+    sampled = generate(
+        model, tok, CONTEXTS, GenerationSettings(max_new_tokens=8, samples=3, temperature=1e-4)
+    )
+    assert sampled == greedy
+    assert len(set(greedy)) == len(CONTEXTS)  # the prompts do get different replies
+
+
+def test_beam_search_in_a_batch_matches_one_prompt_at_a_time(tiny) -> None:  # type: ignore[no-untyped-def]
+    model, tok = tiny
+    settings = GenerationSettings(max_new_tokens=8, num_beams=3)
+    batched = generate(model, tok, CONTEXTS, settings)
+    alone = [generate(model, tok, [c], settings)[0] for c in CONTEXTS]
+    assert batched == alone
