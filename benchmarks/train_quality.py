@@ -104,7 +104,7 @@ REPETITION_PENALTIES = ("1.0", "1.1", "1.2")
 # Decodings besides greedy at a repetition penalty (`rp<x>`): each is scored in `eval-<name>`.
 DECODINGS: dict[str, list[str]] = {
     "beam4": ["--num-beams", "4"],
-    "mbr16": ["--samples", "16", "--temperature", "0.7", "--top-p", "0.95"],
+    "mbr16": ["--samples", "16", "--temperature", "0.7", "--top-p", "0.95", "--batch-size", "16"],
 }
 
 
