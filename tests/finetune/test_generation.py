@@ -29,20 +29,25 @@ class ScriptedLlama(LlamaForCausalLM):
         return out
 
 
+def tiny_config(tokenizer: Any, **overrides: Any) -> LlamaConfig:
+    """A one-layer Llama over the tokenizer's vocabulary: milliseconds per token."""
+    sizes = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 512,
+    }
+    return LlamaConfig(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **{**sizes, **overrides}
+    )
+
+
 @pytest.fixture
 def scripted(smol_tokenizer):  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smol_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        pad_token_id=smol_tokenizer.pad_token_id,
-    )
-    return ScriptedLlama(config).eval()
+    return ScriptedLlama(tiny_config(smol_tokenizer)).eval()
 
 
 def test_end_of_turn_is_read_from_the_template(smol_tokenizer, llama3_tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -81,17 +86,7 @@ CONTEXTS = [
 def tiny(smol_tokenizer):  # type: ignore[no-untyped-def]
     """A tiny random Llama with large weights, so different prompts get different replies."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smol_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        pad_token_id=smol_tokenizer.pad_token_id,
-        initializer_range=0.5,
-    )
+    config = tiny_config(smol_tokenizer, num_hidden_layers=2, initializer_range=0.5)
     tok = copy.deepcopy(smol_tokenizer)
     tok.padding_side = "left"
     return LlamaForCausalLM(config).eval(), tok
