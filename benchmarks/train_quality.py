@@ -24,6 +24,12 @@ Candidates ending in `-mix` train on the persona's training portion plus the oth
 (`--mix-with`), never their held-out rows. `naive-r16-lr2e-4-e3-padded` is the issue's reference
 LoRA, for a comparison on the same split. `--nearest-reply` scores a model-free baseline (copy
 the most similar training dialogue's reply) on both splits.
+
+`--seeds 43 44 ...` trains every run again with those seeds (`<run>-s<seed>`), and `--soup`
+averages a run's seeds into one adapter (`rolecast soup`, `<run>-soup<K>`) that is scored too.
+`--decodings beam4 mbr16` scores beam search and consensus (MBR) decoding besides greedy, each
+in `eval-<decoding>`. Every step is skipped when its output exists, so a sweep cut short by a
+time limit resumes where it stopped.
 """
 
 from __future__ import annotations
