@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import ConfigError, ModelNotFoundError
+from finetune.trainer import MANIFEST
 
-CONFIG, WEIGHTS, MANIFEST = "adapter_config.json", "adapter_model.safetensors", "rolecast.json"
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 # Files an adapter directory carries besides its weights that a soup keeps from its first input.
 _KEEP = ("chat_template.jinja", "tokenizer_config.json", "README.md")
@@ -81,10 +82,12 @@ def average_adapters(
         if _modules(weights, path) != modules:
             raise ConfigError(f"{path} adapts other modules than {paths[0]}")
 
-    out_config = {**configs[0], "r": rank or max(int(c["r"]) for c in configs)}
-    rank, s_out = int(out_config["r"]), scaling(out_config)
-    if rank < 1:
+    if rank is None:
+        rank = max(int(c["r"]) for c in configs)
+    elif rank < 1:
         raise ConfigError(f"rank must be at least 1, got {rank}")
+    out_config = {**configs[0], "r": rank}
+    s_out = scaling(out_config)
     dtype = loaded[0][1][modules[0] + _A].dtype
     device = "cuda" if torch.cuda.is_available() else "cpu"
     averaged: dict[str, Any] = {}
@@ -125,10 +128,9 @@ def average_adapters(
 def _soup_manifest(paths: Sequence[Path], rank: int, retained: float) -> dict[str, Any]:
     """The first input's manifest (persona, base, settings, system prompt) with the soup's
     sources; metrics that are averages over the inputs are the mean of theirs."""
-    sources = []
-    for p in paths:
-        f = p / MANIFEST
-        sources.append(json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {})
+    from finetune.evaluate import adapter_manifest
+
+    sources = [adapter_manifest(p) for p in paths]
     first = sources[0]
     losses = [s.get("metrics", {}).get("validation_loss") for s in sources]
     metrics: dict[str, Any] = {}

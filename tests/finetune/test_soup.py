@@ -82,6 +82,8 @@ def test_a_smaller_rank_keeps_the_best_approximation(tiny_llama_dir, two_adapter
 def test_bad_inputs_are_refused_with_the_reason(tiny_llama_dir, two_adapters, tmp_path):  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError, match="at least two"):
         average_adapters(two_adapters[:1], tmp_path / "soup")
+    with pytest.raises(ConfigError, match="rank must be at least 1"):
+        average_adapters(two_adapters, tmp_path / "soup", rank=0)
     with pytest.raises(ModelNotFoundError, match="not an adapter directory"):
         average_adapters([two_adapters[0], tmp_path], tmp_path / "soup")
     config_path = two_adapters[1] / "adapter_config.json"
