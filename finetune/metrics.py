@@ -32,6 +32,11 @@ def _jieba() -> Any:
     return jieba
 
 
+def _segmented(text: str) -> str:
+    """`text` as jieba tokens joined by spaces: the form rouge-chinese scores."""
+    return " ".join(_jieba().cut(text))
+
+
 def bleu4(prediction: str, reference: str) -> float:
     """Character BLEU-4 with smoothing method3, x100."""
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
@@ -46,9 +51,7 @@ def rouge(prediction: str, reference: str) -> dict[str, float]:
     """ROUGE-1/2/L F1 on jieba tokens, x100."""
     from rouge_chinese import Rouge
 
-    jieba = _jieba()
-    hypothesis = " ".join(jieba.cut(prediction))
-    ref = " ".join(jieba.cut(reference))
+    hypothesis, ref = _segmented(prediction), _segmented(reference)
     if not hypothesis.split() or not ref.split():
         return {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
     scores = Rouge().get_scores(hypothesis, ref)[0]
@@ -65,8 +68,7 @@ def consensus(candidates: Sequence[str]) -> int:
     """
     from rouge_chinese import Rouge
 
-    jieba = _jieba()
-    tokens = [" ".join(jieba.cut(c)) for c in candidates]
+    tokens = [_segmented(c) for c in candidates]
     totals = [0.0] * len(candidates)
     scorer = Rouge(metrics=["rouge-l"])
     for i in range(len(candidates)):
