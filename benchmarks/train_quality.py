@@ -450,7 +450,7 @@ def main() -> None:
     for persona in args.personas:
         run = work / f"{persona}{args.tag}"
         if soup:
-            run = soup_of([run, *(run.with_name(f"{run.name}-s{s}") for s in args.seeds)])
+            run = soup_of([r for r, _ in seeded(run, [], args.seeds)])
         manifest = json.loads((run / "rolecast.json").read_text())
         for evaluated in sorted(run.glob("eval-*/predictions.jsonl")):
             print(
