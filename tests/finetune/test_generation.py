@@ -102,6 +102,34 @@ def test_consensus_picks_the_reply_most_like_the_others() -> None:
     assert consensus(["", ""]) == 0
 
 
+def test_consensus_utility_is_the_metrics_rouge_l() -> None:
+    from finetune.metrics import rouge, rouge_l_matrix
+
+    texts = [
+        "没错！我们要让SOS团成为全世界最有趣的社团！",
+        "阿虚，你又在发呆了。快点过来，我们要开会！会议内容是找外星人。",
+        "哼，无聊死了……无聊无聊无聊！",
+        "SOS团的活动方针就是找出外星人、未来人以及超能力者，然后跟他们一起玩！",
+        "我们要让SOS团成为全世界最有趣的社团，没错吧？",
+        "OK, let's go find aliens!",
+        "",
+    ]
+    matrix = rouge_l_matrix(texts, texts[::-1])
+    for i, a in enumerate(texts):
+        for j, b in enumerate(texts[::-1]):
+            assert 100 * matrix[i, j] == pytest.approx(rouge(a, b)["rouge-l"], abs=1e-3), (a, b)
+
+
+def test_consensus_against_separate_references() -> None:
+    from finetune.metrics import consensus
+
+    candidates = ["我们去找外星人", "无聊死了"]
+    # among themselves the two tie (nothing shared) and the first wins; the references
+    # (e.g. other models' samples) side with the second
+    assert consensus(candidates) == 0
+    assert consensus(candidates, references=["真是无聊死了", "无聊", "外星人"]) == 1
+
+
 def test_generation_settings_refuse_contradictions() -> None:
     with pytest.raises(ConfigError):
         GenerationSettings(num_beams=0)
