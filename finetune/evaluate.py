@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions.jsonl"
 BASE, BASELINE, TUNED = "base", "baseline", "adapter"
+SAMPLES_SUFFIX = "_samples"  # `adapter_samples`: every sampled reply behind `adapter`
 
 
 @dataclass(frozen=True)
@@ -154,14 +155,13 @@ def cut_at_stop(ids: Sequence[int], stops: Sequence[int]) -> list[int]:
 
 
 @torch.no_grad()
-def generate(
+def candidates(
     model: Any, tokenizer: Any, contexts: Sequence[Sequence[Message]], settings: GenerationSettings
-) -> list[str]:
-    """One reply to each context under `settings`, batched by similar length, in input order.
+) -> list[list[str]]:
+    """The replies `settings` makes to each context (`settings.samples` of them, else one),
+    batched by similar length, in input order.
 
-    Generation stops at the end of the assistant turn; the reply is the text before it. With
-    `settings.samples > 1` each context gets that many sampled replies and the reply returned is
-    their consensus (`finetune.metrics.consensus`).
+    Generation stops at the end of the assistant turn; a reply is the text before it.
     """
     device = next(model.parameters()).device
     if settings.samples > 1:
@@ -170,7 +170,7 @@ def generate(
     stops = stop_token_ids(tokenizer, model)
     prompts = [prompt_ids(tokenizer, c) for c in contexts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies: list[str] = [""] * len(prompts)
+    replies: list[list[str]] = [[] for _ in prompts]
     pad = tokenizer.pad_token_id
     for start in range(0, len(order), settings.batch_size):
         chunk = order[start : start + settings.batch_size]
@@ -188,12 +188,24 @@ def generate(
             **settings.generate_kwargs(),
         )
         for row, i in enumerate(chunk):  # the n sequences of a prompt are consecutive rows
-            candidates = [
+            replies[i] = [
                 tokenizer.decode(cut_at_stop(seq[width:].tolist(), stops), skip_special_tokens=True)
                 for seq in out[row * n : (row + 1) * n]
             ]
-            replies[i] = candidates[consensus(candidates)] if n > 1 else candidates[0]
     return replies
+
+
+def choose(samples: Sequence[str]) -> str:
+    """The reply kept from one context's samples: their consensus (`finetune.metrics.consensus`)."""
+    return samples[consensus(samples)] if len(samples) > 1 else samples[0]
+
+
+def generate(
+    model: Any, tokenizer: Any, contexts: Sequence[Sequence[Message]], settings: GenerationSettings
+) -> list[str]:
+    """One reply to each context under `settings`: with `settings.samples > 1`, the consensus of
+    that many sampled replies."""
+    return [choose(c) for c in candidates(model, tokenizer, contexts, settings)]
 
 
 def predict(
@@ -211,11 +223,13 @@ def predict(
     adapters are compared on one split whose base replies are already known. `baseline`, a
     second adapter on the same base (the version being served), is compared instead of the
     base model: its replies go in a `baseline` column and the base model's are skipped.
+    With sampled consensus every sample is kept beside the chosen reply (`adapter_samples`...),
+    so other selections can be scored without generating again.
     """
     items = eval_items(read_eval_dialogues(data))[:limit]
     model, tokenizer = load_for_eval(base, adapter)
     contexts = [it.context for it in items]
-    base_replies = tuned = baseline_replies = None
+    replies: dict[str, list[list[str]]] = {}  # column -> each context's candidates
     if baseline is not None:
         if adapter is None:
             raise DataError("a baseline adapter is compared against an --adapter; give one")
@@ -225,16 +239,16 @@ def predict(
             )
         model.load_adapter(str(baseline), adapter_name=BASELINE)
         model.set_adapter(BASELINE)
-        baseline_replies = generate(model, tokenizer, contexts, settings)
+        replies[BASELINE] = candidates(model, tokenizer, contexts, settings)
         model.set_adapter("default")
         include_base = False
     if adapter is not None:
         if include_base:
             with model.disable_adapter():
-                base_replies = generate(model, tokenizer, contexts, settings)
-        tuned = generate(model, tokenizer, contexts, settings)
+                replies[BASE] = candidates(model, tokenizer, contexts, settings)
+        replies[TUNED] = candidates(model, tokenizer, contexts, settings)
     else:
-        base_replies = generate(model, tokenizer, contexts, settings)
+        replies[BASE] = candidates(model, tokenizer, contexts, settings)
     records = []
     for k, it in enumerate(items):
         rec: dict[str, Any] = {
@@ -242,12 +256,11 @@ def predict(
             "prompt": it.context[-1]["content"],
             "reference": it.reference,
         }
-        if base_replies is not None:
-            rec[BASE] = base_replies[k]
-        if baseline_replies is not None:
-            rec[BASELINE] = baseline_replies[k]
-        if tuned is not None:
-            rec[TUNED] = tuned[k]
+        for column in (BASE, BASELINE, TUNED):
+            if column in replies:
+                rec[column] = choose(replies[column][k])
+                if settings.samples > 1:  # kept, so other selections can be tried later
+                    rec[f"{column}{SAMPLES_SUFFIX}"] = replies[column][k]
         records.append(rec)
     return records
 

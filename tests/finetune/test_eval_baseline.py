@@ -51,3 +51,21 @@ def test_baseline_adapter_replaces_the_base_column(tiny_llama_dir: Path, tmp_pat
     assert set(results) == {ev.BASELINE, ev.TUNED}
     saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert set(saved["scores"]) == {"baseline", "adapter"}
+
+
+def test_sampled_predictions_keep_every_sample(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from finetune.metrics import consensus
+
+    data = write_jsonl(tmp_path / "val.jsonl", [dialogue(i) for i in range(3)])
+    a = random_adapter(tiny_llama_dir, tmp_path / "a", 1)
+    settings = ev.GenerationSettings(max_new_tokens=6, batch_size=2, samples=4, temperature=1.5)
+    records = ev.predict(data, a, str(tiny_llama_dir), settings)
+    for r in records:
+        for column in (ev.BASE, ev.TUNED):
+            samples = r[column + ev.SAMPLES_SUFFIX]
+            assert len(samples) == 4
+            assert r[column] == samples[consensus(samples)]
+    assert len({s for r in records for s in r[ev.TUNED + ev.SAMPLES_SUFFIX]}) > 3  # sampled
+
+    greedy = ev.predict(data, a, str(tiny_llama_dir), ev.GenerationSettings(max_new_tokens=6))
+    assert all(not k.endswith(ev.SAMPLES_SUFFIX) for r in greedy for k in r)
