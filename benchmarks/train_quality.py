@@ -111,6 +111,9 @@ REPETITION_PENALTIES = ("1.0", "1.1", "1.2")
 DECODINGS: dict[str, list[str]] = {
     "beam4": ["--num-beams", "4"],
     "mbr16": ["--samples", "16", "--temperature", "0.7", "--top-p", "0.95", "--batch-size", "16"],
+    # 64 samples, every one kept in the predictions: `mbr_selection.py` tries selections on them
+    "mbr64": ["--samples", "64", "--temperature", "0.7", "--top-p", "0.95", "--batch-size", "8"],
+    "mbr64-t1": ["--samples", "64", "--temperature", "1.0", "--top-p", "0.95", "--batch-size", "8"],
 }
 
 
@@ -381,6 +384,9 @@ def main() -> None:
     parser.add_argument(
         "--soup", action="store_true", help="With --seeds: average each run's seeds into one."
     )
+    parser.add_argument(
+        "--no-base", action="store_true", help="Skip the base model's replies (known already)."
+    )
     parser.add_argument("--parallel", type=int, default=WORKERS, help="Trainings side by side.")
     parser.add_argument(
         "--select-only", action="store_true", help="Stop after --select has chosen (a sweep)."
@@ -426,23 +432,32 @@ def main() -> None:
             name = re.sub(r"-(s\d+|soup\d+)$", "", chosen)
             soup, decodings = soup or "-soup" in chosen, (decoding,)
         flags = [*CANDIDATES[name], *shlex.split(args.extra)]
-        seeds = args.seeds if soup else []
+        seeds = args.seeds
         runs = {p: seeded(work / f"{p}{args.tag}", flags, seeds) for p in args.personas}
         data = {
             p: data_for(name, work / f"{p}.clean_train.jsonl", work / f"{p}.clean_validation.jsonl",
                         work, p, args.mix_with)
             for p in args.personas
         }  # fmt: skip
+        base = not (soup or args.no_base)  # base replies once per persona: its first run or soup
         parallel(
-            [(*data[p], p, run, run_flags, decodings, run == runs[p][0][0] and not soup)
+            [(*data[p], p, run, run_flags, decodings, base and run == runs[p][0][0])
              for p in args.personas for run, run_flags in runs[p]],
             args.parallel,
         )  # fmt: skip
         if soup:
             for p in args.personas:
-                make_soup([r for r, _ in runs[p]], data[p][1], decodings, True)
+                make_soup([r for r, _ in runs[p]], data[p][1], decodings, not args.no_base)
         (work / "final.json").write_text(
-            json.dumps({"candidate": name, "flags": flags, "decodings": decodings, "soup": seeds})
+            json.dumps(
+                {
+                    "candidate": name,
+                    "flags": flags,
+                    "decodings": decodings,
+                    "seeds": seeds,
+                    "soup": soup,
+                }
+            )
             + "\n"
         )
     if args.no_score:
