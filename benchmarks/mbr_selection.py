@@ -52,7 +52,8 @@ def load(runs: Sequence[Path], decodings: Sequence[str]) -> tuple[list[str], dic
 
 def selection(pools: Sequence[Sequence[list[str]]], k: int) -> list[str]:
     """Per dialogue, the consensus of the first k samples of each of `pools` together."""
-    return [choose([s for pool in per_dialogue for s in pool[:k]]) for per_dialogue in zip(*pools)]
+    per_dialogue = zip(*pools, strict=True)
+    return [choose([s for pool in samples for s in pool[:k]]) for samples in per_dialogue]
 
 
 def scores(predictions: list[str], references: list[str]) -> dict[str, Any]:

@@ -22,8 +22,9 @@ mostly idle); `--select-only` stops after choosing, and a sweep skips candidates
 
 Candidates ending in `-mix` train on the persona's training portion plus the other personas'
 (`--mix-with`), never their held-out rows. `naive-r16-lr2e-4-e3-padded` is the issue's reference
-LoRA, for a comparison on the same split. `--nearest-reply` scores a model-free baseline (copy
-the most similar training dialogue's reply) on both splits.
+LoRA, for a comparison on the same split. `--model-free` scores two model-free baselines on both
+splits: copy the most similar training dialogue's reply, and answer every dialogue with the
+training portion's most typical reply (the consensus of all its replies).
 
 `--seeds 43 44 ...` trains every run again with those seeds (`<run>-s<seed>`), and `--soup`
 averages a run's seeds into one adapter (`rolecast soup`, `<run>-soup<K>`) that is scored too.
@@ -302,6 +303,20 @@ def nearest_reply_baseline(train: Path, val: Path) -> dict[str, float]:
     return score_corpus(copied, [i.reference for i in items])
 
 
+def typical_reply_baseline(train: Path, val: Path) -> tuple[str, dict[str, float]]:
+    """The training portion's most typical reply (highest mean ROUGE-L against all its other
+    replies: `consensus`) and its scores as the answer to every scored dialogue. It shows how
+    much of a score the persona's stock phrases give without looking at the dialogue at all."""
+    from finetune.data import load_dialogues
+    from finetune.evaluate import eval_items
+    from finetune.metrics import consensus, score_corpus
+
+    pool = [i.reference for i in eval_items(load_dialogues(train))]
+    typical = pool[consensus(pool)]
+    references = [i.reference for i in eval_items(load_dialogues(val))]
+    return typical, score_corpus([typical] * len(references), references)
+
+
 def with_examples(path: Path, bank: Path, k: int = RETRIEVED_K) -> Path:
     """`path` with the k most similar exchanges of `bank` appended to each system prompt.
 
@@ -396,15 +411,15 @@ def main() -> None:
     )
     parser.add_argument("--tag", default="", help="Suffix of the run directories (for ablations).")
     parser.add_argument(
-        "--nearest-reply", action="store_true",
-        help="Only score the model-free nearest-training-reply baseline on both splits.",
+        "--model-free", action="store_true",
+        help="Only score the model-free baselines (nearest and typical reply) on both splits.",
     )  # fmt: skip
     args = parser.parse_args()
 
     work = args.work
     name, soup = args.candidate, args.soup and bool(args.seeds)
     decodings = (f"rp{args.repetition_penalty}", *args.decodings)
-    if args.nearest_reply:
+    if args.model_free:
         for persona in args.personas:
             prepare(args.data_dir, work, persona)
             for split, (train, val) in {
@@ -414,8 +429,14 @@ def main() -> None:
                     work / f"{persona}.clean_validation.jsonl",
                 ),
             }.items():
-                scores = nearest_reply_baseline(train, val)
-                print(json.dumps({"persona": persona, "split": split, "nearest_reply": scores}))
+                typical, typical_scores = typical_reply_baseline(train, val)
+                row = {
+                    "persona": persona,
+                    "split": split,
+                    "nearest_reply": nearest_reply_baseline(train, val),
+                    "typical_reply": {"text": typical, **typical_scores},
+                }
+                print(json.dumps(row, ensure_ascii=False), flush=True)
         return
     if not args.score_only:
         for persona in dict.fromkeys([*args.personas, *args.mix_with]):
