@@ -156,12 +156,17 @@ def cut_at_stop(ids: Sequence[int], stops: Sequence[int]) -> list[int]:
 
 @torch.no_grad()
 def candidates(
-    model: Any, tokenizer: Any, contexts: Sequence[Sequence[Message]], settings: GenerationSettings
+    model: Any,
+    tokenizer: Any,
+    contexts: Sequence[Sequence[Message]],
+    settings: GenerationSettings,
+    share_prefill: bool = True,
 ) -> list[list[str]]:
     """The replies `settings` makes to each context (`settings.samples` of them, else one),
     batched by similar length, in input order.
 
-    Generation stops at the end of the assistant turn; a reply is the text before it.
+    Generation stops at the end of the assistant turn; a reply is the text before it. Samples
+    of one prompt start from one prefill (`shared_prefill`) unless `share_prefill` is false.
     """
     device = next(model.parameters()).device
     if settings.samples > 1:
@@ -180,12 +185,11 @@ def candidates(
         for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
             ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
+        ids, mask, kwargs = ids.to(device), mask.to(device), settings.generate_kwargs()
+        if share_prefill and n > 1 and width > 1:
+            ids, mask, kwargs = shared_prefill(model, ids, mask, kwargs, n)
         out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            pad_token_id=pad,
-            eos_token_id=stops,
-            **settings.generate_kwargs(),
+            input_ids=ids, attention_mask=mask, pad_token_id=pad, eos_token_id=stops, **kwargs
         )
         for row, i in enumerate(chunk):  # the n sequences of a prompt are consecutive rows
             replies[i] = [
@@ -193,6 +197,30 @@ def candidates(
                 for seq in out[row * n : (row + 1) * n]
             ]
     return replies
+
+
+def shared_prefill(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any], n: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Inputs for `generate` that sample `n` replies to each prompt from one prefill.
+
+    `generate(num_return_sequences=n)` copies every prompt n times before its first forward
+    pass, so a prompt's prefill is computed n times and its attention held n times at once.
+    Here the prompts but their last token are run once, the cache is copied n times, and
+    `generate` starts from it on the last token, the same computation as far as each sample
+    is concerned. Left padding is kept out of the positions as `generate` keeps it out.
+    """
+    positions = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
+    cache = model(
+        input_ids=ids[:, :-1],
+        attention_mask=mask[:, :-1],
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+    ).past_key_values
+    cache.batch_repeat_interleave(n)
+    kwargs = {**kwargs, "num_return_sequences": 1, "past_key_values": cache}
+    return ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), kwargs
 
 
 def choose(samples: Sequence[str]) -> str:

@@ -157,3 +157,16 @@ def test_beam_search_in_a_batch_matches_one_prompt_at_a_time(tiny) -> None:  # t
     batched = generate(model, tok, CONTEXTS, settings)
     alone = [generate(model, tok, [c], settings)[0] for c in CONTEXTS]
     assert batched == alone
+
+
+def test_samples_from_one_shared_prefill_are_those_generate_draws(tiny) -> None:  # type: ignore[no-untyped-def]
+    # one prefill per prompt, copied for its samples, must give the very replies generate gives
+    # when it copies each prompt n times itself: same seed, same draws, same positions under
+    # left padding (the prompts differ in length)
+    from finetune.evaluate import candidates
+
+    model, tok = tiny
+    settings = GenerationSettings(max_new_tokens=8, samples=4, temperature=1.0, batch_size=8)
+    shared = candidates(model, tok, CONTEXTS, settings)
+    assert shared == candidates(model, tok, CONTEXTS, settings, share_prefill=False)
+    assert all(len(set(s)) > 1 for s in shared)  # really sampled
