@@ -26,6 +26,8 @@ LoRA, for a comparison on the same split. `--model-free` scores two model-free b
 splits: copy the most similar training dialogue's reply, and answer every dialogue with the
 training portion's most typical reply (the consensus of all its replies).
 
+`--eval-parallel` bounds the evaluations generating at once, apart from the trainings.
+
 `--seeds 43 44 ...` trains every run again with those seeds (`<run>-s<seed>`), and `--soup`
 averages a run's seeds into one adapter (`rolecast soup`, `<run>-soup<K>`) that is scored too.
 `--decodings beam4 mbr16` scores beam search and consensus (MBR) decoding besides greedy, each
@@ -41,6 +43,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -165,14 +168,22 @@ def mixed_data(train: Path, work: Path, persona: str, others: list[str]) -> Path
     return out
 
 
+# Evaluations that may generate at once (`--eval-parallel`), whatever the trainings do: a
+# 64-sample evaluation holds tens of GB of cache, and six generating processes beside trainings
+# ran an H100 out of memory.
+GENERATING = threading.BoundedSemaphore(2)
+
+
 def predict(val: Path, run: Path, decodings: tuple[str, ...], base_replies: bool) -> None:
     for name in decodings:
         if (run / f"eval-{name}" / "predictions.jsonl").exists():
             continue  # resumable: made by an earlier, interrupted sweep
-        sh(
-            "eval", "--data", str(val), "--adapter", str(run), "--output", str(run / f"eval-{name}"),
-            *decoding_flags(name), "--no-score", *([] if base_replies else ["--no-base-replies"]),
-        )  # fmt: skip
+        with GENERATING:
+            sh(
+                "eval", "--data", str(val), "--adapter", str(run),
+                "--output", str(run / f"eval-{name}"), *decoding_flags(name), "--no-score",
+                *([] if base_replies else ["--no-base-replies"]),
+            )  # fmt: skip
 
 
 def train_and_predict(
@@ -404,6 +415,10 @@ def main() -> None:
     )
     parser.add_argument("--parallel", type=int, default=WORKERS, help="Trainings side by side.")
     parser.add_argument(
+        "--eval-parallel", type=int, default=2,
+        help="Evaluations generating at once (1 for many-sample decodings).",
+    )  # fmt: skip
+    parser.add_argument(
         "--select-only", action="store_true", help="Stop after --select has chosen (a sweep)."
     )
     parser.add_argument(
@@ -416,6 +431,8 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
 
+    global GENERATING
+    GENERATING = threading.BoundedSemaphore(args.eval_parallel)
     work = args.work
     name, soup = args.candidate, args.soup and bool(args.seeds)
     decodings = (f"rp{args.repetition_penalty}", *args.decodings)
