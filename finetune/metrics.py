@@ -79,22 +79,18 @@ def rouge_l_matrix(hypotheses: Sequence[str], references: Sequence[str]) -> Any:
     return np.nan_to_num(f1)  # an empty side scores 0, as in `rouge`
 
 
-def consensus(candidates: Sequence[str], references: Sequence[str] | None = None) -> int:
-    """Index of the candidate with the highest mean ROUGE-L F1 against the references.
+def consensus(candidates: Sequence[str]) -> int:
+    """Index of the candidate with the highest mean ROUGE-L F1 against the other candidates.
 
-    This is minimum-Bayes-risk selection with ROUGE-L as the utility. With no `references`
-    each candidate is scored against the other candidates: among sampled replies, the one most
-    like the rest is the model's most typical answer, and its expected score is what MBR
-    maximises. `references` gives the pseudo-references separately, e.g. the samples of several
-    models. Ties go to the earliest candidate; an empty candidate agrees with nothing.
+    This is minimum-Bayes-risk selection with ROUGE-L as the utility: among sampled replies,
+    the one most like the rest is the model's most typical answer, and the expected score of
+    a reply is what MBR maximises. Ties go to the earliest candidate; an empty candidate agrees
+    with nothing.
     """
     import numpy as np
 
-    if references is None:
-        f1 = rouge_l_matrix(candidates, candidates)
-        np.fill_diagonal(f1, 0.0)
-    else:
-        f1 = rouge_l_matrix(candidates, references)
+    f1 = rouge_l_matrix(candidates, candidates)
+    np.fill_diagonal(f1, 0.0)
     return int(np.argmax(f1.sum(axis=1)))  # argmax takes the first of equal totals
 
 

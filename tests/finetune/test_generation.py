@@ -120,16 +120,6 @@ def test_consensus_utility_is_the_metrics_rouge_l() -> None:
             assert 100 * matrix[i, j] == pytest.approx(rouge(a, b)["rouge-l"], abs=1e-3), (a, b)
 
 
-def test_consensus_against_separate_references() -> None:
-    from finetune.metrics import consensus
-
-    candidates = ["我们去找外星人", "无聊死了"]
-    # among themselves the two tie (nothing shared) and the first wins; the references
-    # (e.g. other models' samples) side with the second
-    assert consensus(candidates) == 0
-    assert consensus(candidates, references=["真是无聊死了", "无聊", "外星人"]) == 1
-
-
 def test_generation_settings_refuse_contradictions() -> None:
     with pytest.raises(ConfigError):
         GenerationSettings(num_beams=0)
