@@ -169,8 +169,8 @@ def mixed_data(train: Path, work: Path, persona: str, others: list[str]) -> Path
 
 
 # Evaluations that may generate at once (`--eval-parallel`), whatever the trainings do: a
-# 64-sample evaluation holds tens of GB of cache, and six generating processes beside trainings
-# ran an H100 out of memory.
+# 64-sample evaluation of 8 prompts holds about 10 GB of cache, and six generating processes
+# beside trainings ran an H100 out of memory.
 GENERATING = threading.BoundedSemaphore(2)
 
 
