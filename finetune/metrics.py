@@ -58,8 +58,9 @@ def rouge(prediction: str, reference: str) -> dict[str, float]:
     return {k: round(float(scores[k]["f"]) * 100, 4) for k in ("rouge-1", "rouge-2", "rouge-l")}
 
 
-def rouge_l_matrix(hypotheses: Sequence[str], references: Sequence[str]) -> Any:
-    """ROUGE-L F1 (0-1) of every hypothesis against every reference, as a numpy array.
+def rouge_l_matrix(hypotheses: Sequence[str], references: Sequence[str] | None = None) -> Any:
+    """ROUGE-L F1 (0-1) of every hypothesis against every reference (by default against every
+    hypothesis, segmented once), as a numpy array.
 
     The same figure as `rouge` (rouge-chinese's LCS F1 with its 1e-8 guard, on jieba tokens),
     computed with rapidfuzz's compiled LCS so that hundreds of candidates are cheap.
@@ -69,7 +70,7 @@ def rouge_l_matrix(hypotheses: Sequence[str], references: Sequence[str]) -> Any:
     from rapidfuzz.process import cdist
 
     hyp = [_segmented(h).split() for h in hypotheses]
-    ref = [_segmented(r).split() for r in references]
+    ref = hyp if references is None else [_segmented(r).split() for r in references]
     lcs = cdist(hyp, ref, scorer=LCSseq.similarity, dtype=np.int32).astype(np.float64)
     hyp_len = np.array([len(t) for t in hyp], dtype=np.float64)[:, None]
     ref_len = np.array([len(t) for t in ref], dtype=np.float64)[None, :]
@@ -89,7 +90,7 @@ def consensus(candidates: Sequence[str]) -> int:
     """
     import numpy as np
 
-    f1 = rouge_l_matrix(candidates, candidates)
+    f1 = rouge_l_matrix(candidates)
     np.fill_diagonal(f1, 0.0)
     return int(np.argmax(f1.sum(axis=1)))  # argmax takes the first of equal totals
 
