@@ -300,31 +300,34 @@ def _nearest(key: set[str], pool: list, k: int, skip: str | None = None) -> list
     return [p for _, _, p in sorted(scored, key=lambda x: (-x[0], x[1]))[:k]]
 
 
-def nearest_reply_baseline(train: Path, val: Path) -> dict[str, float]:
+def split_items(path: Path) -> list:
+    """The scored items of a split file: each dialogue's context and last reply."""
+    from finetune.data import load_dialogues
+    from finetune.evaluate import eval_items
+
+    return eval_items(load_dialogues(path))
+
+
+def nearest_reply_baseline(train: list, val: list) -> dict[str, float]:
     """Scores of a model-free baseline: for each scored reply, copy the last reply of the
     training dialogue whose context shares the most character bigrams (Jaccard) with its own.
     It shows how much of a score the data's near-repeats give away without any model."""
-    from finetune.data import load_dialogues
-    from finetune.evaluate import eval_items
     from finetune.metrics import score_corpus
 
-    pool = [(i.row_id, _bigrams(i.context), i.reference) for i in eval_items(load_dialogues(train))]
-    items = eval_items(load_dialogues(val))
-    copied = [_nearest(_bigrams(i.context), pool, 1)[0][2] for i in items]
-    return score_corpus(copied, [i.reference for i in items])
+    pool = [(i.row_id, _bigrams(i.context), i.reference) for i in train]
+    copied = [_nearest(_bigrams(i.context), pool, 1)[0][2] for i in val]
+    return score_corpus(copied, [i.reference for i in val])
 
 
-def typical_reply_baseline(train: Path, val: Path) -> tuple[str, dict[str, float]]:
+def typical_reply_baseline(train: list, val: list) -> tuple[str, dict[str, float]]:
     """The training portion's most typical reply (highest mean ROUGE-L against all its other
     replies: `consensus`) and its scores as the answer to every scored dialogue. It shows how
     much of a score the persona's stock phrases give without looking at the dialogue at all."""
-    from finetune.data import load_dialogues
-    from finetune.evaluate import eval_items
     from finetune.metrics import consensus, score_corpus
 
-    pool = [i.reference for i in eval_items(load_dialogues(train))]
+    pool = [i.reference for i in train]
     typical = pool[consensus(pool)]
-    references = [i.reference for i in eval_items(load_dialogues(val))]
+    references = [i.reference for i in val]
     return typical, score_corpus([typical] * len(references), references)
 
 
@@ -446,11 +449,12 @@ def main() -> None:
                     work / f"{persona}.clean_validation.jsonl",
                 ),
             }.items():
-                typical, typical_scores = typical_reply_baseline(train, val)
+                train_items, val_items = split_items(train), split_items(val)
+                typical, typical_scores = typical_reply_baseline(train_items, val_items)
                 row = {
                     "persona": persona,
                     "split": split,
-                    "nearest_reply": nearest_reply_baseline(train, val),
+                    "nearest_reply": nearest_reply_baseline(train_items, val_items),
                     "typical_reply": {"text": typical, **typical_scores},
                 }
                 print(json.dumps(row, ensure_ascii=False), flush=True)
