@@ -12,7 +12,9 @@ for each decoding alone and for all of them together, and for each k in `--k`:
   ensemble of the adapters, as if they were served side by side.
 
 Nothing is generated: a selection is made from the kept samples and scored with the metrics of
-`rolecast eval`. Prints one JSON object per row.
+`rolecast eval`. Prints one JSON object per row. `--output FILE` also writes the pooled selection
+of all the decodings at the largest k as a predictions file, for `rolecast eval --predictions`
+and `paired_bootstrap.py`.
 
     python benchmarks/mbr_selection.py --runs runs/quality/select/rs256-lr5e-4-e4-mix{,-s43,-s44,-s45} \\
         --decodings mbr64 mbr64-t1
@@ -26,28 +28,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from finetune.evaluate import SAMPLES_SUFFIX, TUNED, choose, read_predictions
+from finetune.evaluate import SAMPLES_SUFFIX, TUNED, choose, read_predictions, write_predictions
 from finetune.metrics import score_corpus
 
 SAMPLES = TUNED + SAMPLES_SUFFIX
 
 
-def load(runs: Sequence[Path], decodings: Sequence[str]) -> tuple[list[str], dict]:
-    """The references, and each (run, decoding)'s samples per dialogue, checked to be aligned."""
+def load(runs: Sequence[Path], decodings: Sequence[str]) -> tuple[list[dict], dict]:
+    """The dialogues (id, prompt, reference), and each (run, decoding)'s samples per dialogue,
+    checked to be aligned."""
     samples: dict[tuple[Path, str], list[list[str]]] = {}
-    ids = references = None
+    dialogues: list[dict] | None = None
     for run in runs:
         for decoding in decodings:
             records = read_predictions(run / f"eval-{decoding}" / "predictions.jsonl")
-            if ids is None:
-                ids, references = [r["id"] for r in records], [r["reference"] for r in records]
-            elif [r["id"] for r in records] != ids:
+            if dialogues is None:
+                dialogues = [{k: r[k] for k in ("id", "prompt", "reference")} for r in records]
+            elif [r["id"] for r in records] != [d["id"] for d in dialogues]:
                 raise SystemExit(f"{run} eval-{decoding}: not the same dialogues as the others")
             if any(SAMPLES not in r for r in records):
                 raise SystemExit(f"{run} eval-{decoding}: no kept samples (made before they were)")
             samples[run, decoding] = [r[SAMPLES] for r in records]
-    assert references is not None
-    return references, samples
+    assert dialogues is not None
+    return dialogues, samples
 
 
 def selection(pools: Sequence[Sequence[list[str]]], k: int) -> list[str]:
@@ -65,9 +68,13 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, nargs="+", required=True)
     parser.add_argument("--decodings", nargs="+", default=["mbr64", "mbr64-t1"])
     parser.add_argument("--k", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument(
+        "--output", type=Path, help="Write the pooled selection (all decodings, largest k) here."
+    )
     args = parser.parse_args()
 
-    references, samples = load(args.runs, args.decodings)
+    dialogues, samples = load(args.runs, args.decodings)
+    references = [d["reference"] for d in dialogues]
     groups = [[d] for d in args.decodings]
     if len(args.decodings) > 1:
         groups.append(list(args.decodings))
@@ -88,6 +95,12 @@ def main() -> None:
             pooled = selection([samples[run, d] for run in args.runs for d in decodings], k)
             row["pool"] = {"adapters": len(args.runs), **scores(pooled, references)}
             print(json.dumps(row, ensure_ascii=False), flush=True)
+    if args.output:
+        pool = [samples[run, d] for run in args.runs for d in args.decodings]
+        chosen = selection(pool, max(args.k))
+        write_predictions([{**d, TUNED: c} for d, c in zip(dialogues, chosen, strict=True)],
+                          args.output)  # fmt: skip
+        print(f"{len(chosen)} pooled predictions written to {args.output}", flush=True)
 
 
 if __name__ == "__main__":
