@@ -95,9 +95,9 @@ def main() -> None:
             pooled = selection([samples[run, d] for run in args.runs for d in decodings], k)
             row["pool"] = {"adapters": len(args.runs), **scores(pooled, references)}
             print(json.dumps(row, ensure_ascii=False), flush=True)
+            if decodings == groups[-1] and k == max(args.k):  # all decodings, largest k
+                chosen = pooled
     if args.output:
-        pool = [samples[run, d] for run in args.runs for d in args.decodings]
-        chosen = selection(pool, max(args.k))
         write_predictions([{**d, TUNED: c} for d, c in zip(dialogues, chosen, strict=True)],
                           args.output)  # fmt: skip
         print(f"{len(chosen)} pooled predictions written to {args.output}", flush=True)
