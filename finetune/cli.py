@@ -199,9 +199,17 @@ def evaluate(
     samples: int = typer.Option(
         1, help="Sample this many replies per dialogue and keep their consensus (MBR, ROUGE-L)."
     ),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (with --samples)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with --samples)."),
-    seed: int = typer.Option(0, help="Sampling seed (with --samples)."),
+    sample: bool = typer.Option(
+        False,
+        "--sample",
+        help="Sample one reply per dialogue at --temperature/--top-p, as a chat server does "
+        "(default: greedy).",
+    ),
+    temperature: float = typer.Option(
+        1.0, help="Sampling temperature (with --sample or --samples)."
+    ),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with --sample or --samples)."),
+    seed: int = typer.Option(0, help="Sampling seed (with --sample or --samples)."),
     base_replies: bool = typer.Option(
         True, help="With --adapter, also predict with the base model (--no-base-replies: skip)."
     ),
@@ -221,7 +229,7 @@ def evaluate(
         elif data is not None:
             settings = ev.GenerationSettings(
                 max_new_tokens, batch_size, repetition_penalty, num_beams, samples, temperature,
-                top_p, seed,
+                top_p, seed, sample,
             )  # fmt: skip
             records = ev.predict(
                 data, adapter, ev.base_for(adapter, base), settings, limit, base_replies, baseline

@@ -49,25 +49,31 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    sample: bool = False  # sample one reply (as a chat server does) instead of greedy
 
     def __post_init__(self) -> None:
         if self.num_beams < 1 or self.samples < 1:
             raise ConfigError("num_beams and samples must be at least 1")
-        if self.num_beams > 1 and self.samples > 1:
-            raise ConfigError("choose beam search or sampled consensus, not both")
-        if self.samples > 1 and not (self.temperature > 0 and 0 < self.top_p <= 1):
+        if self.num_beams > 1 and self.sampling:
+            raise ConfigError("choose beam search or sampling, not both")
+        if self.sampling and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ConfigError("sampling needs temperature > 0 and 0 < top_p <= 1")
+
+    @property
+    def sampling(self) -> bool:
+        """Whether replies are drawn at random: one (`sample`) or several for a consensus."""
+        return self.sample or self.samples > 1
 
     def generate_kwargs(self) -> dict[str, Any]:
         """The `generate` arguments beyond the prompt, eos and padding."""
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "repetition_penalty": self.repetition_penalty,
-            "do_sample": self.samples > 1,
+            "do_sample": self.sampling,
         }
         if self.num_beams > 1:
             kwargs.update(num_beams=self.num_beams, early_stopping=True)
-        if self.samples > 1:
+        if self.sampling:
             kwargs.update(
                 num_return_sequences=self.samples, temperature=self.temperature, top_p=self.top_p
             )
@@ -169,7 +175,7 @@ def candidates(
     of one prompt start from one prefill (`shared_prefill`) unless `share_prefill` is false.
     """
     device = next(model.parameters()).device
-    if settings.samples > 1:
+    if settings.sampling:
         torch.manual_seed(settings.seed)
     n = settings.samples
     stops = stop_token_ids(tokenizer, model)

@@ -127,6 +127,23 @@ def test_generation_settings_refuse_contradictions() -> None:
         GenerationSettings(num_beams=4, samples=8)
     with pytest.raises(ConfigError):
         GenerationSettings(samples=8, temperature=0.0)
+    with pytest.raises(ConfigError):
+        GenerationSettings(sample=True, num_beams=2)
+    with pytest.raises(ConfigError):
+        GenerationSettings(sample=True, top_p=0.0)
+
+
+def test_one_sampled_reply_is_drawn_at_random_and_seeded(tiny) -> None:  # type: ignore[no-untyped-def]
+    # `sample` draws one reply per prompt, as a chat server does: at a vanishing temperature it
+    # is the greedy reply; at temperature 1 the seed decides it, and another seed changes it
+    model, tok = tiny
+    greedy = generate(model, tok, CONTEXTS, GenerationSettings(max_new_tokens=8))
+    cold = GenerationSettings(max_new_tokens=8, sample=True, temperature=1e-4)
+    assert generate(model, tok, CONTEXTS, cold) == greedy
+    hot = [GenerationSettings(max_new_tokens=8, sample=True, seed=s) for s in (1, 1, 2)]
+    first, again, other = (generate(model, tok, CONTEXTS, h) for h in hot)
+    assert first == again
+    assert first != other and first != greedy
 
 
 def test_sampled_consensus_keeps_each_prompt_its_own_replies(tiny) -> None:  # type: ignore[no-untyped-def]
