@@ -190,6 +190,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-tokens", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        nargs="+",
+        default=[16],
+        help="LoRA ranks of the rolecast variants (the baseline uses the first)",
+    )
+    parser.add_argument(
+        "--rslora",
+        action="store_true",
+        help="The README's recipe: rsLoRA scaling with alpha 16 (default: alpha = 2 x rank)",
+    )
     args = parser.parse_args()
 
     from peft import get_peft_model
@@ -204,15 +216,20 @@ def main() -> None:
 
     model = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
-    cfg = TrainConfig(
-        data="-",
-        persona="bench",
-        lora_r=16,
-        lora_alpha=32,
-        lora_dropout=0.0,
-        batch_tokens=max(args.batch_tokens),
-        max_length=2048,
-    )
+
+    def config(rank: int) -> TrainConfig:
+        return TrainConfig(
+            data="-",
+            persona="bench",
+            lora_r=rank,
+            lora_alpha=16 if args.rslora else 2 * rank,
+            use_rslora=args.rslora,
+            lora_dropout=0.0,
+            batch_tokens=max(args.batch_tokens),
+            max_length=2048,
+        )
+
+    cfg = config(args.ranks[0])
     lengths = [len(s) for s in samples]
     emit(
         model_params=n_params,
@@ -254,8 +271,10 @@ def main() -> None:
 
     attn = choose_attention("auto")
     model.set_attn_implementation(attn)
-    for batch_tokens in args.batch_tokens:
+    for rank, batch_tokens in [(r, b) for r in args.ranks for b in args.batch_tokens]:
+        cfg = config(rank)
         peft_model = get_peft_model(model, lora_config(cfg, model))
+        adapter_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         keep_input_dtype(peft_model)
         pool = samples[cursor : cursor + 400]
         bins = packed_batches(pool, batch_tokens, seed=0, epoch=0)[: args.warmup + args.steps]
@@ -267,10 +286,14 @@ def main() -> None:
 
         try:
             res = run(peft_model, batches, step, args.warmup)
-            results[f"rolecast_{batch_tokens}"] = res["tokens_per_s"]
+            results[f"rolecast_r{rank}_{batch_tokens}"] = res["tokens_per_s"]
             report(
-                f"rolecast (batch_tokens={batch_tokens})",
+                f"rolecast (r={rank}, batch_tokens={batch_tokens})",
                 res,
+                lora_rank=rank,
+                rslora=args.rslora,
+                adapter_params=adapter_params,
+                adapter_mb_bf16=round(adapter_params * 2 / 1e6, 1),
                 batch="packed",
                 gradient_checkpointing=False,
                 attention=attn,
@@ -280,7 +303,7 @@ def main() -> None:
             )
         except torch.cuda.OutOfMemoryError as exc:
             emit(
-                variant=f"rolecast (batch_tokens={batch_tokens})",
+                variant=f"rolecast (r={rank}, batch_tokens={batch_tokens})",
                 error=f"out of memory: {str(exc)[:200]}",
             )
         model = peft_model.unload()
