@@ -7,7 +7,7 @@ body), answers at once or with a configured per-token delay, and can be told to 
 HTTP status. It records every chat request so tests can read the prompts the bot sent.
 
 Run it in a thread of the current process (`InstantServer(...).start()`), or as its own
-process: `python -m bot.instant_server --port 8000`. Needs starlette and uvicorn (the `serve`
+process: `python -m tests.instant_server --port 8000`. Needs starlette and uvicorn (the `serve`
 extra); the bot itself never imports this module.
 """
 

@@ -25,20 +25,20 @@ from bot.core.prompt import PromptBuilder
 from bot.core.queue import ChannelQueue, Cooldown
 from bot.core.sidecar import embedded_server
 from bot.core.summary import Summarizer
+from bot.discord.webhooks import NO_MENTIONS, Identity, WebhookCache
 from bot.errors import RolecastError
 from bot.settings import BotSettings, SamplingSettings
-from bot.webhooks import NO_MENTIONS, Identity, WebhookCache
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS: Sequence[str] = (
-    "bot.cogs.chat",
-    "bot.cogs.personas",
-    "bot.cogs.memory",
-    "bot.cogs.feedback",
-    "bot.cogs.admin",
-    "bot.cogs.status",
-    "bot.cogs.retrain",
+    "bot.discord.cogs.chat",
+    "bot.discord.cogs.personas",
+    "bot.discord.cogs.memory",
+    "bot.discord.cogs.feedback",
+    "bot.discord.cogs.admin",
+    "bot.discord.cogs.status",
+    "bot.discord.cogs.retrain",
 )
 
 

@@ -13,7 +13,7 @@ import discord
 from discord import app_commands
 
 if TYPE_CHECKING:
-    from bot.discord_bot import RolecastBot
+    from bot.discord.bot import RolecastBot
 
 
 class NotAdmin(app_commands.CheckFailure):

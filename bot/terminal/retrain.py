@@ -1,6 +1,7 @@
 """`rolecast retrain`: the same retrain job as `/retrain`, from a terminal, with a progress bar.
 
-Only typer and rich at module level: the job itself imports the bot core inside the command.
+Only typer, rich and the retrain loop's progress line at module level: the job itself imports
+the bot core inside the command.
 """
 
 from __future__ import annotations
@@ -18,37 +19,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
+from bot.retrain.progress import describe
+
 if TYPE_CHECKING:
     from bot.retrain.jobs import Job
     from bot.settings import BotSettings
 
 console = Console(highlight=False)
-
-
-def describe(job: Job) -> str:
-    """One line: state, step, loss, tokens/s, time left (what the status message shows)."""
-    parts = [f"job #{job.id} {job.persona}: {job.state}"]
-    if job.state == "training" and job.step is not None:
-        total = f"/{job.total_steps}" if job.total_steps else ""
-        parts.append(f"step {job.step}{total}")
-        if job.loss is not None:
-            parts.append(f"loss {job.loss:.4f}")
-        if job.tokens_per_s:
-            parts.append(f"{job.tokens_per_s:,.0f} tokens/s")
-        if job.eta_s is not None:
-            parts.append(f"{format_duration(job.eta_s)} left")
-    return ", ".join(parts)
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
 
 
 class TerminalProgress:
@@ -100,11 +77,14 @@ def retrain(
     db: Path | None = typer.Option(None, help="SQLite file (default: <home>/rolecast.db)."),
     server: str | None = typer.Option(
         None,
-        help="Model server to publish to; default: the configured one, else only the "
-        "registry changes (a server started later loads the new current version).",
+        help="Model server to publish to; default: the configured one (ROLECAST_SERVER_URL), "
+        "else a running `rolecast serve` of this registry, else only the registry changes (a "
+        "server started later loads the new current version).",
     ),
     adapters_dir: Path | None = typer.Option(
-        None, help="Adapter registry shared with the model server (default: <home>/adapters)."
+        None,
+        help="Adapter registry shared with the model server "
+        "(default: $ROLECAST_ADAPTERS_DIR, else <home>/adapters).",
     ),
     min_approved: int | None = typer.Option(
         None, help="Approved dialogues needed (default: the retrain.min_approved setting)."
@@ -116,8 +96,8 @@ def retrain(
     ),
 ) -> None:
     """Retrain a persona from its approved dialogues: export, train, gate, publish."""
-    from bot.cli import fail, load_settings
     from bot.errors import RolecastError
+    from bot.terminal.console import fail, load_settings
 
     settings = load_settings(db_path=db, server_url=server, adapters_dir=adapters_dir)
     if not status and not resume and not persona:

@@ -1,5 +1,5 @@
 """Admin commands: channel behaviour, the guild's admin role, and the training export.
-Every one is checked at run time (`bot.permissions`)."""
+Every one is checked at run time (`bot.discord.permissions`)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from discord.ext import commands
 from pydantic import ValidationError
 
 from bot.core.export import Names, export_dialogues
-from bot.discord_bot import channel_key, send_ephemeral
-from bot.permissions import admin_only, manage_server_only
+from bot.discord.bot import channel_key, send_ephemeral
+from bot.discord.permissions import admin_only, manage_server_only
 from bot.settings import SamplingSettings
 
 if TYPE_CHECKING:
-    from bot.discord_bot import RolecastBot
+    from bot.discord.bot import RolecastBot
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ from discord.ext import commands
 from bot.core.chat import Reply
 from bot.core.memory import ChannelSettings, Turn
 from bot.core.personas import Persona
-from bot.discord_bot import NO_MENTIONS, channel_key, permission_message
+from bot.discord.bot import NO_MENTIONS, channel_key, permission_message
+from bot.discord.webhooks import ReplyStream
 from bot.errors import InputTooLongError, ModelServerError, RolecastError
-from bot.webhooks import ReplyStream
 
 if TYPE_CHECKING:
-    from bot.discord_bot import RolecastBot
+    from bot.discord.bot import RolecastBot
 
 log = logging.getLogger(__name__)
 

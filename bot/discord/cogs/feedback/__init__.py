@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bot.discord_bot import RolecastBot
+    from bot.discord.bot import RolecastBot
 
 
 async def setup(bot: RolecastBot) -> None:
-    from bot.cogs.feedback.feedback import Feedback
+    from bot.discord.cogs.feedback.feedback import Feedback
 
     await bot.add_cog(Feedback(bot))

@@ -10,10 +10,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord_bot import send_ephemeral
+from bot.discord.bot import send_ephemeral
 
 if TYPE_CHECKING:
-    from bot.discord_bot import RolecastBot
+    from bot.discord.bot import RolecastBot
 
 log = logging.getLogger(__name__)
 

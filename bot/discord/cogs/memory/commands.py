@@ -9,12 +9,12 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord_bot import NO_MENTIONS, channel_key, send_ephemeral
-from bot.permissions import guild_only
-from bot.webhooks import ReplyStream, split_text
+from bot.discord.bot import NO_MENTIONS, channel_key, send_ephemeral
+from bot.discord.permissions import guild_only
+from bot.discord.webhooks import ReplyStream, split_text
 
 if TYPE_CHECKING:
-    from bot.discord_bot import RolecastBot
+    from bot.discord.bot import RolecastBot
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ from discord.ext import commands
 
 from bot.core.cards import parse_card
 from bot.core.personas import persona_key
-from bot.discord_bot import channel_key, send_ephemeral
+from bot.discord.bot import channel_key, send_ephemeral
+from bot.discord.permissions import admin_only, guild_only
+from bot.discord.webhooks import ReplyStream
 from bot.errors import CardError, RolecastError
-from bot.permissions import admin_only, guild_only
-from bot.webhooks import ReplyStream
 
 if TYPE_CHECKING:
-    from bot.discord_bot import RolecastBot
+    from bot.discord.bot import RolecastBot
 
 log = logging.getLogger(__name__)
 

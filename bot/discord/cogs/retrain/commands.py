@@ -22,14 +22,14 @@ from discord.ext import commands
 
 from bot.core.export import Names
 from bot.core.memory import Dialogue
-from bot.discord_bot import send_ephemeral
-from bot.permissions import admin_only
+from bot.discord.bot import send_ephemeral
+from bot.discord.permissions import admin_only
 from bot.retrain.jobs import Job, JobActive
+from bot.retrain.progress import format_duration
 from bot.retrain.runner import RetrainService, author_names
-from bot.retrain.terminal import format_duration
 
 if TYPE_CHECKING:
-    from bot.discord_bot import RolecastBot
+    from bot.discord.bot import RolecastBot
 
 log = logging.getLogger(__name__)
 
@@ -204,14 +204,14 @@ class RetrainCommands(commands.Cog):
             return
         lines = []
         for v in reversed(versions):
-            metrics = v.manifest.get("metrics") or {}
+            metrics = v.manifest.metrics
             shown = " · ".join(
                 f"{k} {metrics[k]:.2f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
                 for k in ("bleu-4", "rouge-l", "final_train_loss")
                 if k in metrics
             )
             mark = "**live** " if v.served_name == live else ""
-            created = str(v.manifest.get("created", ""))[:16]
+            created = (v.manifest.created or "")[:16]
             lines.append(f"{mark}`{v.served_name}` {created} {shown}".rstrip())
         await send_ephemeral(interaction, f"Adapters of {found.name}:\n" + "\n".join(lines))
 
