@@ -94,18 +94,16 @@ class Manifest(BaseModel):
         return "schema_version" in self.model_fields_set
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object to write: every key that was read or set (unknown ones included),
-        defaults left out, and the current schema version."""
-        data = self.model_dump(mode="json")
+        """The JSON object to write: every key that was read or set, unknown ones included (also
+        inside `data`, `eval`, `soup`), defaults left out, and the current schema version."""
+        full = self.model_dump(mode="json")
+        kept = self.model_dump(mode="json", exclude_unset=True)
         for name, info in type(self).model_fields.items():
-            if name in self.model_fields_set:
-                continue
-            default = info.get_default(call_default_factory=True)
-            if data.get(name) == (
-                default.model_dump() if isinstance(default, BaseModel) else default
-            ):
-                del data[name]
-        return {"schema_version": SCHEMA_VERSION, **data}
+            # a default changed in place (`manifest.metrics["x"] = 1`) is not "set", but written
+            if name not in kept and full[name] != info.get_default(call_default_factory=True):
+                kept[name] = full[name]
+        kept["schema_version"] = SCHEMA_VERSION
+        return {name: kept[name] for name in full if name in kept}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str = "rolecast.json") -> Manifest:

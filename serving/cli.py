@@ -34,32 +34,32 @@ def _parse_lora_modules(values: list[str]) -> dict[str, str]:
 
 def serve(
     model: str | None = typer.Option(
-        None, help="HF model id or local directory [default: SmolLM2-135M-Instruct]"
+        None, help="HF model id or local directory (default: SmolLM2-135M-Instruct, converted once)"
     ),
-    host: str | None = typer.Option(None, help="Address to listen on [default: 127.0.0.1]"),
-    port: int | None = typer.Option(None, help="Port to listen on [default: 8000]"),
+    host: str | None = typer.Option(None, help="Address to listen on (default: 127.0.0.1)"),
+    port: int | None = typer.Option(None, help="Port to listen on (default: 8000)"),
     served_model_name: str | None = typer.Option(
-        None, help="Name clients use for the base model [default: the model id or path]"
+        None, help="Name clients use for the base model (default: the model id or path)"
     ),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda [default: auto]"),
-    dtype: str | None = typer.Option(None, help="auto | float32 | bfloat16 [default: auto]"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda (default: auto)"),
+    dtype: str | None = typer.Option(None, help="auto | float32 | bfloat16 (default: auto)"),
     max_model_len: int | None = typer.Option(None, help="Context length in tokens"),
     cpu_threads: int | None = typer.Option(
-        None, help="torch threads on a CPU [default: half the logical CPUs]"
+        None, help="torch threads on a CPU (default: half the logical CPUs)"
     ),
-    max_num_seqs: int | None = typer.Option(None, help="Requests per batch [default: 16]"),
-    max_waiting: int | None = typer.Option(None, help="Queue before HTTP 429 [default: 64]"),
-    max_lora_rank: int | None = typer.Option(None, help="Largest LoRA rank [default: 64]"),
+    max_num_seqs: int | None = typer.Option(None, help="Requests per batch (default: 16)"),
+    max_waiting: int | None = typer.Option(None, help="Queue before HTTP 429 (default: 64)"),
+    max_lora_rank: int | None = typer.Option(None, help="Largest LoRA rank (default: 64)"),
     lora_modules: list[str] = typer.Option(
         [], "--lora-modules", help="NAME=PATH of an adapter to load at start (repeatable)"
     ),
     adapters_dir: Path | None = typer.Option(
         None,
         help="Adapter registry whose current versions are loaded at start "
-        "[default: $ROLECAST_ADAPTERS_DIR, else <home>/adapters]",
+        "(default: $ROLECAST_ADAPTERS_DIR, else <home>/adapters)",
     ),
     engine: str | None = typer.Option(
-        None, help="embedded (this server) | vllm (run `vllm serve`) [default: embedded]"
+        None, help="embedded (this server) | vllm (run `vllm serve`) (default: embedded)"
     ),
     print_command: bool = typer.Option(
         False, "--print-command", help="With --engine vllm: print the command, do not run it"
@@ -151,15 +151,17 @@ adapters_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_DIR_HELP = "Adapter registry [default: $ROLECAST_ADAPTERS_DIR, else <home>/adapters]"
+_DIR_HELP = "Adapter registry (default: $ROLECAST_ADAPTERS_DIR, else <home>/adapters)"
 _SERVER_HELP = (
-    "Model server to tell [default: $ROLECAST_SERVER_URL and the servers `rolecast serve` "
-    "runs with this registry; none: only the registry files change]"
+    "Model server to tell (default: $ROLECAST_SERVER_URL and every `rolecast serve` running "
+    "with this registry; with none, only the registry files change)"
 )
 _JSON_HELP = "Print the result as one JSON object (for programs)."
 
 
-def _registry(adapters_dir: Path | None) -> Any:
+def registry_for(adapters_dir: Path | None) -> Any:
+    """The registry every `rolecast serve|adapters` command uses: `--adapters-dir`, else the
+    shared one (`formats.paths`: $ROLECAST_ADAPTERS_DIR, else <home>/adapters)."""
     from formats.registry import AdapterRegistry
 
     return AdapterRegistry(resolve(adapters_dir=adapters_dir).adapters)
@@ -249,7 +251,7 @@ def adapters_list(
     adapters_dir: Path | None = typer.Option(None, help=_DIR_HELP),
 ) -> None:
     """Every persona's versions, with metrics, and which one is live."""
-    registry = _registry(adapters_dir)
+    registry = registry_for(adapters_dir)
     personas = registry.personas()
     if not personas:
         typer.echo(f"no adapters in {registry.root}")
@@ -270,7 +272,7 @@ def adapters_publish(
     adapters_dir: Path | None = typer.Option(None, help=_DIR_HELP),
     server: str | None = typer.Option(None, help=_SERVER_HELP),
     base_model: str | None = typer.Option(
-        None, help="Base model it must match [default: the server's, else the current version's]"
+        None, help="Base model it must match (default: the server's, else the current version's)"
     ),
     as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
 ) -> None:

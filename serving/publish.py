@@ -173,11 +173,12 @@ class Publisher:
         if current is None:
             raise RegistryError(f"{persona} has no published adapter")
         previous = self.registry.previous(persona)
+        loaded = [server.loaded() for server in self.servers]  # each answers before any change
         if previous is None:
             self.registry.clear_current(persona)
         else:
-            for server in self.servers:
-                if previous.served_name not in server.loaded():
+            for server, names in zip(self.servers, loaded, strict=True):
+                if previous.served_name not in names:
                     server.load(previous.served_name, previous.path)
             self.registry.set_current(persona, previous.version, rollback=True)
         result = PublishResult(persona, previous, current, False, [s.root for s in self.servers])
