@@ -153,9 +153,10 @@ class AdapterRegistry:
 
     def knows(self, persona: str) -> bool:
         """Whether the persona was ever published here (it has a version directory)."""
-        if not PERSONA_RE.match(persona):
+        base = self.root / persona
+        if not PERSONA_RE.match(persona) or not base.is_dir():
             return False
-        return bool(self.versions(persona))
+        return any(VERSION_RE.match(p.name) and p.is_dir() for p in base.iterdir())
 
     def previous(self, persona: str) -> AdapterVersion | None:
         """The version a rollback returns to; None: the base model (the first version is live)."""

@@ -167,39 +167,36 @@ def registry_for(adapters_dir: Path | None) -> Any:
     return AdapterRegistry(resolve(adapters_dir=adapters_dir).adapters)
 
 
-def _servers(paths: RolecastPaths, explicit: str | None) -> tuple[list[Any], list[str]]:
+def _servers(paths: RolecastPaths, explicit: str | None, http: Any) -> tuple[list[Any], list[str]]:
     """The servers to tell, and notes on those that could not be: `--server` (it must answer),
     else ROLECAST_SERVER_URL and every running `rolecast serve` of this registry."""
-    import httpx
-
     from serving.discovery import running_servers
     from serving.publish import ServerClient
 
-    def client(url: str) -> ServerClient:
-        return ServerClient(url, httpx.Client(timeout=30))
-
     if explicit:
-        return [client(explicit)], []
+        return [ServerClient(explicit, http)], []
     found: dict[str, ServerClient] = {}
     notes = []
     if configured := os.environ.get("ROLECAST_SERVER_URL"):
-        server = client(configured)
+        server = ServerClient(configured, http)
         if server.health():
             found[server.root] = server
         else:
             notes.append(f"the configured server (ROLECAST_SERVER_URL={configured}) did not answer")
     for entry in running_servers(paths.run_dir, paths.adapters):
-        server = client(entry.url)
+        server = ServerClient(entry.url, http)
         found.setdefault(server.root, server)
     return list(found.values()), notes
 
 
-def _publisher(paths: RolecastPaths, server: str | None, base_model: str | None) -> Any:
+def _publisher(
+    paths: RolecastPaths, server: str | None, base_model: str | None, http: Any
+) -> tuple[Any, list[str]]:
     from formats.registry import AdapterRegistry
     from serving.publish import Publisher
     from serving.settings import ServeSettings
 
-    servers, notes = _servers(paths, server)
+    servers, notes = _servers(paths, server, http)
     publisher = Publisher(
         AdapterRegistry(paths.adapters),
         servers,
@@ -226,6 +223,7 @@ def _report(
                     "servers": result.servers,
                     "registry": str(paths.adapters),
                     "message": summary,
+                    "notes": notes,
                 },
                 ensure_ascii=False,
             )
@@ -251,12 +249,18 @@ def adapters_list(
     adapters_dir: Path | None = typer.Option(None, help=_DIR_HELP),
 ) -> None:
     """Every persona's versions, with metrics, and which one is live."""
+    from formats.errors import FormatError
+
     registry = registry_for(adapters_dir)
     personas = registry.personas()
     if not personas:
         typer.echo(f"no adapters in {registry.root}")
     for persona in personas:
-        current = registry.current(persona)
+        try:
+            current = registry.current(persona)
+        except FormatError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            current = None
         for v in registry.versions(persona):
             mark = "*" if current and current.version == v.version else " "
             metrics = v.manifest.metrics
@@ -277,12 +281,15 @@ def adapters_publish(
     as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
 ) -> None:
     """Validate, add as the next version, hot-load, switch, drain and unload the old one."""
+    import httpx
+
     from formats.errors import FormatError
 
     paths = resolve(adapters_dir=adapters_dir)
     try:
-        publisher, notes = _publisher(paths, server, base_model)
-        result = publisher.publish(persona, adapter)
+        with httpx.Client(timeout=30) as http:
+            publisher, notes = _publisher(paths, server, base_model, http)
+            result = publisher.publish(persona, adapter)
     except FormatError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -300,12 +307,15 @@ def adapters_rollback(
 ) -> None:
     """Return a persona to its previous version (from the first one: to the base model), the
     same safe way as a publish."""
+    import httpx
+
     from formats.errors import FormatError
 
     paths = resolve(adapters_dir=adapters_dir)
     try:
-        publisher, notes = _publisher(paths, server, None)
-        result = publisher.rollback(persona)
+        with httpx.Client(timeout=30) as http:
+            publisher, notes = _publisher(paths, server, None, http)
+            result = publisher.rollback(persona)
     except FormatError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -27,3 +27,27 @@ def test_import_contracts_are_kept() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
+
+
+# What `formats` may import: the standard library and these, so that every package (the bot's
+# light image included) can read and write the shared files.
+FORMATS_MAY_IMPORT = {"pydantic", "pydantic_settings", "platformdirs", "filelock"}
+# ... and one documented exception: the default model's conversion, shared by the two packages
+# that load models (formats.basemodel.convert imports transformers in its body).
+FORMATS_EXCEPTION = ("formats.basemodel", "transformers")
+
+
+def test_formats_imports_only_the_standard_library_and_its_few_dependencies() -> None:
+    import grimp
+
+    graph = grimp.build_graph("formats", include_external_packages=True, cache_dir=None)
+    found = set()
+    for module in graph.modules:
+        if not module.startswith("formats"):
+            continue
+        for imported in graph.find_modules_directly_imported_by(module):
+            top = imported.split(".")[0]
+            if top != "formats" and top not in sys.stdlib_module_names:
+                found.add((module, top))
+    assert {top for _, top in found} - FORMATS_MAY_IMPORT == {FORMATS_EXCEPTION[1]}
+    assert {(m, t) for m, t in found if t not in FORMATS_MAY_IMPORT} == {FORMATS_EXCEPTION}

@@ -1,7 +1,7 @@
 """The Discord bot: a `commands.Bot` that owns nothing global.
 
 The entry point (`run_bot`) opens the database, the model-server client and the bot with
-`async with` and passes them in; `setup_hook` loads one cog per feature from `bot/cogs/`.
+`async with` and passes them in; `setup_hook` loads one cog per feature from `bot/discord/cogs/`.
 `command_tree` builds the same bot offline (no token, no connection) for `rolecast bot --check`.
 """
 
