@@ -112,9 +112,10 @@ class RolecastPaths(BaseSettings):
             if not value:
                 continue
             new = ENV_PREFIX + field.upper()
-            used = data.get(field) is None
-            _warn_deprecated(old, new, used)
-            if used:
+            given = data.get(field)
+            # "ignored" only when it would have meant something else than what was given
+            _warn_deprecated(old, new, given is None or Path(str(given)) == Path(value))
+            if given is None:
                 data = {**data, field: value}
         return data
 

@@ -69,6 +69,13 @@ def test_the_old_variable_works_and_warns_once(
         assert RolecastPaths().adapters == tmp_path / "new"  # the new name wins
         assert RolecastPaths().adapters == tmp_path / "new"
     assert len(caplog.records) == 1 and "ignored" in caplog.records[0].getMessage()
+    # a child process given the same registry by flag is told to rename, not that it is ignored
+    paths._warn_deprecated.cache_clear()
+    clean_env.delenv("ROLECAST_ADAPTERS_DIR")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="formats.paths"):
+        assert paths.resolve(adapters_dir=tmp_path / "old").adapters == tmp_path / "old"
+    assert [r.getMessage() for r in caplog.records] == warnings
 
 
 def test_the_toml_file_is_read_by_every_side(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
