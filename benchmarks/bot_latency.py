@@ -59,7 +59,7 @@ def start_instant_server(port: int) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "bot.instant_server",
+            "tests.instant_server",
             "--port",
             str(port),
             "--max-model-len",
@@ -92,7 +92,7 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
     import discord.ext.test as dpytest
     import pytest
 
-    from bot.discord_bot import RolecastBot, channel_key
+    from bot.discord.bot import RolecastBot, channel_key
     from tests.discord.fakediscord import FakeDiscordAPI
 
     settings = BotSettings(
@@ -114,7 +114,7 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
         # The bot's own work per message is the chat cog's handler: from the gateway event to
         # the reply stored and posted. Timed by wrapping the handler before the cog loads;
         # dpytest's fake gateway around it is test harness, not bot.
-        from bot.cogs.chat.listener import ChatListener
+        from bot.discord.cogs.chat.listener import ChatListener
 
         handler: list[float] = []
         on_message = ChatListener.on_message

@@ -66,10 +66,11 @@ from bot.core.client import ModelClient  # noqa: E402
 from bot.core.memory import Memory  # noqa: E402
 from bot.core.personas import PersonaRegistry  # noqa: E402
 from bot.core.sidecar import EmbeddedServer  # noqa: E402
-from bot.retrain import adapters  # noqa: E402
 from bot.retrain.jobs import Job  # noqa: E402
 from bot.retrain.runner import RetrainService  # noqa: E402
 from bot.settings import BotSettings, SamplingSettings  # noqa: E402
+from formats.manifest import read_manifest  # noqa: E402
+from formats.registry import AdapterRegistry  # noqa: E402
 
 log = logging.getLogger("retrain_loop")
 
@@ -208,7 +209,7 @@ async def run(args: argparse.Namespace, work: Path) -> bool:
     dialogues = read_dialogues(args.data, args.dialogues)
     adapters_dir = work / "adapters"
     adapters_dir.mkdir(parents=True, exist_ok=True)
-    if adapters.current(adapters_dir, PERSONA) is not None:
+    if AdapterRegistry(adapters_dir).current(PERSONA) is not None:
         raise SystemExit(f"{adapters_dir} already has a {PERSONA} version; use a fresh --work")
     retrain: dict[str, Any] = {
         "min_approved": min(args.min_approved, len(dialogues)),
@@ -298,9 +299,8 @@ async def run(args: argparse.Namespace, work: Path) -> bool:
         }
     )
     workdir = service.paths(job).workdir
-    manifest_path = workdir / "adapter" / "rolecast.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if (workdir / "adapter" / "rolecast.json").is_file():
+        manifest = read_manifest(workdir / "adapter").to_json()
         data, settings_used = manifest["data"], manifest["settings"]
         emit(
             {

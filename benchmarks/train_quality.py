@@ -270,9 +270,11 @@ def select(
     dirs = [run for name in names for run, _ in runs[name]]
     if soup and seeds:
         dirs += [make_soup([r for r, _ in runs[name]], val, decodings, False) for name in names]
+    from formats.manifest import read_manifest
+
     table = []
     for run in dirs:
-        manifest = json.loads((run / "rolecast.json").read_text())
+        manifest = read_manifest(run).to_json()
         for decoding in decodings:
             scores = score(run / f"eval-{decoding}" / "predictions.jsonl")["adapter"]
             merit = min(scores[m] / t for m, t in TARGET.items())
@@ -504,11 +506,13 @@ def main() -> None:
         )
     if args.no_score:
         return
+    from formats.manifest import read_manifest
+
     for persona in args.personas:
         run = work / f"{persona}{args.tag}"
         if soup:
             run = soup_of([r for r, _ in seeded(run, [], args.seeds)])
-        manifest = json.loads((run / "rolecast.json").read_text())
+        manifest = read_manifest(run).to_json()
         for evaluated in sorted(run.glob("eval-*/predictions.jsonl")):
             print(
                 json.dumps(

@@ -34,11 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from finetune.adapter import keep_input_dtype, lora_config
 from finetune.attention import VARLEN, choose_attention
 from finetune.config import TrainConfig
+from finetune.loop import batch_loss
 from finetune.packing import collate_packed, collate_padded, packed_batches
 from finetune.template import IGNORE_INDEX, Encoded
-from finetune.trainer import batch_loss, keep_input_dtype, lora_config
 
 PEAK_FLOPS = 989e12
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

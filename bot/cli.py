@@ -1,4 +1,5 @@
-"""`rolecast chat` and `rolecast persona ...`: the bot side's commands.
+"""`rolecast chat`, `rolecast bot`, `rolecast retrain` and `rolecast persona ...`: the bot side's
+commands, each a thin entry into its front end (`bot.terminal`, `bot.discord`).
 
 Only light imports here: the bot process is an HTTP client and never loads torch.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
@@ -16,25 +16,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from bot.errors import RolecastError
-from bot.retrain.terminal import retrain
-from bot.settings import BotSettings
+from bot.terminal.console import err, fail, load_settings
+from bot.terminal.retrain import retrain
 
 persona_app = typer.Typer(
     help="List, inspect, validate and import character cards.", no_args_is_help=True
 )
-err = Console(stderr=True, highlight=False)
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/] {escape(message)}")
-    return typer.Exit(code)
-
-
-def load_settings(**overrides: Any) -> BotSettings:
-    try:
-        return BotSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise fail(f"invalid settings: {exc}") from None
 
 
 def chat(
@@ -62,7 +49,7 @@ def chat(
     seed: int | None = typer.Option(None, help="Seed for reproducible replies."),
 ) -> None:
     """Chat with a persona in the terminal. Pipe lines in to script it: one reply per line."""
-    from bot.terminal import ChatOptions, run_chat
+    from bot.terminal.chat import ChatOptions, run_chat
 
     settings = load_settings(db_path=db, server_url=server)
     overrides = {
@@ -170,7 +157,7 @@ def discord_bot(
     ),
 ) -> None:
     """Run the Discord bot (token from ROLECAST_DISCORD_TOKEN)."""
-    from bot.discord_bot import command_tree, run_bot
+    from bot.discord.bot import command_tree, run_bot
 
     settings = load_settings(db_path=db, server_url=server)
     if check:

@@ -4,26 +4,20 @@ Sources, strongest first: keyword arguments (CLI flags), environment variables p
 `ROLECAST_` (nested with `__`, e.g. `ROLECAST_SAMPLING__TEMPERATURE=0.9`), a TOML file
 (`ROLECAST_CONFIG`, default `./rolecast.toml` when it exists), then the defaults below.
 Secrets (the Discord token) come from the environment only and are never printed.
+
+The directories the bot shares with the model server and the training side (`home`,
+`cache_dir`, `adapters_dir`) are `formats.paths.RolecastPaths`'s, which these settings extend:
+the bot resolves them exactly as `rolecast serve` and `rolecast adapters` do.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import SettingsConfigDict
 
-
-def default_home() -> Path:
-    """Where the database, imported cards and logs live: `$XDG_DATA_HOME/rolecast`."""
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "rolecast"
+from formats.paths import ENV_PREFIX, RolecastPaths
 
 
 class SamplingSettings(BaseModel):
@@ -121,15 +115,13 @@ class RetrainSettings(BaseModel):
     )
 
 
-class BotSettings(BaseSettings):
+class BotSettings(RolecastPaths):
+    """The bot's settings, with the shared directories (`home`, `cache_dir`, `adapters_dir`)."""
+
     model_config = SettingsConfigDict(
-        env_prefix="ROLECAST_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        toml_file=os.environ.get("ROLECAST_CONFIG", "rolecast.toml"),
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid"
     )
 
-    home: Path = Field(default_factory=default_home, description="data directory")
     db_path: Path | None = Field(None, description="SQLite file; default <home>/rolecast.db")
     personas_dir: Path | None = Field(
         None, description="imported character cards; default <home>/personas"
@@ -152,23 +144,7 @@ class BotSettings(BaseSettings):
     discord_token: SecretStr | None = None
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
     prompt: PromptSettings = Field(default_factory=PromptSettings)
-    adapters_dir: Path | None = Field(
-        None,
-        description="adapter registry shared with the model server (its `--adapters-dir`); "
-        "personas speak through its current versions; default <home>/adapters",
-    )
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
     @property
     def database(self) -> Path:
@@ -181,10 +157,6 @@ class BotSettings(BaseSettings):
     @property
     def logs(self) -> Path:
         return self.home / "logs"
-
-    @property
-    def adapters(self) -> Path:
-        return self.adapters_dir or self.home / "adapters"
 
     @property
     def retrain_dir(self) -> Path:

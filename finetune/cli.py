@@ -25,6 +25,14 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=1)
 
 
+def _errors() -> tuple[type[Exception], ...]:
+    """What a command turns into one error line: the package's errors and bad shared files."""
+    from finetune.errors import FinetuneError
+    from formats.errors import FormatError
+
+    return (FinetuneError, FormatError)
+
+
 def _token_counter(base: str | None) -> Any:
     if not base:
         return None
@@ -51,12 +59,11 @@ def data_check(
 ) -> None:
     """Report, per row id, what makes a row unusable; near-duplicates; length statistics."""
     from finetune.data import check_files
-    from finetune.errors import FinetuneError
 
     try:
         counter = _token_counter(base)
         report = check_files(files, counter, max_length if counter else None, dedup_threshold)
-    except FinetuneError as exc:
+    except _errors() as exc:
         _fail(exc)
     if as_json:
         typer.echo(json.dumps(report.to_json(), ensure_ascii=False, indent=2))
@@ -111,7 +118,6 @@ def data_clean(
 ) -> None:
     """Write the usable rows; say what was dropped or trimmed and why."""
     from finetune.data import clean_rows, read_rows, write_jsonl
-    from finetune.errors import FinetuneError
 
     try:
         counter = _token_counter(base)
@@ -119,7 +125,7 @@ def data_clean(
             read_rows(source), counter, max_length if counter else None, trim, dedup_threshold
         )
         n = write_jsonl(result.kept, output)
-    except FinetuneError as exc:
+    except _errors() as exc:
         _fail(exc)
     for p in result.dropped:
         typer.echo(f"dropped {p}", err=True)
@@ -139,7 +145,6 @@ def data_split(
 ) -> None:
     """A reproducible train/validation split, plus a dataset_info.json LLaMA-Factory can read."""
     from finetune.data import load_dialogues, split_dialogues, write_dataset_info, write_jsonl
-    from finetune.errors import FinetuneError
 
     try:
         train, val = split_dialogues(load_dialogues(source), validation, seed)
@@ -147,23 +152,36 @@ def data_split(
         write_jsonl(train, output_dir / f"{stem}_train.jsonl")
         write_jsonl(val, output_dir / f"{stem}_validation.jsonl")
         write_dataset_info(output_dir, [f"{stem}_train", f"{stem}_validation"])
-    except FinetuneError as exc:
+    except _errors() as exc:
         _fail(exc)
     typer.echo(f"{len(train)} train, {len(val)} validation dialogues in {output_dir}")
 
 
 def train(ctx: typer.Context) -> None:
-    """LoRA SFT of a persona adapter. Flags: rolecast train --help."""
-    from finetune.config import parse_train_args
-    from finetune.errors import FinetuneError
+    """LoRA SFT of a persona adapter. Flags: rolecast train --help (--json: JSON lines)."""
+    from dataclasses import replace
 
-    config = parse_train_args(list(ctx.args))
+    from finetune.config import parse_train_command
+    from finetune.errors import DataError
+    from finetune.progress import JsonLines
+
+    config, as_json = parse_train_command(list(ctx.args))
+    lines = JsonLines() if as_json else None
+    if lines is not None:
+        config = replace(config, progress=False)
     try:
         from finetune.trainer import train as run_training
 
-        manifest = run_training(config)
-    except FinetuneError as exc:
+        manifest = run_training(config, lines)
+    except _errors() as exc:
+        if lines is not None:
+            problems = exc.problems if isinstance(exc, DataError) else []
+            lines.error(str(exc), problems)
         _fail(exc)
+    if lines is not None:
+        if manifest:  # the main process of a multi-GPU run
+            lines.result(str(config.output), manifest)
+        return
     if manifest:
         m = manifest["metrics"]
         typer.echo(
@@ -221,7 +239,6 @@ def evaluate(
 ) -> None:
     """Predict the last reply of each dialogue with the base and the adapter; BLEU-4, ROUGE-1/2/L."""
     from finetune import evaluate as ev
-    from finetune.errors import FinetuneError
 
     try:
         if predictions is not None:
@@ -243,7 +260,7 @@ def evaluate(
             title = f"{(data or predictions).stem}: {against} vs adapter"  # type: ignore[union-attr]
             results = ev.write_report(records, output, title)
             typer.echo(ev.metrics_table(results))
-    except FinetuneError as exc:
+    except _errors() as exc:
         _fail(exc)
 
 
@@ -261,13 +278,12 @@ def compare(
     from rich.table import Table
 
     from finetune import evaluate as ev
-    from finetune.errors import FinetuneError
 
     try:
         rows = ev.compare(
             adapter, prompts, base, system, ev.GenerationSettings(max_new_tokens=max_new_tokens)
         )
-    except FinetuneError as exc:
+    except _errors() as exc:
         _fail(exc)
     table = Table("prompt", "base", "adapter", show_lines=True)
     for row in rows:
@@ -281,12 +297,11 @@ def soup(
     rank: int | None = typer.Option(None, help="Rank of the result (default: the inputs')."),
 ) -> None:
     """Average adapters (e.g. one per seed) into one adapter of the same rank."""
-    from finetune.errors import FinetuneError
     from finetune.soup import average_adapters
 
     try:
         manifest = average_adapters(adapters, output, rank)
-    except FinetuneError as exc:
+    except _errors() as exc:
         _fail(exc)
     info = manifest["soup"]
     typer.echo(

@@ -143,6 +143,13 @@ class TrainConfig:
 
 def parse_train_args(args: list[str], prog: str = "rolecast train") -> TrainConfig:
     """Flags to a TrainConfig, with transformers' HfArgumentParser (dataclass fields -> flags)."""
+    return parse_train_command(args, prog)[0]
+
+
+def parse_train_command(args: list[str], prog: str = "rolecast train") -> tuple[TrainConfig, bool]:
+    """The TrainConfig and whether `--json` asked for JSON lines (`finetune.progress`) instead
+    of the progress bar and summary; `--json` is how the run reports, not a training setting,
+    so it is kept out of the config (and of the manifest)."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(
@@ -150,5 +157,12 @@ def parse_train_args(args: list[str], prog: str = "rolecast train") -> TrainConf
         prog=prog,
         description="LoRA SFT of a persona adapter.",
     )
-    (config,) = parser.parse_args_into_dataclasses(args=args)
-    return config
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="Print progress and the result as JSON lines on stdout, one object per line with "
+        "a `type` (start, progress, validation, checkpoint, result, error), for programs that "
+        "follow the run; no progress bar.",
+    )
+    config, extra = parser.parse_args_into_dataclasses(args=args)
+    return config, bool(extra.json)

@@ -1,13 +1,8 @@
 """Dialogue datasets: reading ShareGPT / OpenAI JSONL, row checks, cleaning and splitting.
 
-Two row shapes are read, as LLaMA-Factory reads them:
-
-- ShareGPT: ``{"id": ..., "conversations": [{"from": "system"|"human"|"gpt", "value": ...}]}``
-  (an optional top-level ``"system"`` string is accepted too);
-- OpenAI: ``{"id": ..., "messages": [{"role": "system"|"user"|"assistant", "content": ...}]}``.
-
-Inside the package a dialogue is always a list of OpenAI-style ``{"role", "content"}`` messages,
-which is what the tokenizer's chat template takes.
+The row shapes (ShareGPT and OpenAI, as LLaMA-Factory reads them) and `dataset_info.json` are
+`formats.sharegpt`'s; inside the package a dialogue is always a list of OpenAI-style
+``{"role", "content"}`` messages, which is what the tokenizer's chat template takes.
 """
 
 from __future__ import annotations
@@ -23,20 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import DataError
+from formats import sharegpt
+from formats.sharegpt import ASSISTANT, SYSTEM, USER, Message
 
 log = logging.getLogger(__name__)
-
-SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
-ROLE_ALIASES = {
-    "system": SYSTEM,
-    "human": USER,
-    "user": USER,
-    "gpt": ASSISTANT,
-    "assistant": ASSISTANT,
-}
-SHAREGPT_ROLES = {SYSTEM: "system", USER: "human", ASSISTANT: "gpt"}
-
-Message = dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -152,39 +137,8 @@ class CheckReport:
 def _parse_messages(
     obj: Any, row_id: str, source: str
 ) -> tuple[list[Message] | None, list[Problem]]:
-    def problem(code: str, message: str) -> Problem:
-        return Problem(row_id, source, code, message)
-
-    if not isinstance(obj, dict):
-        return None, [problem("bad_format", "row is not a JSON object")]
-    if isinstance(obj.get("conversations"), list):
-        turns, role_key, text_key = obj["conversations"], "from", "value"
-    elif isinstance(obj.get("messages"), list):
-        turns, role_key, text_key = obj["messages"], "role", "content"
-    else:
-        return None, [problem("bad_format", "no 'conversations' or 'messages' list")]
-
-    messages: list[Message] = []
-    problems: list[Problem] = []
-    top_system = obj.get("system")
-    if isinstance(top_system, str) and top_system.strip():
-        messages.append({"role": SYSTEM, "content": top_system})
-    for number, turn in enumerate(turns, start=1):
-        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
-            problems.append(
-                problem("bad_format", f"turn {number} has no '{role_key}'/'{text_key}'")
-            )
-            continue
-        role = ROLE_ALIASES.get(str(turn[role_key]))
-        if role is None:
-            problems.append(problem("unknown_role", f"turn {number} has role {turn[role_key]!r}"))
-            continue
-        text = turn[text_key]
-        if not isinstance(text, str):
-            problems.append(problem("bad_format", f"turn {number} text is not a string"))
-            continue
-        messages.append({"role": role, "content": text})
-    return messages, problems
+    messages, found = sharegpt.read_messages(obj)
+    return messages, [Problem(row_id, source, code, message) for code, message in found]
 
 
 def read_rows(path: str | Path) -> list[Row]:
@@ -442,12 +396,7 @@ def split_dialogues(
 
 
 def to_sharegpt(dialogue: Dialogue) -> dict[str, Any]:
-    return {
-        "id": dialogue.row_id,
-        "conversations": [
-            {"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in dialogue.messages
-        ],
-    }
+    return sharegpt.sharegpt_row(dialogue.row_id, dialogue.messages)
 
 
 def write_jsonl(dialogues: Iterable[Dialogue], path: str | Path) -> int:
@@ -456,31 +405,14 @@ def write_jsonl(dialogues: Iterable[Dialogue], path: str | Path) -> int:
     n = 0
     with path.open("w", encoding="utf-8") as fh:
         for d in dialogues:
-            fh.write(json.dumps(to_sharegpt(d), ensure_ascii=False) + "\n")
+            fh.write(sharegpt.jsonl_line(to_sharegpt(d)))
             n += 1
     return n
 
 
 def write_dataset_info(directory: str | Path, names: Sequence[str]) -> Path:
     """A `dataset_info.json` that LLaMA-Factory reads as is, one entry per JSONL file in `directory`."""
-    info = {
-        name: {
-            "file_name": f"{name}.jsonl",
-            "formatting": "sharegpt",
-            "columns": {"messages": "conversations"},
-            "tags": {
-                "role_tag": "from",
-                "content_tag": "value",
-                "user_tag": "human",
-                "assistant_tag": "gpt",
-                "system_tag": "system",
-            },
-        }
-        for name in names
-    }
-    path = Path(directory) / "dataset_info.json"
-    path.write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    return path
+    return sharegpt.write_dataset_info(directory, {name: f"{name}.jsonl" for name in names})
 
 
 def load_dialogues(

@@ -24,6 +24,7 @@ from finetune.data import ASSISTANT, SYSTEM, Dialogue, Message, read_rows, trim_
 from finetune.errors import ConfigError, DataError, ModelNotFoundError
 from finetune.metrics import METRICS, consensus, score_corpus
 from finetune.template import end_of_turn_ids, prompt_ids
+from formats.manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -353,18 +354,16 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     ]
 
 
-def adapter_manifest(adapter: str | Path | None) -> dict[str, Any]:
-    if adapter is None:
-        return {}
-    path = Path(adapter) / "rolecast.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def adapter_manifest(adapter: str | Path | None) -> Manifest:
+    """The adapter's `rolecast.json` (empty without an adapter, or for one that has none)."""
+    return Manifest() if adapter is None else read_manifest(Path(adapter))
 
 
 def base_for(adapter: str | Path | None, base: str | None) -> str:
     """`base` if given, else the base the adapter was trained on, else the default model."""
     if base:
         return base
-    return str(adapter_manifest(adapter).get("settings", {}).get("base", models.DEFAULT_BASE))
+    return str(adapter_manifest(adapter).settings.get("base", models.DEFAULT_BASE))
 
 
 def compare(
@@ -376,7 +375,7 @@ def compare(
 ) -> list[tuple[str, str, str]]:
     """(prompt, base reply, adapter reply) for each prompt, under the persona's system prompt."""
     manifest = adapter_manifest(adapter)
-    system = system if system is not None else manifest.get("system_prompt")
+    system = system if system is not None else manifest.system_prompt
     contexts = [
         ([{"role": SYSTEM, "content": system}] if system else []) + [{"role": "user", "content": p}]
         for p in prompts

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import ConfigError, ModelNotFoundError
-from finetune.trainer import MANIFEST
+from formats import lora
+from formats.manifest import Manifest, SoupInfo, read_manifest, write_manifest
 
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+CONFIG, WEIGHTS = lora.CONFIG, lora.WEIGHTS
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 # Files an adapter directory carries besides its weights that a soup keeps from its first input.
 _KEEP = ("chat_template.jinja", "tokenizer_config.json", "README.md")
@@ -43,11 +44,12 @@ def _read(adapter: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     if not (adapter / CONFIG).is_file() or not (adapter / WEIGHTS).is_file():
         raise ModelNotFoundError(f"{adapter} is not an adapter directory ({CONFIG}, {WEIGHTS})")
-    config = json.loads((adapter / CONFIG).read_text(encoding="utf-8"))
-    if config.get("peft_type") != "LORA" or config.get("use_dora"):
-        raise ConfigError(f"{adapter}: only plain LoRA adapters can be averaged")
-    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("modules_to_save"):
-        raise ConfigError(f"{adapter}: per-module ranks or modules_to_save cannot be averaged")
+    problems = lora.problems(adapter)  # the soup of servable adapters must be servable too
+    if problems:
+        raise ConfigError(f"{adapter}: only plain LoRA adapters can be averaged: {problems[0]}")
+    config = lora.read_config(adapter)
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ConfigError(f"{adapter}: per-module ranks cannot be averaged")
     return config, load_file(str(adapter / WEIGHTS))
 
 
@@ -119,33 +121,32 @@ def average_adapters(
         if (paths[0] / name).is_file():
             shutil.copyfile(paths[0] / name, output / name)
     manifest = _soup_manifest(paths, rank, kept / total if total else 1.0)
-    (output / MANIFEST).write_text(
-        json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-    )
-    return manifest
+    return write_manifest(output, manifest)
 
 
-def _soup_manifest(paths: Sequence[Path], rank: int, retained: float) -> dict[str, Any]:
+def _soup_manifest(paths: Sequence[Path], rank: int, retained: float) -> Manifest:
     """The first input's manifest (persona, base, settings, system prompt) with the soup's
     sources; metrics that are averages over the inputs are the mean of theirs."""
-    from finetune.evaluate import adapter_manifest
-
-    sources = [adapter_manifest(p) for p in paths]
+    sources = [read_manifest(p) for p in paths]
     first = sources[0]
-    losses = [s.get("metrics", {}).get("validation_loss") for s in sources]
+    losses = [s.metrics.get("validation_loss") for s in sources]
     metrics: dict[str, Any] = {}
-    if all(isinstance(x, int | float) for x in losses):
-        metrics["sources_mean_validation_loss"] = round(sum(losses) / len(losses), 6)
-    return {
-        **{k: first[k] for k in ("persona", "base_model", "system_prompt", "data") if k in first},
-        "settings": {**first.get("settings", {}), "lora_r": rank},
-        "soup": {
-            "sources": [str(p) for p in paths],
-            "seeds": [s.get("settings", {}).get("seed") for s in sources],
-            "rank": rank,
-            "retained_energy": round(retained, 6),
-        },
-        "metrics": metrics,
-        "train_time_s": round(sum(s.get("train_time_s", 0.0) for s in sources), 2),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    numbers = [float(x) for x in losses if isinstance(x, int | float)]
+    if len(numbers) == len(losses):
+        metrics["sources_mean_validation_loss"] = round(sum(numbers) / len(numbers), 6)
+    inherited = first.model_dump(
+        include={"persona", "base_model", "system_prompt", "data"}, exclude_unset=True
+    )
+    return Manifest(
+        **inherited,
+        settings={**first.settings, "lora_r": rank},
+        soup=SoupInfo(
+            sources=[str(p) for p in paths],
+            seeds=[s.settings.get("seed") for s in sources],
+            rank=rank,
+            retained_energy=round(retained, 6),
+        ),
+        metrics=metrics,
+        train_time_s=round(sum(s.train_time_s or 0.0 for s in sources), 2),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )

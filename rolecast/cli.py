@@ -1,9 +1,10 @@
 """The `rolecast` console command.
 
-Each package contributes its own sub-commands through a `register(app)` function in its
-`cli.py`. Those modules import only light things at module level (typer, pydantic): a command
-that needs torch imports it inside its function, so `rolecast chat` and `rolecast bot` stay
-plain HTTP clients.
+Each package (`bot`, `serving`, `finetune`) contributes its own sub-commands through a
+`register(app)` function in its `cli.py`; this root is the only module that imports all three.
+Those modules import only light things at module level (typer, pydantic): a command that needs
+torch imports it inside its function, so `rolecast chat` and `rolecast bot` stay plain HTTP
+clients.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The FastAPI app: routes, error handlers, and one `lifespan` that loads the model, starts the
-engine, and stops it again."""
+engine, loads the adapter registry's current versions, records where it serves (so that
+`rolecast adapters` finds it, `serving.discovery`), and undoes all of that again."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -16,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from formats.paths import RolecastPaths
+from serving import discovery
 from serving.engine import Engine
 from serving.errors import ServingError
 from serving.metrics import EngineMetrics
@@ -58,8 +62,9 @@ def _error(status: int, message: str, err_type: str, param: str | None = None) -
     return JSONResponse(body.model_dump(), status_code=status)
 
 
-def build_app(settings: ServeSettings) -> FastAPI:
-    """The server for `settings`; nothing is loaded until the app starts."""
+def build_app(settings: ServeSettings, paths: RolecastPaths) -> FastAPI:
+    """The server for `settings`, loading the registry at `paths.adapters`; nothing is loaded
+    until the app starts."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,6 +75,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
             device=settings.device,
             dtype=settings.dtype,
             max_model_len=settings.max_model_len,
+            cache_dir=paths.cache_dir,
         )
         base_name = settings.resolved_served_name()
         metrics = EngineMetrics(base_name)
@@ -81,6 +87,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
             metrics=metrics,
         )
         engine.start()
+        record = None
         try:
             models = ServingModels(engine, base_name, loaded.path)
             chat = ServingChat(engine, models, loaded)
@@ -92,15 +99,20 @@ def build_app(settings: ServeSettings) -> FastAPI:
                 chat=chat,
                 tokenization=ServingTokenization(chat, models),
             )
-            for name, path in startup_adapters(settings).items():
+            for name, path in startup_adapters(settings, paths.adapters).items():
                 try:
                     await engine.load_adapter(name, path)
                 except ServingError as exc:
                     # one bad adapter must not keep the base and the other personas offline
                     log.error("not serving adapter %s: %s", name, exc.message)
             log.info("serving %s (%d adapters)", base_name, len(engine.adapters()))
+            if settings.port:
+                url = discovery.client_url(settings.host, settings.port)
+                record = discovery.record(paths.run_dir, url, paths.adapters, base_name)
             yield
         finally:
+            if record is not None:
+                record.unlink(missing_ok=True)
             await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="Rolecast model server", lifespan=lifespan)
@@ -197,13 +209,19 @@ async def _cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) 
         watcher.cancel()
 
 
-def startup_adapters(settings: ServeSettings) -> dict[str, str]:
+def startup_adapters(settings: ServeSettings, registry_root: Path) -> dict[str, str]:
     """Adapters to load at start: `--lora-modules`, then the registry's current versions."""
-    adapters = dict(settings.lora_modules)
-    if settings.adapters_dir is not None:
-        from serving.registry import AdapterRegistry
+    from formats.errors import FormatError
+    from formats.registry import AdapterRegistry
 
-        registry = AdapterRegistry(settings.adapters_dir)
-        for version in registry.current_versions():
+    adapters = dict(settings.lora_modules)
+    registry = AdapterRegistry(registry_root)
+    for persona in registry.personas():
+        try:
+            version = registry.current(persona)
+        except FormatError as exc:
+            log.error("not serving %s: %s", persona, exc)
+            continue
+        if version is not None:
             adapters.setdefault(version.served_name, str(version.path))
     return adapters

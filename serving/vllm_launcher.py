@@ -9,18 +9,10 @@ import shlex
 import shutil
 from pathlib import Path
 
-from serving.registry import AdapterRegistry, adapter_rank, read_adapter_config
-from serving.settings import DEFAULT_MODEL, VLLM_LORA_RANKS, ServeSettings
-
-
-def allowed_rank(rank: int) -> int:
-    """The smallest `--max-lora-rank` vLLM accepts that covers `rank`."""
-    for allowed in VLLM_LORA_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise ValueError(
-        f"LoRA rank {rank} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}"
-    )
+from formats import basemodel, lora
+from formats.lora import allowed_rank
+from formats.registry import AdapterRegistry
+from serving.settings import ServeSettings
 
 
 def build_vllm_command(
@@ -45,7 +37,7 @@ def build_vllm_command(
         argv += ["--dtype", settings.dtype]
 
     modules: dict[str, str] = dict(settings.lora_modules)
-    ranks: list[int] = [adapter_rank(read_adapter_config(Path(p))) for p in modules.values()]
+    ranks: list[int] = [lora.rank(lora.read_config(Path(p))) for p in modules.values()]
     if registry is not None:
         for persona in registry.personas():
             # every version may be rolled back to, so the rank limit covers them all
@@ -72,13 +64,17 @@ def build_vllm_command(
     return argv, {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
 
 
-def vllm_model_path(settings: ServeSettings, *, prepare: bool) -> str:
-    """vLLM loads the default model from the converted checkpoint (it is made if `prepare`)."""
-    if settings.model != DEFAULT_MODEL:
+def vllm_model_path(
+    settings: ServeSettings, *, prepare: bool, cache_dir: Path | None = None
+) -> str:
+    """vLLM loads the default model from its one converted checkpoint (made if `prepare`)."""
+    if not basemodel.is_default(settings.model):
         return settings.model
-    from serving.models import converted_dir, prepare_default_model
+    from serving.models import resolve_model_path
 
-    return str(prepare_default_model() if prepare else converted_dir())
+    if prepare:
+        return resolve_model_path(settings.model, cache_dir)
+    return str(basemodel.checkpoint_dir(cache_dir))
 
 
 def format_command(argv: list[str], env: dict[str, str]) -> str:

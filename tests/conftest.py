@@ -7,11 +7,38 @@ Nothing here downloads: the tokenizer (with its chat template) comes from the GG
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Variables that would point a test at this machine's real registry or model server.
+SHARED_VARIABLES = (
+    "ROLECAST_HOME",
+    "ROLECAST_ADAPTERS_DIR",
+    "ROLECAST_SERVE_ADAPTERS_DIR",
+    "ROLECAST_SERVER_URL",
+    "ROLECAST_CONFIG",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def rolecast_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test, and every process a test starts, gets a home of its own (database, adapter
+    registry, running-server records) instead of the user's; the cache (the default model's
+    converted checkpoint) stays shared, so a slow test converts it at most once."""
+    home = tmp_path_factory.mktemp("home")
+    saved = {name: os.environ.pop(name, None) for name in SHARED_VARIABLES}
+    os.environ["ROLECAST_HOME"] = str(home)
+    os.environ["ROLECAST_CONFIG"] = str(home / "rolecast.toml")  # none: not the working dir's
+    try:
+        yield home
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def smollm2_gguf_path() -> Path:

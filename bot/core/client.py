@@ -10,7 +10,6 @@ token: once text reached the user, a retry would repeat it.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -30,13 +29,12 @@ from tenacity import (
 )
 
 from bot.errors import ModelServerError
-from bot.retrain.adapters import current_served_name
 from bot.settings import BotSettings, SamplingSettings
+from formats.registry import AdapterRegistry, parse_served_name
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
-ADAPTER_NAME = re.compile(r"^(?P<persona>.+)@v(?P<version>\d+)$")
 MODELS_TTL_S = 5.0
 POINTER_REFRESH_S = 1.0  # a registry pointer to a name not listed re-reads the list this often
 
@@ -124,6 +122,7 @@ class ModelClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.adapters_dir = adapters_dir
+        self.registry = AdapterRegistry(adapters_dir) if adapters_dir is not None else None
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
         self.root_url = self.base_url.removesuffix("/v1")
@@ -250,23 +249,30 @@ class ModelClient:
         """The served name for `persona`: the version the adapter registry's `current.json`
         points at when it is loaded (so a rollback takes effect at once, even while the newer
         version is still loaded and draining), else its newest loaded adapter `<persona>@v<N>`,
-        else the base model. Publishing loads a new version before switching the pointer."""
+        else the base model. Publishing loads a new version before switching the pointer. A
+        persona the registry has versions of but no pointer for was rolled back past its first
+        version: it speaks through the base model."""
         models = await self.models()
-        if self.adapters_dir is not None:
-            wanted = current_served_name(self.adapters_dir, persona)
+        if self.registry is not None:
+            wanted = self.registry.current_served_name(persona)
             if wanted is not None:
                 stale = time.monotonic() - self._models_at > POINTER_REFRESH_S
                 if stale and not any(m.id == wanted for m in models):
                     models = await self.models(refresh=True)  # just published or rolled back
                 if any(m.id == wanted for m in models):
                     return wanted
+            elif self.registry.knows(persona):
+                return self._base_model(models)
         versions = [
-            (int(m.group("version")), served.id)
+            (parsed[1], served.id)
             for served in models
-            if (m := ADAPTER_NAME.match(served.id)) and m.group("persona") == persona
+            if (parsed := parse_served_name(served.id)) and parsed[0] == persona
         ]
         if versions:
             return max(versions)[1]
+        return self._base_model(models)
+
+    def _base_model(self, models: list[ServedModel]) -> str:
         bases = [m.id for m in models if m.parent is None] or [m.id for m in models]
         if not bases:
             raise ModelServerError(f"The model server at {self.root_url} serves no model.")

@@ -1,5 +1,6 @@
 """Export approved dialogues as ShareGPT JSONL plus a `dataset_info.json`, the shapes
-LLaMA-Factory reads as they are (and `rolecast train` reads too).
+LLaMA-Factory reads as they are (and `rolecast train` reads too); both formats are
+`formats.sharegpt`'s.
 
 Each line is `{"id", "conversations": [{"from": "system"|"human"|"gpt", "value"}]}`: the card's
 system prompt, then alternating human/gpt turns ending on the approved reply. Several people
@@ -10,7 +11,6 @@ raw mentions and ids are replaced by display names.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from bot.core.cards import Card
 from bot.core.memory import Dialogue
 from bot.core.prompt import render_system
+from formats import sharegpt
+from formats.sharegpt import ASSISTANT, SYSTEM, USER
 
 # `<@123>`, `<@!123>` users; `<@&123>` roles; `<#123>` channels; `<:name:123>` emoji;
 # `<t:1700000000:R>` timestamps; bare snowflakes (17-20 digits).
@@ -68,7 +70,7 @@ def to_sharegpt(
     dialogue: Dialogue, card: Card, names: Names, *, speaker_names: bool = True
 ) -> dict[str, object] | None:
     """One dialogue as a ShareGPT record, or None when nothing trainable is left."""
-    turns: list[tuple[str, str]] = []  # (from, value), consecutive same-role merged
+    turns: list[tuple[str, str]] = []  # (role, content), consecutive same-role merged
     for message in dialogue.messages:
         content = scrub(str(message.get("content") or ""), names).strip()
         if not content:
@@ -77,16 +79,16 @@ def to_sharegpt(
             author = message.get("author_name")
             if speaker_names and author:
                 content = f"{scrub(str(author), names)}: {content}"
-            role = "human"
+            role = USER
         else:
-            role = "gpt"
+            role = ASSISTANT
         if turns and turns[-1][0] == role:
             turns[-1] = (role, f"{turns[-1][1]}\n{content}")
         else:
             turns.append((role, content))
-    while turns and turns[0][0] != "human":
+    while turns and turns[0][0] != USER:
         turns.pop(0)
-    if len(turns) < 2 or turns[-1][0] != "gpt":
+    if len(turns) < 2 or turns[-1][0] != ASSISTANT:
         return None
     first_human = next(
         (
@@ -97,33 +99,13 @@ def to_sharegpt(
         "User",
     )
     system = render_system(card, user=scrub(first_human, names))
-    return {
-        "id": f"{dialogue.persona}_{dialogue.id}",
-        "conversations": [{"from": "system", "value": system}]
-        + [{"from": who, "value": value} for who, value in turns],
-    }
+    messages = [{"role": SYSTEM, "content": system}]
+    messages += [{"role": role, "content": content} for role, content in turns]
+    return sharegpt.sharegpt_row(f"{dialogue.persona}_{dialogue.id}", messages)
 
 
 def dataset_name(persona: str) -> str:
     return f"rolecast_{persona}"
-
-
-def dataset_info(persona: str, file_name: str) -> dict[str, object]:
-    """LLaMA-Factory's `dataset_info.json` entry for the export."""
-    return {
-        dataset_name(persona): {
-            "file_name": file_name,
-            "formatting": "sharegpt",
-            "columns": {"messages": "conversations"},
-            "tags": {
-                "role_tag": "from",
-                "content_tag": "value",
-                "user_tag": "human",
-                "assistant_tag": "gpt",
-                "system_tag": "system",
-            },
-        }
-    }
 
 
 @dataclass(frozen=True)
@@ -148,7 +130,6 @@ def export_dialogues(
         if record is None:
             skipped += 1
             continue
-        lines.append(json.dumps(record, ensure_ascii=False))
-    jsonl = ("\n".join(lines) + "\n" if lines else "").encode()
-    info = json.dumps(dataset_info(persona, f"{persona}.jsonl"), indent=2).encode()
-    return Export(persona, jsonl, info, len(lines), skipped)
+        lines.append(sharegpt.jsonl_line(record))
+    info = sharegpt.dataset_info_bytes({dataset_name(persona): f"{persona}.jsonl"})
+    return Export(persona, "".join(lines).encode(), info, len(lines), skipped)

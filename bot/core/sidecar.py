@@ -177,4 +177,6 @@ def embedded_server(settings: BotSettings) -> EmbeddedServer:
         serve_args,
         startup_timeout=settings.server_startup_timeout_s,
         log_path=settings.logs / "server.log",
+        # the same directories as the bot, however the bot got them (flag, TOML, environment)
+        env={"ROLECAST_HOME": str(settings.home), "ROLECAST_CACHE_DIR": str(settings.cache_dir)},
     )

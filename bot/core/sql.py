@@ -140,10 +140,17 @@ CREATE UNIQUE INDEX retrain_jobs_one_active ON retrain_jobs (persona)
 CREATE INDEX retrain_jobs_persona ON retrain_jobs (persona, id);
 """
 
+M004_TRAINING_PROCESS = """
+-- The training process is known by its pid and its start time together, so a pid the system
+-- gave to another process after the run ended is not mistaken for the run.
+ALTER TABLE retrain_jobs ADD COLUMN pid_started REAL;
+"""
+
 MIGRATIONS: list[tuple[str, str]] = [
     ("m001_initial", M001_INITIAL),
     ("m002_discord", M002_DISCORD),
     ("m003_retrain", M003_RETRAIN),
+    ("m004_training_process", M004_TRAINING_PROCESS),
 ]
 
 PRAGMAS = (
@@ -299,7 +306,7 @@ RETRAIN_JOB_COLUMNS = (
     "id, persona, state, reason, requested_by, guild_id, channel_id, message_id, min_approved, "
     "workdir, pid, attempts, step, total_steps, loss, tokens_per_s, eta_s, dialogues, metrics, "
     "old_version, new_version, created_at, exporting_at, training_at, evaluating_at, "
-    "publishing_at, finished_at, updated_at"
+    "publishing_at, finished_at, updated_at, pid_started"
 )
 INSERT_RETRAIN_JOB = """
 INSERT INTO retrain_jobs (persona, state, requested_by, guild_id, channel_id, message_id,
@@ -336,7 +343,8 @@ UPDATE_RETRAIN_JOB_EXPORT = """
 UPDATE retrain_jobs SET workdir = ?, dialogues = ?, old_version = ?, updated_at = ? WHERE id = ?
 """
 UPDATE_RETRAIN_JOB_PID = """
-UPDATE retrain_jobs SET pid = ?, attempts = attempts + ?, updated_at = ? WHERE id = ?
+UPDATE retrain_jobs SET pid = ?, pid_started = ?, attempts = attempts + ?, updated_at = ?
+WHERE id = ?
 """
 UPDATE_RETRAIN_JOB_PROGRESS = """
 UPDATE retrain_jobs SET step = ?, total_steps = ?, loss = ?, tokens_per_s = ?, eta_s = ?,

@@ -61,6 +61,7 @@ class Job:
     publishing_at: float | None
     finished_at: float | None
     updated_at: float
+    pid_started: float | None  # the training process's start time (psutil), with `pid`
 
     @classmethod
     def from_row(cls, row: Sequence[object]) -> Job:
@@ -177,8 +178,11 @@ class JobStore:
             sql.UPDATE_RETRAIN_JOB_EXPORT, (workdir, dialogues, old_version), job.id
         )
 
-    async def set_pid(self, job: Job, pid: int | None, *, launched: bool = False) -> Job:
-        return await self._write(sql.UPDATE_RETRAIN_JOB_PID, (pid, int(launched)), job.id)
+    async def set_pid(
+        self, job: Job, pid: int | None, started: float | None, *, launched: bool = False
+    ) -> Job:
+        """The training process (pid and start time) now followed; None when none runs."""
+        return await self._write(sql.UPDATE_RETRAIN_JOB_PID, (pid, started, int(launched)), job.id)
 
     async def set_progress(
         self,

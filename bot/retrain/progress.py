@@ -1,19 +1,26 @@
-"""Training progress from the trainer's `loss.jsonl`: step, loss, tokens/s and time left.
+"""A training run's progress, read from its own JSON lines, and told in one line.
 
-The trainer appends one JSON line per optimizer step (`step`, `epoch`, `loss`, `tokens`, ...)
-and flushes it, so another process can follow the file while it grows. Tokens/s and the time
-left are measured here, over the lines this reader has seen arrive, so a job that was resumed
-does not count the tokens of its earlier run.
+The loop launches `rolecast train --json` with its output in `<workdir>/train.log`: one JSON
+object per line with a `type` (`start`, `progress`, `validation`, `checkpoint`, `result`,
+`error`; see `finetune.progress`), among whatever else the process prints (warnings, a
+traceback). `TrainLog` follows that file as it grows and keeps what the loop needs: the latest
+progress, whether a checkpoint exists to resume from, the result, the error. Nothing here reads
+the trainer's other files or scrapes its human-readable output.
+
+`describe` and `format_duration` are how both front ends (the terminal's progress line and the
+Discord status message) show a job.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bot.retrain.jobs import Job
 
 
 @dataclass(frozen=True)
@@ -25,37 +32,24 @@ class Progress:
     eta_s: float | None
 
 
-def planned_steps(train_args: list[str]) -> tuple[int | None, float]:
-    """(--max_steps if given, --epochs or the trainer's default of 3) from the flags."""
-    max_steps: int | None = None
-    epochs = 3.0
-    for i, arg in enumerate(train_args):
-        name, eq, value = arg.partition("=")
-        if not eq and i + 1 < len(train_args):
-            value = train_args[i + 1]
-        if name in ("--max_steps", "--max-steps") and int(value) > 0:
-            max_steps = int(value)
-        elif name == "--epochs":
-            epochs = float(value)
-    return max_steps, epochs
+class TrainLog:
+    """Follows one training log; `poll()` returns the progress when new steps arrived."""
 
-
-class LossLogReader:
-    """Follows one `loss.jsonl`; `poll()` returns the progress when new steps arrived."""
-
-    def __init__(self, path: Path, *, max_steps: int | None = None, epochs: float = 3.0) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.max_steps = max_steps
-        self.epochs = epochs
         self._offset = 0
-        self._first: tuple[float, int, int] | None = None  # (time, step, tokens) first seen
-        self._last: dict[str, float] | None = None
+        self.total_steps: int | None = None
+        self.latest: Progress | None = None
+        self.checkpoint_step: int | None = None  # the newest complete checkpoint
+        self.result: dict[str, Any] | None = None
+        self.error: str | None = None
 
     def poll(self) -> Progress | None:
+        """Read the lines written since the last poll; the newest progress if any arrived."""
         try:
             with self.path.open("rb") as f:
                 if os.fstat(f.fileno()).st_size < self._offset:
-                    self._offset = 0  # cut back on a resume: read again from the start
+                    self._offset = 0  # the log was cut back: read it again from the start
                 f.seek(self._offset)
                 chunk = f.read()
         except FileNotFoundError:
@@ -64,40 +58,82 @@ class LossLogReader:
         if end < 0:
             return None
         self._offset += end + 1
-        now = time.monotonic()
-        seen = False
+        moved = False
         for line in chunk[: end + 1].splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "loss" not in record or "step" not in record:
-                continue  # validation lines
-            if self._first is None:
-                self._first = (now, int(record["step"]), int(record.get("tokens", 0)))
-            self._last = record
-            seen = True
-        return self.progress(now) if seen else None
+            event = _event(line)
+            if event is not None:
+                moved = self._take(event) or moved
+        return self.latest if moved else None
 
-    def total_steps(self) -> int | None:
-        if self.max_steps:
-            return self.max_steps
-        if not self._last or not self._last.get("epoch"):
-            return None
-        per_epoch = float(self._last["step"]) / float(self._last["epoch"])
-        return max(int(self._last["step"]), math.ceil(self.epochs * per_epoch - 1e-6))
+    def _take(self, event: dict[str, Any]) -> bool:
+        kind = event["type"]
+        if kind == "start":
+            self.total_steps = event.get("total_steps")
+            self.error = None  # a new attempt
+        elif kind == "progress":
+            self.latest = Progress(
+                step=int(event["step"]),
+                total_steps=event.get("total_steps", self.total_steps),
+                loss=event.get("loss"),
+                tokens_per_s=event.get("tokens_per_s"),
+                eta_s=event.get("eta_s"),
+            )
+            return True
+        elif kind == "checkpoint":
+            self.checkpoint_step = int(event["step"])
+        elif kind == "result":
+            self.result = event
+        elif kind == "error":
+            self.error = str(event.get("message") or "training failed")
+        return False
 
-    def progress(self, now: float | None = None) -> Progress | None:
-        if self._last is None or self._first is None:
-            return None
-        now = time.monotonic() if now is None else now
-        step = int(self._last["step"])
-        total = self.total_steps()
-        started, first_step, first_tokens = self._first
-        elapsed = now - started
-        tps = eta = None
-        if elapsed > 0 and step > first_step:
-            tps = (int(self._last.get("tokens", 0)) - first_tokens) / elapsed
-            if total is not None:
-                eta = max(0.0, (total - step) * elapsed / (step - first_step))
-        return Progress(step, total, float(self._last["loss"]), tps, eta)
+    def tail(self, lines: int = 8) -> str:
+        """What to show when the run failed: its error, else the last lines it printed that are
+        not its JSON lines (a traceback, a message from a launch wrapper)."""
+        if self.error:
+            return self.error
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        kept = [
+            line for line in text.splitlines() if line.strip() and _event(line.encode()) is None
+        ]
+        return "\n".join(kept[-lines:])
+
+
+def _event(line: bytes) -> dict[str, Any] | None:
+    """A JSON line of the trainer's (an object with a `type`), or None for any other line."""
+    if not line.lstrip().startswith(b"{"):
+        return None
+    try:
+        event = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return event if isinstance(event, dict) and isinstance(event.get("type"), str) else None
+
+
+def describe(job: Job) -> str:
+    """One line: state, step, loss, tokens/s, time left (what the status message shows)."""
+    parts = [f"job #{job.id} {job.persona}: {job.state}"]
+    if job.state == "training" and job.step is not None:
+        total = f"/{job.total_steps}" if job.total_steps else ""
+        parts.append(f"step {job.step}{total}")
+        if job.loss is not None:
+            parts.append(f"loss {job.loss:.4f}")
+        if job.tokens_per_s:
+            parts.append(f"{job.tokens_per_s:,.0f} tokens/s")
+        if job.eta_s is not None:
+            parts.append(f"{format_duration(job.eta_s)} left")
+    return ", ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"

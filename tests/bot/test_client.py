@@ -9,8 +9,8 @@ import pytest
 
 from bot.core.client import Completion, ModelClient
 from bot.errors import ModelServerError
-from bot.instant_server import InstantServer, ServerState
 from bot.settings import SamplingSettings
+from tests.instant_server import InstantServer, ServerState
 
 REPLY = "我可是SOS团团长！"
 

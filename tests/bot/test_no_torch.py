@@ -10,7 +10,7 @@ HEAVY = ("torch", "transformers", "peft", "accelerate")
 
 def test_bot_side_imports_no_ml_libraries() -> None:
     code = (
-        "import sys, rolecast.cli, bot.terminal, bot.core.chat;"
+        "import sys, rolecast.cli, bot.terminal.chat, bot.core.chat, formats.registry, formats.basemodel;"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

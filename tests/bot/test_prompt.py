@@ -21,8 +21,8 @@ from bot.core.prompt import (
     turn_message,
 )
 from bot.errors import InputTooLongError
-from bot.instant_server import InstantServer, ServerState
 from bot.settings import SamplingSettings
+from tests.instant_server import InstantServer, ServerState
 
 CONTEXT = 1600
 MAX_TOKENS = 100

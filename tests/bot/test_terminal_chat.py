@@ -227,12 +227,15 @@ def test_default_model_in_character(tmp_path: Path) -> None:
     assert result.stdout.strip()
 
 
-def test_chat_speaks_through_the_published_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """A persona with a published version answers through it, with no flag to say so: the
-    embedded server loads the registry's current versions and the client follows the pointer."""
+def test_publish_then_chat_uses_the_new_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The README's flow on a fresh install: `rolecast adapters publish`, then `rolecast chat`
+    answers through the new version, with no variable or flag to say where the registry is:
+    both resolve it under the same home, the embedded server loads its current versions and
+    the client follows the pointer."""
     from tests.adapters import make_adapter
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "trained", seed=7)
+    env = {**os.environ, "ROLECAST_HOME": str(tmp_path)}
     published = subprocess.run(
         [
             sys.executable,
@@ -243,18 +246,20 @@ def test_chat_speaks_through_the_published_adapter(tiny_model_dir: Path, tmp_pat
             str(adapter),
             "--persona",
             "haruhi",
-            "--adapters-dir",
-            str(tmp_path / "adapters"),
         ],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
         check=False,
     )
     assert published.returncode == 0, published.stderr
-    env = {"ROLECAST_SERVE_ARGS": f'["--model", "{tiny_model_dir}"]'}
+    assert "published haruhi@v1" in published.stdout
+    assert "Only the registry files changed" in published.stdout  # no server was running
+    assert (tmp_path / "adapters" / "haruhi" / "current.json").is_file()
+    serve = {"ROLECAST_SERVE_ARGS": f'["--model", "{tiny_model_dir}"]'}
     result = chat(
-        tmp_path, "--persona", "haruhi", stdin="你好\n".encode(), server_url=None, env=env
+        tmp_path, "--persona", "haruhi", stdin="你好\n".encode(), server_url=None, env=serve
     )
     assert result.returncode == 0, result.stderr
     with sqlite3.connect(tmp_path / "rolecast.db") as conn:

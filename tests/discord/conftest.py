@@ -17,10 +17,10 @@ import pytest
 from bot.core.client import ModelClient
 from bot.core.memory import Memory
 from bot.core.personas import PersonaRegistry
-from bot.discord_bot import RolecastBot, channel_key
-from bot.instant_server import InstantServer, ServerState
+from bot.discord.bot import RolecastBot, channel_key
 from bot.settings import BotSettings
 from tests.discord.fakediscord import FakeDiscordAPI, invoke, slash_data
+from tests.instant_server import InstantServer, ServerState
 
 BOT_PERMISSIONS = discord.Permissions(104324161) | discord.Permissions(manage_webhooks=True)
 ADMIN = discord.Permissions(manage_guild=True)

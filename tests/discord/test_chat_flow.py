@@ -11,12 +11,12 @@ import discord
 import discord.ext.test as dpytest
 import pytest
 
-from bot.cogs.chat.listener import SERVER_DOWN_NOTICE
 from bot.core.sidecar import free_port
-from bot.instant_server import InstantServer, ServerState
-from bot.webhooks import ReplyStream
+from bot.discord.cogs.chat.listener import SERVER_DOWN_NOTICE
+from bot.discord.webhooks import ReplyStream
 from tests.discord.conftest import Rig, make_rig
 from tests.discord.fakediscord import channel_texts, deliver
+from tests.instant_server import InstantServer, ServerState
 
 NO_PINGS = {"parse": []}
 

@@ -10,7 +10,6 @@ import discord
 import discord.ext.test as dpytest
 
 from bot.core.cards import Card, card_to_png
-from bot.instant_server import ServerState
 from tests.discord.conftest import ADMIN, Rig, read_jsonl
 from tests.discord.fakediscord import (
     invoke,
@@ -20,6 +19,7 @@ from tests.discord.fakediscord import (
     slash_data,
     snowflake,
 )
+from tests.instant_server import ServerState
 
 
 def attachment(path: Path) -> tuple[str, dict[str, object]]:

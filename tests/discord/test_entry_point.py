@@ -60,12 +60,12 @@ def test_bot_without_token_says_what_to_do(tmp_path: Path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("module", ["bot.discord_bot"])
+@pytest.mark.parametrize("module", ["bot.discord.bot"])
 def test_the_bot_process_never_imports_torch(module: str):
     code = (
         "import asyncio, sys\n"
         f"import {module}\n"
-        "from bot.discord_bot import command_tree\n"
+        "from bot.discord.bot import command_tree\n"
         "from bot.settings import BotSettings\n"
         "asyncio.run(command_tree(BotSettings(server_url='http://127.0.0.1:9/v1')))\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from bot.core.cards import Card
 from bot.core.prompt import turn_message
-from bot.instant_server import ServerState
 from tests.discord.conftest import Rig
+from tests.instant_server import ServerState
 
 
 async def test_old_turns_are_summarised_into_the_prompt(rig: Rig, server_state: ServerState):

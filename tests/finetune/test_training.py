@@ -11,11 +11,13 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from finetune import trainer as trainer_mod
+from finetune.adapter import NoisyEmbeddings, lora_config
 from finetune.config import TrainConfig
 from finetune.data import load_dialogues
 from finetune.errors import ConfigError, DataError
+from finetune.loop import batch_loss
 from finetune.packing import collate_packed, collate_padded
-from finetune.trainer import NoisyEmbeddings, batch_loss, encode_dialogues, lora_config, train
+from finetune.trainer import encode_dialogues, train
 from tests.finetune.ft_helpers import dialogue, write_jsonl
 
 

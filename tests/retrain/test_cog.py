@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import cast
 
-from bot.cogs.retrain.commands import RetrainCommands
+from bot.discord.cogs.retrain.commands import RetrainCommands
 from tests.discord import conftest as discord_fixtures
 from tests.discord.conftest import ADMIN, Rig
 from tests.retrain.conftest import approve, shared_dialogues

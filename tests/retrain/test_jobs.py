@@ -13,11 +13,12 @@ import pytest
 from bot.core.client import ModelClient
 from bot.core.memory import Memory
 from bot.core.personas import PersonaRegistry
-from bot.instant_server import InstantServer, ServerState
+from bot.retrain.gate import gate
 from bot.retrain.jobs import JobActive, JobStore
-from bot.retrain.progress import LossLogReader, planned_steps
-from bot.retrain.runner import RetrainService, gate
+from bot.retrain.progress import TrainLog
+from bot.retrain.runner import RetrainService
 from bot.settings import BotSettings
+from tests.instant_server import InstantServer, ServerState
 from tests.retrain.conftest import approve, shared_dialogues
 
 
@@ -59,24 +60,44 @@ async def test_too_few_dialogues_are_rejected_saying_how_many_more(
     assert job.reason == "凉宫春日 has 7 approved dialogues; a retrain needs 10: approve 3 more."
 
 
-def test_progress_from_the_loss_log(tmp_path: Path) -> None:
-    log = tmp_path / "loss.jsonl"
-    reader = LossLogReader(log, epochs=2.0)
+def test_progress_from_the_training_runs_json_lines(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    reader = TrainLog(log)
     assert reader.poll() is None  # not written yet
-    lines = [{"step": s, "epoch": s / 4, "loss": 3.0 - s / 10, "tokens": 1000 * s} for s in (1, 2)]
-    log.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 3, "ep')
+    start = {"type": "start", "step": 0, "total_steps": 8, "dialogues": 9, "tokens": 900}
+    steps = [
+        {"type": "progress", "step": s, "total_steps": 8, "loss": 3.0 - s / 10,
+         "tokens_per_s": 100.0 * s, "eta_s": 8.0 - s}
+        for s in (1, 2)
+    ]  # fmt: skip
+    log.write_text(
+        "$ python -m rolecast train --json\n"
+        + "".join(json.dumps(e) + "\n" for e in [start, *steps])
+        + "some warning a library printed\n"
+        + '{"type": "progress", "st'
+    )
     progress = reader.poll()
     assert progress is not None and progress.step == 2 and progress.total_steps == 8
-    time.sleep(0.05)
-    with log.open("a") as f:  # the half-written line is completed, then a validation line
-        f.write('och": 0.75, "loss": 2.7, "tokens": 3000}\n{"step": 3, "validation_loss": 2.9}\n')
+    assert progress.tokens_per_s == 200.0 and progress.eta_s == 6.0
+    assert reader.checkpoint_step is None and reader.result is None
+    with log.open("a") as f:  # the half-written line is completed, then a checkpoint
+        f.write('ep": 3, "total_steps": 8, "loss": 2.7, "tokens_per_s": 300.0, "eta_s": 5.0}\n')
+        f.write('{"type": "checkpoint", "step": 3, "path": "x/checkpoints/step-3"}\n')
+        f.write("Traceback (most recent call last):\nRuntimeError: CUDA out of memory\n")
     progress = reader.poll()
     assert progress is not None and progress.step == 3 and progress.loss == 2.7
-    assert progress.tokens_per_s and progress.tokens_per_s > 0
-    assert progress.eta_s is not None and progress.eta_s > 0
+    assert reader.checkpoint_step == 3
     assert reader.poll() is None  # nothing new
-    assert planned_steps(["--max_steps", "12", "--epochs=2"]) == (12, 2.0)
-    assert planned_steps([]) == (None, 3.0)
+    # a failure is told by the lines that are not the run's JSON
+    assert reader.tail(2) == "Traceback (most recent call last):\nRuntimeError: CUDA out of memory"
+    with log.open("a") as f:
+        f.write('{"type": "error", "message": "data.jsonl: 2 of 9 rows cannot be trained on"}\n')
+    reader.poll()
+    assert reader.tail() == "data.jsonl: 2 of 9 rows cannot be trained on"
+    with log.open("a") as f:
+        f.write('{"type": "result", "adapter": "x", "manifest": {"persona": "haruhi"}}\n')
+    reader.poll()
+    assert reader.result is not None and reader.result["adapter"] == "x"
 
 
 def test_gate_allows_a_drop_within_the_tolerance_only() -> None:
@@ -110,6 +131,11 @@ async def test_client_follows_the_registry_pointer(tmp_path: Path) -> None:
             await asyncio.sleep(1.05)
             assert await client.model_for("haruhi") == "haruhi@v7"
             assert await client.model_for("atri") == "instant-base"
+            # rolled back past its first version: the registry knows haruhi but points nowhere,
+            # so it speaks through the base model, though its versions are still loaded
+            (root / "haruhi" / "v1").mkdir()
+            (root / "haruhi" / "current.json").unlink()
+            assert await client.model_for("haruhi") == "instant-base"
 
 
 async def test_training_is_told_the_length_cleaning_kept(memory: Memory, tmp_path: Path) -> None:
@@ -124,6 +150,6 @@ async def test_training_is_told_the_length_cleaning_kept(memory: Memory, tmp_pat
         service = RetrainService(memory, personas, settings, server_url=None)
         job = await service.store.create("haruhi", min_approved=5, requested_by="1")
         argv = service.train_command(job, resume=False)
-        assert argv[1:4] == ["-m", "rolecast", "train"]
+        assert argv[1:4] == ["-m", "rolecast", "train"] and "--json" in argv
         assert parse_train_args(argv[4:]).max_length == expected
         await service.store.move(job, "failed", "only the command was built")

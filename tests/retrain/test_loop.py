@@ -21,10 +21,11 @@ from bot.core.client import Completion, ModelClient
 from bot.core.memory import Memory
 from bot.core.personas import PersonaRegistry
 from bot.core.sidecar import EmbeddedServer
-from bot.retrain import adapters
 from bot.retrain.jobs import Job, JobActive
-from bot.retrain.runner import RetrainService, process_alive
+from bot.retrain.runner import RetrainService
+from bot.retrain.training import TrainingProcess
 from bot.settings import SamplingSettings
+from formats.registry import AdapterRegistry
 from tests.retrain.conftest import approve, retrain_settings, shared_dialogues, wait_until
 
 
@@ -63,7 +64,7 @@ async def test_retrain_survives_a_restart_publishes_and_the_next_reply_uses_it(
     await approve(memory, shared_dialogues(data_dir, 10))
     settings = retrain_settings(tmp_path, adapters_root, server.url, tiny_model_dir)
     personas = PersonaRegistry(settings.user_personas).load()
-    before = adapters.current(adapters_root, "haruhi")
+    before = AdapterRegistry(adapters_root).current("haruhi")
     seen: list[Job] = []
 
     async def listener(job: Job) -> None:
@@ -75,11 +76,13 @@ async def test_retrain_survives_a_restart_publishes_and_the_next_reply_uses_it(
     step2 = workdir / "adapter/checkpoints/step-2/state.json"
     step4 = workdir / "adapter/checkpoints/step-4/state.json"
     await wait_until(step2.is_file, 180, "the first checkpoint")
-    pid = (await first.store.get(job.id)).pid
-    assert pid is not None
+    running = await first.store.get(job.id)
+    pid = running.pid
+    assert pid is not None and running.pid_started is not None
     os.kill(pid, signal.SIGSTOP)  # hold training here while the runner "restarts"
     await first.aclose()  # the bot stops; the training process does not
-    assert process_alive(pid)
+    assert TrainingProcess(pid, running.pid_started).alive()
+    assert not TrainingProcess(pid, running.pid_started - 60).alive()  # a recycled pid
     assert (await first.store.get(job.id)).state == "training"
 
     second = RetrainService(memory, personas, settings, server_url=server.url, listener=listener)
@@ -92,11 +95,15 @@ async def test_retrain_survives_a_restart_publishes_and_the_next_reply_uses_it(
     job = await second.wait(job.id)
 
     assert job.state == "done", job.reason
-    assert job.attempts == 2 and job.pid is None
-    launches = [
-        line for line in (workdir / "train.log").read_text().splitlines() if line.startswith("$ ")
-    ]
+    assert job.attempts == 2 and job.pid is None and job.pid_started is None
+    lines = (workdir / "train.log").read_text().splitlines()
+    launches = [line for line in lines if line.startswith("$ ")]
     assert len(launches) == 2 and "--resume" not in launches[0] and "--resume" in launches[1]
+    assert all("--json" in line for line in launches)
+    events = [json.loads(line) for line in lines if line.startswith('{"type"')]
+    assert {e["type"] for e in events} >= {"start", "progress", "checkpoint", "result"}
+    starts = [e["step"] for e in events if e["type"] == "start"]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 4  # resumed, from a checkpoint
     steps = [
         json.loads(line)["step"]
         for line in (workdir / "adapter/loss.jsonl").read_text().splitlines()
@@ -114,9 +121,12 @@ async def test_retrain_survives_a_restart_publishes_and_the_next_reply_uses_it(
     new_version = (before.version if before else 0) + 1
     assert job.new_version == f"haruhi@v{new_version}"
     assert job.old_version == (before.served_name if before else None)
-    live = adapters.current(adapters_root, "haruhi")
+    live = AdapterRegistry(adapters_root).current("haruhi")
     assert live is not None and live.served_name == job.new_version
-    assert live.manifest["retrain_job"] == job.id and "bleu-4" in live.manifest["metrics"]
+    assert live.manifest.retrain_job == job.id and "bleu-4" in live.manifest.metrics
+    assert live.manifest.eval is not None and live.manifest.eval.against == (
+        before.served_name if before else "the base model"
+    )
     assert job.metrics is not None and job.metrics["passed"] is True
     assert job.new_version in served(server)
     assert (workdir / "adapter/loss.png").is_file() and (workdir / "eval/metrics.png").is_file()
@@ -142,14 +152,14 @@ async def test_failing_training_leaves_the_served_version(
         launch="{python} -c 'import sys; print(\"CUDA out of memory\"); sys.exit(1)' {output}",
     )
     personas = PersonaRegistry(settings.user_personas).load()
-    pointer, models = adapters.pointer(adapters_root, "haruhi"), served(server)
+    pointer, models = AdapterRegistry(adapters_root).pointer("haruhi"), served(server)
     service = RetrainService(memory, personas, settings, server_url=server.url)
     job = await service.wait((await service.start("haruhi", requested_by="admin")).id)
 
     assert job.state == "failed"
     assert job.reason is not None and "exit code 1" in job.reason
     assert "CUDA out of memory" in job.reason
-    assert adapters.pointer(adapters_root, "haruhi") == pointer and served(server) == models
+    assert AdapterRegistry(adapters_root).pointer("haruhi") == pointer and served(server) == models
     # a new job may start once this one has ended
     again = await service.start("haruhi", requested_by="admin", min_approved=50)
     assert (await service.wait(again.id)).state == "rejected"
@@ -170,16 +180,16 @@ async def test_a_rejecting_gate_changes_nothing(
         train_args=["--max_steps", "2", "--max_length", "1024", "--batch_tokens", "1024"],
     )  # fmt: skip
     personas = PersonaRegistry(settings.user_personas).load()
-    pointer, models = adapters.pointer(adapters_root, "haruhi"), served(server)
-    versions = [v.version for v in adapters.versions(adapters_root, "haruhi")]
+    pointer, models = AdapterRegistry(adapters_root).pointer("haruhi"), served(server)
+    versions = [v.version for v in AdapterRegistry(adapters_root).versions("haruhi")]
     service = RetrainService(memory, personas, settings, server_url=server.url)
     job = await service.wait((await service.start("haruhi", requested_by="admin")).id)
 
     assert job.state == "rejected", job.reason
     assert job.reason is not None and "worse than" in job.reason and "bleu-4" in job.reason
     assert job.metrics is not None and job.metrics["passed"] is False
-    live = adapters.current(adapters_root, "haruhi")
+    live = AdapterRegistry(adapters_root).current("haruhi")
     expected_against = live.served_name if live else "the base model"
     assert job.metrics["against"] == expected_against and expected_against in job.metrics["scores"]
-    assert adapters.pointer(adapters_root, "haruhi") == pointer and served(server) == models
-    assert [v.version for v in adapters.versions(adapters_root, "haruhi")] == versions
+    assert AdapterRegistry(adapters_root).pointer("haruhi") == pointer and served(server) == models
+    assert [v.version for v in AdapterRegistry(adapters_root).versions("haruhi")] == versions

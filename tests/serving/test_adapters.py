@@ -12,8 +12,9 @@ import openai
 import pytest
 
 from bot.core.sidecar import EmbeddedServer
+from formats.errors import RegistryError
+from formats.registry import AdapterRegistry
 from serving.publish import Publisher, ServerClient
-from serving.registry import AdapterRegistry, RegistryError
 from tests.adapters import make_adapter
 
 MESSAGES = [{"role": "user", "content": "Who are you?"}]
@@ -188,13 +189,13 @@ async def test_mixed_adapter_batch_matches_each_alone(
 def test_publish_validation_names_each_problem(
     tmp_path: Path, adapters: dict[str, Path], tiny_model_dir: Path
 ) -> None:
-    publisher = Publisher(AdapterRegistry(tmp_path / "reg"), None, max_rank=64)
+    publisher = Publisher(AdapterRegistry(tmp_path / "reg"), [], max_rank=64)
     with pytest.raises(RegistryError, match="use_dora"):
         publisher.publish("haruhi", adapters["dora"])
-    with pytest.raises(RegistryError, match="rank 128 exceeds the server's max LoRA rank 64"):
+    with pytest.raises(RegistryError, match="LoRA rank 128 is greater than max_lora_rank 64"):
         publisher.publish("haruhi", adapters["big"])
     other_base = Publisher(
-        AdapterRegistry(tmp_path / "reg"), None, max_rank=64, base_model="Llama-3.1-8B-Instruct"
+        AdapterRegistry(tmp_path / "reg"), [], max_rank=64, base_model="Llama-3.1-8B-Instruct"
     )
     with pytest.raises(RegistryError, match="base model differs"):
         other_base.publish("haruhi", adapters["a"])
@@ -206,9 +207,9 @@ async def test_hot_publish_while_streaming(
 ) -> None:
     registry = AdapterRegistry(tmp_path / "registry")
     with httpx.Client(timeout=60) as http:
-        publisher = Publisher(registry, ServerClient(server.base_url, http), max_rank=64)
+        publisher = Publisher(registry, [ServerClient(server.base_url, http)], max_rank=64)
         first = await asyncio.to_thread(publisher.publish, "haruhi", adapters["a"])
-        assert first.new.served_name == "haruhi@v1" and first.old is None
+        assert first.new_name == "haruhi@v1" and first.old is None
 
         async with openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0) as c:
             started = threading.Event()
@@ -235,8 +236,8 @@ async def test_hot_publish_while_streaming(
             # the publish returned only after the old version drained and was unloaded
             results = await asyncio.gather(*old_streams)
             assert all(used == 150 for _, used in results)  # none failed or was cut
-            assert second.new.served_name == "haruhi@v2" and second.unloaded
-            assert registry.pointer("haruhi")["served_name"] == "haruhi@v2"  # type: ignore[index]
+            assert second.new_name == "haruhi@v2" and second.unloaded
+            assert registry.current_served_name("haruhi") == "haruhi@v2"
             ids = {m.id for m in (await c.models.list()).data}
             assert "haruhi@v2" in ids and "haruhi@v1" not in ids
             _, used = await stream_on("haruhi@v2")
@@ -245,7 +246,16 @@ async def test_hot_publish_while_streaming(
                 await stream_on("haruhi@v1")
 
         back = await asyncio.to_thread(publisher.rollback, "haruhi")
-        assert back.new.served_name == "haruhi@v1" and back.unloaded
-        assert registry.pointer("haruhi")["served_name"] == "haruhi@v1"  # type: ignore[index]
+        assert back.new_name == "haruhi@v1" and back.unloaded
+        assert registry.current_served_name("haruhi") == "haruhi@v1"
         third = await asyncio.to_thread(publisher.publish, "haruhi", adapters["c"])
-        assert third.new.served_name == "haruhi@v3"  # never reuses v2's name
+        assert third.new is not None and third.new.served_name == "haruhi@v3"  # never v2's name
+
+        # back to v1, then from the first version back to the base model: v1 is unloaded too
+        await asyncio.to_thread(publisher.rollback, "haruhi")
+        base = await asyncio.to_thread(publisher.rollback, "haruhi")
+        assert base.new is None and base.old_name == "haruhi@v1" and base.unloaded
+        assert registry.current_served_name("haruhi") is None and registry.knows("haruhi")
+        async with openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0) as c:
+            ids = {m.id for m in (await c.models.list()).data}
+        assert not any(i.startswith("haruhi@") for i in ids)

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from formats.lora import allowed_rank
+from formats.registry import AdapterRegistry
 from rolecast.cli import app
-from serving.registry import AdapterRegistry
 from serving.settings import ServeSettings
-from serving.vllm_launcher import allowed_rank, build_vllm_command
+from serving.vllm_launcher import build_vllm_command
 
 
 def fake_adapter(path: Path, rank: int) -> Path:
@@ -78,8 +79,10 @@ def test_registry_pointer_and_names_never_reused(tmp_path: Path) -> None:
     assert registry.previous("atri").served_name == "atri@v1"
     registry.set_current("atri", 1, rollback=True)
     assert registry.current("atri").served_name == "atri@v1"  # type: ignore[union-attr]
+    assert registry.previous("atri") is None  # the first version: a rollback means the base
     manifest = json.loads((b.path / "rolecast.json").read_text())
     assert manifest["served_name"] == "atri@v2" and manifest["rank"] == 8
+    assert manifest["schema_version"] == 1
     c = registry.add_version("atri", fake_adapter(tmp_path / "src3", 8))
     assert c.served_name == "atri@v3"
     assert not list(tmp_path.glob("atri/.*"))  # no temp files left behind
@@ -116,5 +119,15 @@ def test_adapters_cli_list_publish_rollback(tmp_path: Path) -> None:
 
     code, out = rolecast("adapters", "rollback", "xin")
     assert code == 0 and "xin is back on xin@v1 (was xin@v2)" in out
+    assert "Only the registry files changed" in out  # no server configured or running
+    # from the first version, back to the base model: the pointer goes, the versions stay
     code, out = rolecast("adapters", "rollback", "xin")
-    assert code == 1 and "no earlier published version" in out
+    assert code == 0 and "xin is back on the base model (was xin@v1)" in out
+    assert not (registry_dir / "xin" / "current.json").exists()
+    assert AdapterRegistry(registry_dir).knows("xin")
+    code, out = rolecast("adapters", "rollback", "xin")
+    assert code == 1 and "xin has no published adapter" in out
+    code, out = rolecast(
+        "adapters", "publish", str(fake_adapter(tmp_path / "c", 8)), "--persona", "xin"
+    )
+    assert code == 0 and "published xin@v3 (was none" in out, out  # v1, v2 never reused

@@ -1,0 +1,150 @@
+"""`/memory show|reset|forget-me`: what the persona remembers, and forgetting it."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.discord.bot import NO_MENTIONS, channel_key, send_ephemeral
+from bot.discord.permissions import guild_only
+from bot.discord.webhooks import ReplyStream, split_text
+
+if TYPE_CHECKING:
+    from bot.discord.bot import RolecastBot
+
+log = logging.getLogger(__name__)
+
+SHOWN_TURNS = 12
+
+
+def _line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class ConfirmReset(discord.ui.View):
+    """Two buttons under the private question; only the person who asked can press them."""
+
+    def __init__(self, cog: MemoryCommands, owner_id: int, key: str) -> None:
+        super().__init__(timeout=60)
+        self.cog = cog
+        self.owner_id = owner_id
+        self.key = key
+        self.done = False
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return interaction.user.id == self.owner_id
+
+    @discord.ui.button(label="Delete the memory", style=discord.ButtonStyle.danger)
+    async def confirm(
+        self, interaction: discord.Interaction[RolecastBot], _: discord.ui.Button[ConfirmReset]
+    ) -> None:
+        self.done = True
+        self.stop()
+        await interaction.response.defer(ephemeral=True)
+        deleted = await self.cog.reset(interaction, self.key)
+        await interaction.followup.send(
+            f"Forgot {deleted} turns of this channel's conversation.", ephemeral=True
+        )
+
+    @discord.ui.button(label="Keep it", style=discord.ButtonStyle.secondary)
+    async def cancel(
+        self, interaction: discord.Interaction[RolecastBot], _: discord.ui.Button[ConfirmReset]
+    ) -> None:
+        self.done = True
+        self.stop()
+        await interaction.response.send_message("Kept.", ephemeral=True)
+
+
+class MemoryCommands(commands.GroupCog, group_name="memory"):
+    """Look at and clear what the persona of a channel remembers."""
+
+    def __init__(self, bot: RolecastBot) -> None:
+        self.bot = bot
+        super().__init__()
+
+    @app_commands.command(name="show", description="The summary and recent turns remembered here.")
+    @guild_only
+    async def show(self, interaction: discord.Interaction[RolecastBot]) -> None:
+        await interaction.response.defer(ephemeral=True)
+        assert interaction.channel is not None
+        key = channel_key(interaction.channel)
+        persona = await self.bot.chat.persona(key)
+        if persona is None:
+            await send_ephemeral(interaction, "No persona is active in this channel.")
+            return
+        memory = self.bot.memory
+        summary = await memory.summary(key, persona.key)
+        turns = list(reversed(await memory.recent_turns(key, persona.key, limit=SHOWN_TURNS)))
+        total = await memory.count_turns(key)
+        parts = [f"**{persona.name}** remembers {total} turns in this channel."]
+        if summary is not None:
+            parts.append(f"**Summary of earlier turns**\n{_line(summary.content, 1500)}")
+        if turns:
+            lines = [
+                f"**{persona.name if t.role == 'assistant' else (t.author_name or 'someone')}**: "
+                f"{_line(t.content)}"
+                for t in turns
+            ]
+            parts.append("**Recent turns**\n" + "\n".join(lines))
+        text = "\n\n".join(parts)
+        for chunk in split_text(text):
+            await interaction.followup.send(chunk, ephemeral=True, allowed_mentions=NO_MENTIONS)
+
+    @app_commands.command(name="reset", description="Forget this channel's conversation.")
+    @guild_only
+    async def reset_command(self, interaction: discord.Interaction[RolecastBot]) -> None:
+        assert interaction.channel is not None
+        key = channel_key(interaction.channel)
+        count = await self.bot.memory.count_turns(key)
+        view = ConfirmReset(self, interaction.user.id, key)
+        await interaction.response.send_message(
+            f"Delete all {count} turns this channel's persona remembers? "
+            "Approved training dialogues are kept.",
+            view=view,
+            ephemeral=True,
+        )
+
+    async def reset(self, interaction: discord.Interaction[RolecastBot], key: str) -> int:
+        deleted = await self.bot.chat.reset(key)
+        log.info("channel %s reset by %s (%d turns)", key, interaction.user.id, deleted)
+        persona = await self.bot.chat.persona(key)
+        channel = interaction.channel
+        if persona is not None and isinstance(
+            channel, discord.TextChannel | discord.Thread | discord.VoiceChannel
+        ):
+            greeting = await self.bot.chat.set_persona(
+                key, persona.key, user_name=interaction.user.display_name
+            )
+            if greeting is not None:
+                stream = ReplyStream(channel, self.bot.webhooks, self.bot.identity(persona))
+                ids = await stream.finish(greeting.content)
+                await self.bot.memory.link_messages(greeting.id, ids)
+        return deleted
+
+    @app_commands.command(
+        name="forget-me", description="Delete everything you said in this server, everywhere."
+    )
+    @guild_only
+    async def forget_me(self, interaction: discord.Interaction[RolecastBot]) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        assert interaction.guild_id is not None
+        gone = await self.bot.memory.forget_author(
+            str(interaction.guild_id), str(interaction.user.id)
+        )
+        log.info(
+            "forget-me in guild %s: %d turns, %d dialogues, %d ratings",
+            interaction.guild_id,
+            gone.turns,
+            gone.dialogues,
+            gone.ratings,
+        )
+        await send_ephemeral(
+            interaction,
+            f"Done: deleted {gone.turns} of your messages, {gone.dialogues} approved dialogues "
+            f"you took part in and {gone.ratings} of your ratings from this server's memory.",
+        )

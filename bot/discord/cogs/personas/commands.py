@@ -1,0 +1,160 @@
+"""`/persona set|list|info` for members, `/persona import|remove` for admins."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import PurePath
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.core.cards import parse_card
+from bot.core.personas import persona_key
+from bot.discord.bot import channel_key, send_ephemeral
+from bot.discord.permissions import admin_only, guild_only
+from bot.discord.webhooks import ReplyStream
+from bot.errors import CardError, RolecastError
+
+if TYPE_CHECKING:
+    from bot.discord.bot import RolecastBot
+
+log = logging.getLogger(__name__)
+
+MAX_CARD_BYTES = 8 * 1024 * 1024
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class PersonaCommands(commands.GroupCog, group_name="persona"):
+    """Choose, inspect, import and remove personas."""
+
+    def __init__(self, bot: RolecastBot) -> None:
+        self.bot = bot
+        super().__init__()
+
+    async def persona_autocomplete(
+        self, interaction: discord.Interaction[RolecastBot], current: str
+    ) -> list[app_commands.Choice[str]]:
+        return self.bot.persona_choices(current)
+
+    @app_commands.command(name="set", description="Make a persona this channel's character.")
+    @app_commands.describe(name="The persona (start typing to search)")
+    @guild_only
+    async def set_persona(self, interaction: discord.Interaction[RolecastBot], name: str) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        channel = interaction.channel
+        key = channel_key(channel) if channel is not None else ""
+        user_name = interaction.user.display_name
+        greeting = await self.bot.chat.set_persona(key, name, user_name=user_name)
+        await self.bot.memory.set_channel_guild(key, str(interaction.guild_id))
+        persona = self.bot.personas.get(name)
+        await interaction.followup.send(
+            f"**{persona.name}** ({persona.key}) is now the persona of this channel.",
+            ephemeral=True,
+        )
+        if greeting is not None and isinstance(
+            channel, discord.TextChannel | discord.Thread | discord.VoiceChannel
+        ):
+            stream = ReplyStream(channel, self.bot.webhooks, self.bot.identity(persona))
+            ids = await stream.finish(greeting.content)
+            await self.bot.memory.link_messages(greeting.id, ids)
+
+    set_persona.autocomplete("name")(persona_autocomplete)
+
+    @app_commands.command(name="list", description="The personas you can choose.")
+    async def list_personas(self, interaction: discord.Interaction[RolecastBot]) -> None:
+        lines = [
+            f"• **{p.name}** (`{p.key}`){'' if p.builtin else ' — imported'}"
+            for p in self.bot.personas.all()
+        ]
+        await send_ephemeral(interaction, "\n".join(lines) or "No personas yet.")
+
+    @app_commands.command(name="info", description="What a persona's card says.")
+    @app_commands.describe(name="The persona")
+    async def info(self, interaction: discord.Interaction[RolecastBot], name: str) -> None:
+        await interaction.response.defer(ephemeral=True)
+        persona = self.bot.personas.get(name)
+        data = persona.card.data
+        embed = discord.Embed(title=f"{persona.name} ({persona.key})")
+        embed.description = _short(data.description or data.system_prompt or "—", 1000)
+        if data.personality.strip():
+            embed.add_field(name="Personality", value=_short(data.personality, 500), inline=False)
+        if data.scenario.strip():
+            embed.add_field(name="Scenario", value=_short(data.scenario, 500), inline=False)
+        if data.first_mes.strip():
+            embed.add_field(name="Greeting", value=_short(data.first_mes, 500), inline=False)
+        book = data.character_book
+        embed.add_field(name="Lorebook entries", value=str(len(book.entries) if book else 0))
+        embed.add_field(name="Spec", value=persona.card.spec)
+        try:
+            served = await self.bot.client.model_for(persona.key)
+        except RolecastError:
+            served = "model server not answering"
+        embed.add_field(name="Served by", value=served)
+        if data.creator_notes.strip():
+            embed.set_footer(text=_short(data.creator_notes, 1000))
+        await interaction.followup.send(embed=embed, ephemeral=True)
+
+    info.autocomplete("name")(persona_autocomplete)
+
+    @app_commands.command(
+        name="import", description="Add a Character Card V2/V3 (JSON or PNG). Admins only."
+    )
+    @app_commands.describe(
+        card="The card file (.json or .png)", key="Short name to use (default: from the file)"
+    )
+    @app_commands.default_permissions(manage_guild=True)
+    @admin_only
+    async def import_card(
+        self,
+        interaction: discord.Interaction[RolecastBot],
+        card: discord.Attachment,
+        key: str | None = None,
+    ) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        if card.size > MAX_CARD_BYTES:
+            raise RolecastError(
+                f"{card.filename} is {card.size // 1024} KiB; cards must be under "
+                f"{MAX_CARD_BYTES // 1024 // 1024} MiB."
+            )
+        raw = await card.read()
+        try:
+            parsed = parse_card(raw, source=card.filename)
+        except CardError as exc:
+            problems = "\n".join(f"• {p}" for p in exc.problems)
+            await interaction.followup.send(
+                f"**{card.filename}** is not a usable character card:\n{problems}", ephemeral=True
+            )
+            return
+        new_key = persona_key(key or PurePath(card.filename).stem)
+        replaced = new_key in self.bot.personas
+        persona = self.bot.personas.add(new_key, parsed)
+        log.info("persona %s imported by %s", persona.key, interaction.user.id)
+        await interaction.followup.send(
+            f"{'Replaced' if replaced else 'Imported'} **{persona.name}** as `{persona.key}` "
+            f"({parsed.spec}). Use /persona set to bring it into a channel.",
+            ephemeral=True,
+        )
+
+    @app_commands.command(name="remove", description="Delete an imported persona. Admins only.")
+    @app_commands.describe(name="The imported persona")
+    @app_commands.default_permissions(manage_guild=True)
+    @admin_only
+    async def remove(self, interaction: discord.Interaction[RolecastBot], name: str) -> None:
+        await interaction.response.defer(ephemeral=True)
+        persona = self.bot.personas.get(name)
+        self.bot.personas.remove(persona.key)
+        channels = await self.bot.memory.clear_persona_everywhere(persona.key)
+        log.info("persona %s removed by %s", persona.key, interaction.user.id)
+        await interaction.followup.send(
+            f"Removed **{persona.name}** (`{persona.key}`); {channels} channel(s) no longer have "
+            "a persona. Its conversations and approved dialogues are kept.",
+            ephemeral=True,
+        )
+
+    remove.autocomplete("name")(persona_autocomplete)

@@ -1,0 +1,14 @@
+"""The status cog."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bot.discord.bot import RolecastBot
+
+
+async def setup(bot: RolecastBot) -> None:
+    from bot.discord.cogs.status.commands import StatusCommands
+
+    await bot.add_cog(StatusCommands(bot))

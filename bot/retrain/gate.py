@@ -1,0 +1,140 @@
+"""The last two steps: the gate and publishing.
+
+The gate evaluates the new adapter on the held-out dialogues (`rolecast eval`) against what
+users get now: the live version, or the base model when the persona has none. It passes when
+the new adapter loses no more than `retrain.tolerance` points of BLEU-4 and ROUGE-L; its scores
+go into the adapter's manifest (`formats.manifest`) so the registry lists them. Publishing is
+`rolecast adapters publish --json`, which hot-loads the new version into the model server,
+switches the registry's pointer and retires the old version after its requests drain.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bot.retrain.children import Failed, RolecastCommands, json_result
+from bot.retrain.jobs import Job, JobStore
+from bot.retrain.workdir import Paths
+from bot.settings import BotSettings
+from formats.manifest import EvalInfo, read_manifest, write_manifest
+from formats.registry import AdapterRegistry
+
+GATE_METRICS = ("bleu-4", "rouge-l")
+
+
+class Rejected(Exception):
+    """The job decided not to publish; the message says why."""
+
+
+def gate(
+    scores: dict[str, dict[str, float]], against: str, tolerance: float
+) -> tuple[bool, list[str]]:
+    """Whether the new adapter is not worse than `against` beyond `tolerance` points on
+    BLEU-4 and ROUGE-L, and the lines that say so."""
+    new, old = scores["adapter"], scores[against]
+    ok, lines = True, []
+    for metric in GATE_METRICS:
+        delta = new[metric] - old[metric]
+        passed = delta >= -tolerance
+        ok = ok and passed
+        lines.append(
+            f"{metric}: {new[metric]:.2f} vs {old[metric]:.2f} ({delta:+.2f}) "
+            f"{'ok' if passed else 'worse'}"
+        )
+    return ok, lines
+
+
+def score_table(scores: dict[str, dict[str, float]]) -> str:
+    metrics = list(next(iter(scores.values())))
+    rows = [" | ".join(["model", *metrics])]
+    rows += [" | ".join([name, *(f"{s[m]:.2f}" for m in metrics)]) for name, s in scores.items()]
+    return "\n".join(rows)
+
+
+def record_eval(paths: Paths, job_id: int, scores: dict[str, float], against: str) -> None:
+    """Put the gate's scores into the adapter's rolecast.json, so the registry lists them."""
+    manifest = read_manifest(paths.adapter)
+    manifest.metrics = {**manifest.metrics, **{k: round(v, 2) for k, v in scores.items()}}
+    manifest.eval = EvalInfo(against=against, scores=scores)
+    manifest.retrain_job = job_id
+    write_manifest(paths.adapter, manifest)
+
+
+class GateAndPublish:
+    """The evaluating and publishing steps of a job."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        settings: BotSettings,
+        commands: RolecastCommands,
+        server_url: str | None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.config = settings.retrain
+        self.commands = commands
+        self.server_url = server_url
+        self.registry = AdapterRegistry(settings.adapters)
+
+    async def evaluate(self, job: Job, paths: Paths) -> Job:
+        live = self.registry.current(job.persona)
+        args = [
+            "eval", "--data", str(paths.validation), "--adapter", str(paths.adapter),
+            "--base", self.config.base, "--output", str(paths.eval_dir),
+            "--max-new-tokens", str(self.config.eval_max_new_tokens),
+        ]  # fmt: skip
+        if live is not None:
+            args += ["--baseline", str(live.path)]
+        await self.commands.check("evaluation", args, paths.steps_log)
+        report = json.loads((paths.eval_dir / "metrics.json").read_text(encoding="utf-8"))
+        scores: dict[str, dict[str, float]] = report["scores"]
+        against = "baseline" if live is not None else "base"
+        label = live.served_name if live is not None else "the base model"
+        passed, lines = gate(scores, against, self.config.tolerance)
+        named = {
+            (label if k == against else "new" if k == "adapter" else k): v
+            for k, v in scores.items()
+        }
+        metrics: dict[str, Any] = {
+            "against": label,
+            "dialogues": report.get("dialogues"),
+            "scores": named,
+            "tolerance": self.config.tolerance,
+            "passed": passed,
+        }
+        job = await self.store.set_result(job, metrics=metrics)
+        if not passed:
+            raise Rejected(
+                f"the new adapter is worse than {label} beyond the tolerance of "
+                f"{self.config.tolerance:g} points; nothing changed.\n"
+                + "\n".join(lines)
+                + "\n\n"
+                + score_table(named)
+            )
+        record_eval(paths, job.id, scores["adapter"], label)
+        return await self.store.move(job, "publishing")
+
+    async def publish(self, job: Job, paths: Paths) -> Job:
+        live = self.registry.current(job.persona)
+        if live is None or live.manifest.retrain_job != job.id:  # not done before
+            args = [
+                "adapters", "publish", str(paths.adapter), "--persona", job.persona,
+                "--adapters-dir", str(self.registry.root), "--json",
+            ]  # fmt: skip
+            if self.server_url:
+                args += ["--server", self.server_url]
+            output = await self.commands.check("publishing", args, paths.steps_log)
+            if json_result(output) is None:
+                raise Failed(f"publishing printed no result:\n{output[-2000:]}")
+            live = self.registry.current(job.persona)
+        if live is None:
+            raise Failed(
+                f"the registry at {self.registry.root} has no current version after publishing"
+            )
+        job = await self.store.set_result(job, new_version=live.served_name)
+        was = job.old_version or "the base model"
+        return await self.store.move(
+            job, "done", f"{job.persona} now speaks through {live.served_name} (was {was})"
+        )

@@ -1,0 +1,142 @@
+"""The model a run trains: the base model with a LoRA adapter that vLLM can serve.
+
+The base is loaded in the dtype of the device (bf16 on a GPU, fp32 on a CPU) with the attention
+kernel the batches need (`finetune.attention`), its weights frozen; a plain LoRA (no DoRA, no
+`modules_to_save`, no bias: `formats.lora`'s servable rule) is attached to every linear layer
+but the head, or to the modules asked for; NEFTune noise is hooked onto the input embeddings
+when asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from finetune import models
+from finetune.attention import VARLEN, choose_attention
+from finetune.config import TrainConfig
+from finetune.packing import Batch
+
+log = logging.getLogger(__name__)
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Short names of the model's linear layers, the output head excepted (`all-linear`)."""
+    head = model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    }
+    return sorted(names)
+
+
+def lora_config(cfg: TrainConfig, model: Any) -> Any:
+    """A plain LoRA config that vLLM can load: no DoRA, no modules_to_save, no bias.
+
+    `all-linear` is resolved to short module names here (q_proj, ..., down_proj), so the
+    adapter config lists what it adapts the way vLLM and LLaMA-Factory expect to read it.
+    """
+    from peft import LoraConfig
+
+    targets = linear_module_names(model) if cfg.modules == "all-linear" else cfg.modules
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        use_rslora=cfg.use_rslora,
+        target_modules=targets,
+        bias="none",
+        use_dora=False,
+        modules_to_save=None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def keep_input_dtype(model: Any) -> None:
+    """Let LoRA layers take the bf16 activations as they come under autocast.
+
+    By default PEFT casts each LoRA input to the adapter's fp32 dtype, and autocast then makes
+    a bf16 copy of it again for the matmul, which it keeps for the backward pass: one extra
+    activation per adapted layer. Autocast alone already runs the LoRA matmuls in bf16 with the
+    fp32 weights as master copies.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False  # type: ignore[attr-defined]  # set by peft layers
+
+
+class NoisyEmbeddings:
+    """NEFTune (Jain et al., 2023): uniform noise added to the input embeddings while training.
+
+    The paper scales the noise by alpha / sqrt(L * d) for a sequence of L tokens with hidden
+    size d. In a packed row every dialogue keeps its own L, so a short dialogue packed beside
+    long ones gets the noise it would get alone. Evaluation and generation (module in eval
+    mode) see no noise, and nothing of this is saved with the adapter.
+    """
+
+    def __init__(self, model: Any, alpha: float) -> None:
+        self.alpha = alpha
+        self.scale: torch.Tensor | None = None  # (B, T), set per batch by `use`
+        embeddings = model.get_input_embeddings()
+        self.hidden = int(embeddings.weight.shape[-1])
+        self.handle = embeddings.register_forward_hook(self._add_noise)
+
+    def use(self, batch: Batch) -> None:
+        if batch.attention_mask is not None:  # padded rows: each row's real length
+            per_token = batch.attention_mask.sum(-1, keepdim=True).expand_as(batch.input_ids)
+        else:  # one packed row: each token's own dialogue's length
+            assert batch.cu_seq_lens is not None  # collate_packed always sets it
+            lengths = batch.cu_seq_lens.diff().long()
+            per_token = torch.repeat_interleave(lengths, lengths).unsqueeze(0)
+        self.scale = self.alpha / torch.sqrt(per_token.float().clamp(min=1) * self.hidden)
+
+    def _add_noise(self, module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if not module.training or self.scale is None:
+            return output
+        noise = torch.empty_like(output).uniform_(-1.0, 1.0)
+        return output + noise * self.scale.unsqueeze(-1).to(output.device, output.dtype)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@dataclass
+class TrainModel:
+    """The base model with its LoRA attached, and how it was set up."""
+
+    model: Any
+    attention: str
+    varlen: bool
+    dtype: torch.dtype
+    noise: NoisyEmbeddings | None
+
+
+def build_model(cfg: TrainConfig, gpu: bool) -> TrainModel:
+    """Load the base for `cfg` and attach a fresh LoRA (its base weights frozen)."""
+    from peft import get_peft_model
+
+    attn = (
+        choose_attention(cfg.attention)
+        if cfg.packing
+        else ("sdpa" if cfg.attention in ("auto", "varlen") else cfg.attention)
+    )
+    dtype = torch.bfloat16 if gpu else torch.float32
+    model = models.load_model(cfg.base, dtype=dtype, attn_implementation=attn)
+    model.config.use_cache = False
+    model = get_peft_model(model, lora_config(cfg, model))
+    model.peft_config["default"].base_model_name_or_path = models.base_id(cfg.base)
+    if gpu:
+        keep_input_dtype(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    noise = NoisyEmbeddings(model, cfg.neftune_alpha) if cfg.neftune_alpha > 0 else None
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+    return TrainModel(model, attn, attn == VARLEN, dtype, noise)

@@ -1,0 +1,162 @@
+"""The engine's LoRA adapters: loading, serving and retiring them between two steps of the batch.
+
+An adapter is loaded by the engine thread (PEFT wraps the base model on the first one), checked
+first against the servable-LoRA rule (`formats.lora`, the same rule the publisher applies), and
+served under its name until it is retired: a retiring adapter takes no new request, and its
+weights are removed once the requests that use it have finished (`finish_drained`). The last
+adapter to go takes PEFT's LoRA layers out again, so the base runs as it did before any.
+
+The bookkeeping (which names are loaded, pending, retiring, and how many requests use each) is
+shared with the event loop under the engine's lock; model code runs only on the engine thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from formats import lora
+from serving.errors import BadRequestError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class Adapters:
+    """The loaded adapters of one base model, and the model a forward pass runs."""
+
+    def __init__(self, base: Any, lock: threading.Condition, *, max_lora_rank: int) -> None:
+        self.lock = lock
+        self.max_lora_rank = max_lora_rank
+        self._base: Any = base
+        self._peft: Any = None  # a PeftModel around _base once an adapter is loaded
+        self.loaded: dict[str, str] = {}  # loaded adapter name -> path
+        self.pending: set[str] = set()
+        self.retiring: dict[str, Future[None]] = {}  # unloading once their requests finish
+        self.inflight: Counter[str] = Counter()  # adapter -> requests waiting or running
+
+    # --- any thread, with the lock held ---------------------------------------------------
+
+    def servable(self) -> dict[str, str]:
+        """Adapters that new requests may use: name -> path."""
+        return {n: p for n, p in self.loaded.items() if n not in self.retiring}
+
+    def admits(self, name: str) -> bool:
+        return name in self.loaded and name not in self.retiring
+
+    def reserve(self, name: str) -> None:
+        """Claim `name` for a load about to run; an error if it is taken."""
+        if name in self.loaded or name in self.pending:
+            raise BadRequestError(
+                f"The lora adapter '{name}' has already been loaded. If you want to load "
+                "the adapter in place, set 'load_inplace' to True."
+            )
+        self.pending.add(name)
+
+    def retire(self, name: str) -> Future[None]:
+        """Stop admitting requests for `name`; the future is done once its weights are gone."""
+        if name not in self.loaded or name in self.retiring:
+            raise NotFoundError(f"The lora adapter '{name}' cannot be found.")
+        done: Future[None] = Future()
+        self.retiring[name] = done
+        return done
+
+    def drained(self) -> bool:
+        """Whether a retiring adapter has no request left (the engine thread has work)."""
+        return any(self.inflight[n] <= 0 for n in self.retiring)
+
+    # --- engine thread --------------------------------------------------------------------
+
+    def model(self, adapters: list[str | None]) -> tuple[Any, dict[str, Any]]:
+        """The model for a forward pass over rows with these adapters, and its extra kwargs."""
+        if self._peft is None:
+            return self._base, {}
+        return self._peft, {"adapter_names": [a or BASE_ADAPTER for a in adapters]}
+
+    def load(self, name: str, path: str) -> None:
+        """Check and load an adapter. Raises BadRequestError for one that cannot be served."""
+        from peft import PeftConfig, PeftModel
+
+        adapter_dir = Path(path)
+        if not (adapter_dir / lora.CONFIG).is_file():
+            raise BadRequestError(
+                f"Loading lora {name} failed: No adapter found for {path}", param="lora_path"
+            )
+        try:
+            PeftConfig.from_pretrained(path)
+        except Exception as exc:
+            raise BadRequestError(f"Loading lora {name} failed: {exc}", param="lora_path") from exc
+        problems = lora.problems(adapter_dir, max_rank=self.max_lora_rank)
+        if problems:
+            raise BadRequestError(
+                f"Loading lora {name} failed: {'; '.join(problems)}", param="lora_path"
+            )
+        weights = adapter_dir / lora.WEIGHTS
+        try:
+            # Read the header before PEFT touches the model: a first adapter that fails inside
+            # PeftModel.from_pretrained would leave LoRA layers in the base without a handle.
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as f:
+                if not list(f.keys()):
+                    raise ValueError("it holds no tensors")
+        except Exception as exc:
+            raise BadRequestError(
+                f"Loading lora {name} failed: {weights.name} is unreadable: {exc}",
+                param="lora_path",
+            ) from exc
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(
+                    self._base, path, adapter_name=name, is_trainable=False
+                )
+            else:
+                self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
+            self._peft.eval()
+        except Exception as exc:
+            log.warning("loading adapter %s from %s failed: %s", name, path, exc)
+            if self._peft is not None and name in self._peft.peft_config:
+                self._delete(name)
+            raise BadRequestError(f"Loading lora {name} failed: {exc}", param="lora_path") from exc
+        with self.lock:
+            self.loaded[name] = path
+        log.info("loaded LoRA adapter %s from %s", name, path)
+
+    def _delete(self, name: str) -> None:
+        if self._peft is None:
+            return
+        if list(self._peft.peft_config) == [name]:
+            # The last adapter: take the LoRA layers out again so the base runs as it did.
+            self._base = self._peft.unload()
+            self._peft = None
+        else:
+            self._peft.delete_adapter(name)
+
+    def finish_drained(self) -> None:
+        """Remove retiring adapters that have no request left."""
+        with self.lock:
+            ready = [n for n in self.retiring if self.inflight[n] <= 0]
+        for name in ready:
+            try:
+                self._delete(name)
+            except Exception as exc:  # keep serving the others
+                log.exception("removing adapter %s failed", name)
+                with self.lock:
+                    self.retiring.pop(name).set_exception(exc)
+                continue
+            with self.lock:
+                self.loaded.pop(name, None)
+                self.inflight.pop(name, None)
+                self.retiring.pop(name).set_result(None)
+            log.info("unloaded LoRA adapter %s", name)
+
+    def release_retiring(self) -> None:
+        """On shutdown: whoever waits for an unload stops waiting. The caller holds the lock."""
+        for name, done in list(self.retiring.items()):
+            done.set_result(None)
+            self.retiring.pop(name)
