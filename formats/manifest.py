@@ -69,6 +69,8 @@ class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     # what was trained (rolecast train, rolecast soup)
     persona: str | None = None
+    # an adapter that plays several personas (the one that ships for the default model)
+    personas: list[str] | None = None
     base_model: str | None = None
     system_prompt: str | None = None
     data: DataInfo | None = None
