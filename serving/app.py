@@ -210,11 +210,12 @@ async def _cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) 
 
 
 def startup_adapters(settings: ServeSettings, registry_root: Path) -> dict[str, str]:
-    """Adapters to load at start: `--lora-modules`, then the registry's current versions."""
+    """Adapters to load at start: `--lora-modules` and the shipped adapter, then the registry's
+    current versions."""
     from formats.errors import FormatError
     from formats.registry import AdapterRegistry
 
-    adapters = dict(settings.lora_modules)
+    adapters = settings.startup_modules()
     registry = AdapterRegistry(registry_root)
     for persona in registry.personas():
         try:

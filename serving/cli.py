@@ -53,6 +53,12 @@ def serve(
     lora_modules: list[str] = typer.Option(
         [], "--lora-modules", help="NAME=PATH of an adapter to load at start (repeatable)"
     ),
+    shipped_adapter: bool | None = typer.Option(
+        None,
+        "--shipped-adapter/--no-shipped-adapter",
+        help="With the default model, load the adapter that ships for it, through which the "
+        "shipped personas speak until they have their own (default: on)",
+    ),
     adapters_dir: Path | None = typer.Option(
         None,
         help="Adapter registry whose current versions are loaded at start "
@@ -86,6 +92,7 @@ def serve(
         "max_waiting": max_waiting,
         "max_lora_rank": max_lora_rank,
         "engine": engine,
+        "shipped_adapter": shipped_adapter,
     }
     if lora_modules:
         given["lora_modules"] = _parse_lora_modules(lora_modules)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from formats import lora
+from formats import basemodel, lora
 from formats.errors import RegistryError
 from formats.registry import AdapterRegistry, AdapterVersion
 
@@ -27,18 +27,19 @@ log = logging.getLogger(__name__)
 @dataclass
 class PublishResult:
     persona: str
-    new: AdapterVersion | None  # None: back on the base model
+    new: AdapterVersion | None  # None: back on the base model (or the shipped adapter)
     old: AdapterVersion | None
     unloaded: bool
     servers: list[str] = field(default_factory=list)  # the servers that were told
+    unpublished: str = "the base model"  # what the persona speaks through with no version
 
     @property
     def new_name(self) -> str:
-        return self.new.served_name if self.new is not None else "the base model"
+        return self.new.served_name if self.new is not None else self.unpublished
 
     @property
     def old_name(self) -> str:
-        return self.old.served_name if self.old is not None else "the base model"
+        return self.old.served_name if self.old is not None else self.unpublished
 
 
 class ServerClient:
@@ -164,7 +165,11 @@ class Publisher:
         self.registry.set_current(persona, new.version)
         log.warning("%s now speaks through %s", persona, new.served_name)
         unloaded = self._retire(old)
-        return PublishResult(persona, new, old, unloaded, [s.root for s in self.servers])
+        servers = [s.root for s in self.servers]
+        fallback = self._unpublished(
+            persona, [s.loaded() for s in self.servers] if old is None else []
+        )
+        return PublishResult(persona, new, old, unloaded, servers, fallback)
 
     def rollback(self, persona: str) -> PublishResult:
         """Back to the version published before the live one; from the first version, back to
@@ -181,10 +186,27 @@ class Publisher:
                 if previous.served_name not in names:
                     server.load(previous.served_name, previous.path)
             self.registry.set_current(persona, previous.version, rollback=True)
-        result = PublishResult(persona, previous, current, False, [s.root for s in self.servers])
+        servers = [s.root for s in self.servers]
+        fallback = self._unpublished(persona, loaded)
+        result = PublishResult(persona, previous, current, False, servers, fallback)
         log.warning("%s rolled back to %s", persona, result.new_name)
         result.unloaded = self._retire(current)
         return result
+
+    def _unpublished(self, persona: str, loaded: Sequence[set[str]]) -> str:
+        """What `persona` speaks through with no published version: the base model, or for a
+        shipped persona the shipped adapter where the servers told (`loaded`: their adapters)
+        run it; with no server told, both cases are named."""
+        if persona not in basemodel.shipped_personas():
+            return "the base model"
+        shipped = f"the adapter that ships for the default model ({basemodel.SHIPPED_NAME})"
+        if not self.servers:
+            return f"{shipped} on a server running the default model, else the base model"
+        return (
+            shipped
+            if any(basemodel.SHIPPED_NAME in names for names in loaded)
+            else "the base model"
+        )
 
     def _retire(self, old: AdapterVersion | None) -> bool:
         """Unload `old` from every server that has it, once its requests have finished."""

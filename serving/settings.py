@@ -74,6 +74,16 @@ class ServeSettings(BaseSettings):
     lora_modules: dict[str, str] = Field(
         default_factory=dict, description="Adapters loaded at start: served name -> directory."
     )
+    shipped_adapter: bool = Field(
+        default=True,
+        description="With the default model, also load the adapter that ships for it "
+        f"({basemodel.SHIPPED_NAME}), through which the shipped personas speak until they have "
+        "published adapters of their own.",
+    )
+
+    def startup_modules(self) -> dict[str, str]:
+        """Adapters named at start: `--lora-modules`, and the shipped adapter where it applies."""
+        return {**basemodel.shipped_adapter(self.model, self.shipped_adapter), **self.lora_modules}
 
     def resolved_served_name(self) -> str:
         """The base model's served name, as vLLM picks it: explicit, else the model id/path."""

@@ -36,7 +36,7 @@ def build_vllm_command(
     if settings.dtype != "auto":
         argv += ["--dtype", settings.dtype]
 
-    modules: dict[str, str] = dict(settings.lora_modules)
+    modules: dict[str, str] = settings.startup_modules()
     ranks: list[int] = [lora.rank(lora.read_config(Path(p))) for p in modules.values()]
     if registry is not None:
         for persona in registry.personas():
