@@ -18,6 +18,8 @@ from bot.core.personas import Persona, PersonaRegistry
 from bot.core.prompt import Prompt, PromptBuilder, substitute
 from bot.errors import InputTooLongError, RolecastError
 from bot.settings import SamplingSettings
+from formats.basemodel import SHIPPED_NAME
+from formats.registry import parse_served_name
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,10 @@ class ChatService:
             await self.memory.delete_turn(turn.id)
             raise
 
+    async def served_by(self, persona: Persona) -> str:
+        """The served model `persona` speaks through now (see `ModelClient.model_for`)."""
+        return await self.client.model_for(persona.key, shipped=persona.builtin)
+
     async def respond(
         self,
         channel_id: str,
@@ -144,7 +150,7 @@ class ChatService:
         are stored with it; a reply that could not be delivered is not stored."""
         if persona is None:
             persona = await self.require_persona(channel_id)
-        model = await self.client.model_for(persona.key)
+        model = await self.served_by(persona)
         prompt = await self.prompts.build(
             channel_id,
             persona.card,
@@ -200,3 +206,13 @@ class ChatService:
     async def reset(self, channel_id: str) -> int:
         """Forget the channel's conversation (every persona's). Returns the turns deleted."""
         return await self.memory.clear_channel(channel_id)
+
+
+def describe_model(served: str) -> str:
+    """What a served model name means, for people: a published version, the shipped adapter or
+    the base model."""
+    if parse_served_name(served):
+        return f"{served} (its published adapter)"
+    if served == SHIPPED_NAME:
+        return f"{served} (the adapter that ships with Rolecast)"
+    return f"{served} (the base model, no adapter)"

@@ -30,6 +30,7 @@ from tenacity import (
 
 from bot.errors import ModelServerError
 from bot.settings import BotSettings, SamplingSettings
+from formats.basemodel import SHIPPED_NAME, shipped_personas
 from formats.registry import AdapterRegistry, parse_served_name
 
 log = logging.getLogger(__name__)
@@ -245,14 +246,23 @@ class ModelClient:
             self._models_at = time.monotonic()
         return self._models
 
-    async def model_for(self, persona: str) -> str:
+    async def model_for(self, persona: str, *, shipped: bool = False) -> str:
         """The served name for `persona`: the version the adapter registry's `current.json`
         points at when it is loaded (so a rollback takes effect at once, even while the newer
         version is still loaded and draining), else its newest loaded adapter `<persona>@v<N>`,
-        else the base model. Publishing loads a new version before switching the pointer. A
-        persona the registry has versions of but no pointer for was rolled back past its first
-        version: it speaks through the base model."""
+        else, for a `shipped` persona (one of the cards that ship, which the shipped adapter
+        plays), the shipped adapter when the server runs it, else the base model. Publishing
+        loads a new version before switching the pointer. A persona the registry has versions
+        of but no pointer for was rolled back past its first version: it speaks as it did
+        before any was published."""
         models = await self.models()
+        fallback = (
+            SHIPPED_NAME
+            if shipped
+            and persona in shipped_personas()
+            and any(m.id == SHIPPED_NAME for m in models)
+            else None
+        )
         if self.registry is not None:
             wanted = self.registry.current_served_name(persona)
             if wanted is not None:
@@ -262,7 +272,7 @@ class ModelClient:
                 if any(m.id == wanted for m in models):
                     return wanted
             elif self.registry.knows(persona):
-                return self._base_model(models)
+                return fallback or self._base_model(models)
         versions = [
             (parsed[1], served.id)
             for served in models
@@ -270,7 +280,7 @@ class ModelClient:
         ]
         if versions:
             return max(versions)[1]
-        return self._base_model(models)
+        return fallback or self._base_model(models)
 
     def _base_model(self, models: list[ServedModel]) -> str:
         bases = [m.id for m in models if m.parent is None] or [m.id for m in models]

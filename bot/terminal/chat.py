@@ -19,10 +19,10 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from bot.core.chat import ChatService, Reply, Speaker
+from bot.core.chat import ChatService, Reply, Speaker, describe_model
 from bot.core.client import ModelClient
 from bot.core.memory import Memory, Turn
-from bot.core.personas import PersonaRegistry
+from bot.core.personas import Persona, PersonaRegistry
 from bot.core.sidecar import embedded_server
 from bot.errors import ModelServerError, RolecastError
 from bot.settings import BotSettings, SamplingSettings
@@ -145,6 +145,7 @@ class TerminalChat:
         else:
             greeting = None
         persona = await self.chat.require_persona(self.channel)
+        await self._say_served_by(persona)
         if self.interactive:
             count = await self.chat.memory.count_turns(self.channel)
             self.out.print(
@@ -154,6 +155,17 @@ class TerminalChat:
             )
             if greeting is not None:
                 self._show_turn(greeting)
+
+    async def _say_served_by(self, persona: Persona) -> None:
+        """One dim line: which adapter answers for `persona` (nothing if the server is down:
+        the first message says so)."""
+        try:
+            served = await self.chat.served_by(persona)
+        except RolecastError:
+            return
+        self.err.print(
+            f"[dim]{escape(persona.name)} answers through {escape(describe_model(served))}.[/]"
+        )
 
     def _speaker(self) -> Speaker:
         return Speaker(id=f"terminal:{self.options.user_name}", name=self.options.user_name)
@@ -235,6 +247,7 @@ class TerminalChat:
             return
         persona = await self.chat.require_persona(self.channel)
         self.err.print(f"[dim]Now chatting with {escape(persona.name)} ({persona.key}).[/]")
+        await self._say_served_by(persona)
         if greeting is not None and self.interactive:
             self._show_turn(greeting)
 

@@ -45,13 +45,34 @@ async def test_streams_text_and_usage(server: InstantServer) -> None:
     assert done.ttft_s is not None and done.ttft_s <= done.total_s
     sent = server.state.requests[-1]
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
-    assert sent["seed"] == 1 and sent["repetition_penalty"] == 1.1 and sent["max_tokens"] == 200
+    assert sent["seed"] == 1 and sent["repetition_penalty"] == 1.0 and sent["max_tokens"] == 200
 
 
 async def test_newest_adapter_version_wins(server: InstantServer) -> None:
     async with ModelClient(server.base_url) as client:
         assert await client.model_for("haruhi") == "haruhi@v3"
         assert await client.model_for("atri") == "instant-base"  # 'atri-x' is another persona
+
+
+async def test_a_shipped_persona_speaks_through_the_shipped_adapter_until_it_has_its_own(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    from formats.basemodel import SHIPPED_NAME
+
+    state = ServerState(adapters=[SHIPPED_NAME, "xin@v2"], reply=lambda body: REPLY)
+    adapters_dir = tmp_path / "adapters"
+    with InstantServer(state) as instant:
+        async with ModelClient(instant.base_url, adapters_dir=adapters_dir) as client:
+            # a shipped card, nothing published: the shipped adapter
+            assert await client.model_for("haruhi", shipped=True) == SHIPPED_NAME
+            # an imported card under a key of its own: the shipped adapter does not play it
+            assert await client.model_for("haruhi", shipped=False) == "instant-base"
+            assert await client.model_for("mycat", shipped=True) == "instant-base"
+            # a published version of its own wins over the shipped adapter
+            assert await client.model_for("xin", shipped=True) == "xin@v2"
+        state.adapters.remove(SHIPPED_NAME)  # a server run with --no-shipped-adapter
+        async with ModelClient(instant.base_url, adapters_dir=adapters_dir) as client:
+            assert await client.model_for("haruhi", shipped=True) == "instant-base"
 
 
 @pytest.mark.parametrize("statuses", [(503,), (429, 500), (502, 503, 504)])

@@ -62,7 +62,12 @@ async def test_persona_list_and_info(rig: Rig):
     await rig.command("persona info", {"name": "xin"})
     info = json.loads(rig.api.texts()[-1])
     assert info["title"] == "星锑 (xin)"
-    assert {"name": "Served by", "value": "instant-base", "inline": True} in info["fields"]
+    served = {
+        "name": "Served by",
+        "value": "instant-base (the base model, no adapter)",
+        "inline": True,
+    }
+    assert served in info["fields"]
 
 
 async def test_autocomplete_offers_matching_personas(rig: Rig, monkeypatch):

@@ -11,6 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.core.cards import parse_card
+from bot.core.chat import describe_model
 from bot.core.personas import persona_key
 from bot.discord.bot import channel_key, send_ephemeral
 from bot.discord.permissions import admin_only, guild_only
@@ -53,8 +54,14 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
         greeting = await self.bot.chat.set_persona(key, name, user_name=user_name)
         await self.bot.memory.set_channel_guild(key, str(interaction.guild_id))
         persona = self.bot.personas.get(name)
+        try:
+            served = (
+                f" It answers through {describe_model(await self.bot.chat.served_by(persona))}."
+            )
+        except RolecastError:
+            served = ""  # the server is down: the first message says so
         await interaction.followup.send(
-            f"**{persona.name}** ({persona.key}) is now the persona of this channel.",
+            f"**{persona.name}** ({persona.key}) is now the persona of this channel.{served}",
             ephemeral=True,
         )
         if greeting is not None and isinstance(
@@ -92,7 +99,7 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
         embed.add_field(name="Lorebook entries", value=str(len(book.entries) if book else 0))
         embed.add_field(name="Spec", value=persona.card.spec)
         try:
-            served = await self.bot.client.model_for(persona.key)
+            served = describe_model(await self.bot.chat.served_by(persona))
         except RolecastError:
             served = "model server not answering"
         embed.add_field(name="Served by", value=served)

@@ -39,7 +39,7 @@ class StatusCommands(commands.Cog):
         lines = []
         for persona in bot.personas.all():
             try:
-                served = await bot.client.model_for(persona.key) if healthy else "—"
+                served = await bot.chat.served_by(persona) if healthy else "—"
             except RolecastError:
                 served = "—"
             approved = await bot.memory.count_dialogues(persona.key)
