@@ -25,19 +25,25 @@ from finetune.evaluate import read_predictions, score_records
 PERSONAS = ("haruhi", "atri", "xin")
 
 
+def classifier_for(work: Path) -> PersonaClassifier:
+    """The classifier of the personas' training portions under `work`: each persona's replies,
+    and the other speakers' turns as one more class."""
+    dialogues = {
+        p: [d.messages for d in load_dialogues(work / f"{p}.clean_train.jsonl")] for p in PERSONAS
+    }
+    return PersonaClassifier().fit(
+        {p: turns(dialogues[p], "assistant") for p in PERSONAS},
+        others=[t for p in PERSONAS for t in turns(dialogues[p], "user")],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("runs/shipped"))
     args = parser.parse_args()
     work: Path = args.work
 
-    dialogues = {
-        p: [d.messages for d in load_dialogues(work / f"{p}.clean_train.jsonl")] for p in PERSONAS
-    }
-    classifier = PersonaClassifier().fit(
-        {p: turns(dialogues[p], "assistant") for p in PERSONAS},
-        others=[t for p in PERSONAS for t in turns(dialogues[p], "user")],
-    )
+    classifier = classifier_for(work)
 
     def row(
         persona: str, model: str, decoding: str, records: list[dict], column: str, run: str = ""

@@ -39,7 +39,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from persona_consistency import classifier_for
 from train_quality import mixed_data, prepare, score, select_split, sh
+
+from finetune.data import file_sha256
+from finetune.evaluate import read_predictions
 
 PERSONAS = ("haruhi", "atri", "xin")
 TARGET = {"bleu-4": 8.0, "rouge-l": 25.0}
@@ -190,11 +194,10 @@ def export(adapter: Path, output: Path, extra: dict[str, Any]) -> None:
     )
     config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     (output / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    manifest = json.loads((adapter / "rolecast.json").read_text(encoding="utf-8"))
-    manifest.update(extra, dtype="bfloat16")
-    (output / "rolecast.json").write_text(
-        json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-    )
+    from formats.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(adapter).model_copy(update={**extra, "dtype": "bfloat16"})
+    write_manifest(output, manifest)
     for name in ("loss.png", "loss.jsonl"):
         if (adapter / name).exists():
             shutil.copy2(adapter / name, output / name)
@@ -217,10 +220,18 @@ def main() -> None:
         "--decodings", nargs="*", choices=sorted(DECODINGS), help="Chat decodings scored (all)."
     )
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="Score the run under --work again and rewrite --output's manifest (no training).",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="2 training steps, 4 short replies: try the pipeline."
     )
     args = parser.parse_args()
 
+    if args.report_only:
+        report_only(args)
+        return
     work, results = args.work, []
     if args.smoke:
         base = str(tiny_base(work / "tiny-base"))
@@ -291,37 +302,81 @@ def main() -> None:
         ],
         args.parallel,
     )
-    held_out: dict[str, dict[str, Any]] = {}
     for p in PERSONAS:
-        defaults_scores = score(work / "defaults" / p / "eval-greedy" / "predictions.jsonl")
-        shipped = score(final / f"eval-{p}-greedy" / "predictions.jsonl")["adapter"]
-        held_out[p] = {"base": defaults_scores["base"], "defaults": defaults_scores["adapter"],
-                       "shipped": shipped}  # fmt: skip
-        for model, scores in held_out[p].items():
-            emit(results, stage="held-out", persona=p, model=model, decoding="greedy", **scores)
         for d in chat:
             scores = score(final / f"eval-{p}-{d}" / "predictions.jsonl")["adapter"]
             emit(results, stage="held-out", persona=p, model="shipped", decoding=d, **scores)
-
-    data = {p: {"file": train_of[p].name} for p in PERSONAS}
-    export(
-        final,
-        args.output,
-        {
-            "personas": list(PERSONAS),
-            "selection": {
-                "target": TARGET,
-                "max_mb": args.max_mb,
-                "table": table,
-                "chosen": chosen,
-            },
-            "scores": {"held_out_greedy": held_out},
-            "training_files": data,
-            "reproduce": "python benchmarks/shipped_adapter.py --data-dir DATA --work runs/shipped",
-        },
-    )
+    held_out = held_out_report(work, final)
+    for p, models in held_out.items():
+        for model, scores in models.items():
+            emit(results, stage="held-out", persona=p, model=model, decoding="greedy", **scores)
+    extra = {
+        "persona": None,  # it plays several: `personas`
+        "system_prompt": None,  # each persona's comes from its card
+        "personas": list(PERSONAS),
+        "selection": {"target": TARGET, "max_mb": args.max_mb, "table": table, "chosen": chosen},
+        "scores": {"held_out_greedy": held_out},
+        "sources": sources(args.data_dir),
+        "reproduce": REPRODUCE,
+    }
+    export(final, args.output, extra)
     emit(results, stage="exported", output=str(args.output), mb=weights_mb(args.output))
     (work / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+
+
+REPRODUCE = "python benchmarks/shipped_adapter.py --data-dir DATA --work runs/shipped"
+
+
+def held_out_report(work: Path, final: Path) -> dict[str, dict[str, Any]]:
+    """Per persona, greedy on its held-out split: BLEU/ROUGE and persona consistency of the base
+    model, of `rolecast train`'s defaults, and of the shipped adapter (`final`)."""
+    classifier = classifier_for(work)
+    report: dict[str, dict[str, Any]] = {}
+    for p in PERSONAS:
+        defaults = work / "defaults" / p / "eval-greedy" / "predictions.jsonl"
+        columns = {
+            "base": (defaults, "base"),
+            "defaults": (defaults, "adapter"),
+            "shipped": (final / f"eval-{p}-greedy" / "predictions.jsonl", "adapter"),
+        }
+        report[p] = {}
+        for model, (path, column) in columns.items():
+            records = read_predictions(path)
+            replies = [r[column] for r in records]
+            consistency = classifier.score(p, replies).to_json()
+            report[p][model] = {
+                **{k: round(v, 2) for k, v in score(path)[column].items()},
+                "recognised": consistency["recognised"],
+                "own_probability": consistency["own_probability"],
+            }
+    return report
+
+
+def sources(data_dir: Path) -> dict[str, dict[str, str]]:
+    """The role-play files the adapter was made from, with their hashes."""
+    return {
+        p: {"file": f"{p}.jsonl", "sha256": file_sha256(data_dir / f"{p}.jsonl")} for p in PERSONAS
+    }
+
+
+def report_only(args: argparse.Namespace) -> None:
+    """Score an exported adapter's run again and rewrite its manifest's scores and sources."""
+    from formats.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(args.output)
+    chosen = (manifest.model_extra or {})["selection"]["chosen"]["candidate"]
+    held_out = held_out_report(args.work, args.work / "final" / chosen)
+    update = {
+        "scores": {"held_out_greedy": held_out},
+        "sources": sources(args.data_dir),
+        "reproduce": REPRODUCE,
+        "persona": None,
+        "system_prompt": None,
+    }
+    manifest = manifest.model_copy(update=update)
+    (manifest.model_extra or {}).pop("training_files", None)  # an earlier name of `sources`
+    write_manifest(args.output, manifest)
+    print(json.dumps(held_out, ensure_ascii=False, indent=1))
 
 
 if __name__ == "__main__":
