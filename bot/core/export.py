@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from bot.core.cards import Card
 from bot.core.memory import Dialogue
 from bot.core.prompt import render_system
+from bot.core.text import clean_text, defuse_control_tokens
 
 # `<@123>`, `<@!123>` users; `<@&123>` roles; `<#123>` channels; `<:name:123>` emoji;
 # `<t:1700000000:R>` timestamps; bare snowflakes (17-20 digits).
@@ -70,13 +71,15 @@ def to_sharegpt(
     """One dialogue as a ShareGPT record, or None when nothing trainable is left."""
     turns: list[tuple[str, str]] = []  # (from, value), consecutive same-role merged
     for message in dialogue.messages:
-        content = scrub(str(message.get("content") or ""), names).strip()
+        # Training renders the same chat template: look-alikes of its control tokens in what
+        # members wrote must stay text there too (the system prompt is defused already).
+        content = defuse_control_tokens(scrub(str(message.get("content") or ""), names)).strip()
         if not content:
             continue
         if message.get("role") == "user":
             author = message.get("author_name")
             if speaker_names and author:
-                content = f"{scrub(str(author), names)}: {content}"
+                content = f"{defuse_control_tokens(scrub(str(author), names))}: {content}"
             role = "human"
         else:
             role = "gpt"
@@ -148,7 +151,7 @@ def export_dialogues(
         if record is None:
             skipped += 1
             continue
-        lines.append(json.dumps(record, ensure_ascii=False))
+        lines.append(clean_text(json.dumps(record, ensure_ascii=False)))
     jsonl = ("\n".join(lines) + "\n" if lines else "").encode()
     info = json.dumps(dataset_info(persona, f"{persona}.jsonl"), indent=2).encode()
     return Export(persona, jsonl, info, len(lines), skipped)
