@@ -9,6 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot import discord_limits as limits
 from bot.errors import RolecastError
 from bot.permissions import admin_only
 
@@ -51,4 +52,4 @@ class StatusCommands(commands.Cog):
             f"{bot.queue.busy_channels()} channels",
             inline=False,
         )
-        await interaction.followup.send(embed=embed, ephemeral=True)
+        await interaction.followup.send(embed=limits.fit_embed(embed), ephemeral=True)
