@@ -348,6 +348,11 @@ def _json_from_png(raw: bytes) -> bytes:
         if pos + 12 > len(raw):
             if found:
                 break  # a truncated tail after the card chunk: the card is whole
+            if pos == len(raw):
+                raise _Reject(
+                    "PNG has no 'chara' or 'ccv3' text chunk (and no IEND): it is not a "
+                    "character card"
+                )
             raise _Reject("unreadable PNG: the file ends in the middle of a chunk")
         length = int.from_bytes(raw[pos : pos + 4], "big")
         kind = raw[pos + 4 : pos + 8]

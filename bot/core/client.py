@@ -45,7 +45,7 @@ from bot.core.answers import (
     read_token_count,
     snippet,
 )
-from bot.core.text import defuse_control_tokens
+from bot.core.text import clean_text, defuse_control_tokens
 from bot.errors import ModelAnswerError, ModelServerError
 from bot.retrain.adapters import current_served_name
 from bot.settings import BotSettings, SamplingSettings
@@ -107,8 +107,9 @@ def ending_note(finish_reason: str | None, complete: bool) -> str | None:
 
 def defused(messages: Sequence[Message]) -> list[Message]:
     """`messages` with control-token look-alikes in their text broken up (see
-    `bot.core.text.defuse_control_tokens`): what every request to the server carries."""
-    return [{**m, "content": defuse_control_tokens(m["content"])} for m in messages]
+    `bot.core.text.defuse_control_tokens`) and unencodable characters repaired: what every
+    request to the server carries."""
+    return [{**m, "content": defuse_control_tokens(clean_text(m["content"]))} for m in messages]
 
 
 class _Retryable(Exception):
@@ -368,6 +369,7 @@ class ModelClient:
         problem: str | None = None
         deadline = asyncio.get_running_loop().time() + self.reply_timeout_s
         chunks = response.aiter_bytes()
+        broken = False  # the connection failed, rather than the answer being unreadable
         try:
             while not stream.done:
                 # Each read waits at most until the deadline, so a server that trickles bytes
@@ -398,9 +400,9 @@ class ModelClient:
         except MalformedAnswer as exc:
             problem = str(exc)
         except httpx.HTTPError as exc:
-            problem = f"the connection broke ({_describe(exc)})"
+            problem, broken = f"the connection broke ({_describe(exc)})", True
         except TimeoutError:
-            problem = f"the reply took longer than {self.reply_timeout_s:.0f} s"
+            problem, broken = f"the reply took longer than {self.reply_timeout_s:.0f} s", True
         finally:
             await response.aclose()
         if problem is None and not stream.done:
@@ -409,8 +411,10 @@ class ModelClient:
         if problem is not None:
             log.warning("model %s: %s (after %d characters)", model, problem, len(text))
             if not text.strip():
-                raise ModelAnswerError(
-                    f"The model server's answer could not be read ({problem}). "
+                error = ModelServerError if broken else ModelAnswerError
+                what = "stopped answering" if broken else "sent an answer that could not be read"
+                raise error(
+                    f"The model server {what} ({problem}). "
                     "Your message is saved: send /retry (or write again) to ask again."
                 )
         yield Completion(

@@ -27,7 +27,7 @@ from bot.core.cards import Card
 from bot.core.client import Completion, Message, ModelClient
 from bot.core.lorebook import in_insertion_order, matching_entries
 from bot.core.memory import Memory, Turn
-from bot.core.text import defuse_control_tokens
+from bot.core.text import clean_text, defuse_control_tokens
 from bot.errors import InputTooLongError, RolecastError
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def render_system(card: Card, *, user: str) -> str:
     text = "\n\n".join(p.strip() for p in parts if p and p.strip())
     if not text:
         text = f"You are {data.name}. Stay in character."
-    return defuse_control_tokens(substitute(text, char=data.name, user=user))
+    return defuse_control_tokens(clean_text(substitute(text, char=data.name, user=user)))
 
 
 def _examples(mes_example: str) -> str:

@@ -200,7 +200,7 @@ class ChatListener(commands.Cog):
             async for event in bot.chat.respond(
                 key,
                 bot.sampling_for(settings),
-                user_name=message.author.display_name,
+                user_name=clean_text(message.author.display_name),
                 persona=persona,
                 deliver=stream.finish,
             ):

@@ -12,7 +12,7 @@ from discord.ext import commands
 
 from bot import discord_limits as limits
 from bot.core.cards import MAX_CARD_BYTES, parse_card
-from bot.core.personas import persona_key
+from bot.core.personas import Persona, persona_key
 from bot.discord_bot import channel_key, send_ephemeral
 from bot.errors import CardError, RolecastError
 from bot.permissions import admin_only, guild_only
@@ -32,6 +32,27 @@ def shown_name(name: str) -> str:
     """A name (a card's, a file's) as bold text in a message: one line, at most 100
     characters, markdown escaped."""
     return discord.utils.escape_markdown(limits.one_line(name, 100))
+
+
+def info_embed(persona: Persona, served: str) -> discord.Embed:
+    """What `/persona info` shows of a card, within Discord's embed limits."""
+    data = persona.card.data
+    title = limits.one_line(persona.name, limits.EMBED_TITLE_CHARS - len(persona.key) - 3)
+    embed = discord.Embed(title=f"{title} ({persona.key})")
+    embed.description = _short(data.description or data.system_prompt or "—", 1000)
+    if data.personality.strip():
+        embed.add_field(name="Personality", value=_short(data.personality, 500), inline=False)
+    if data.scenario.strip():
+        embed.add_field(name="Scenario", value=_short(data.scenario, 500), inline=False)
+    if data.first_mes.strip():
+        embed.add_field(name="Greeting", value=_short(data.first_mes, 500), inline=False)
+    book = data.character_book
+    embed.add_field(name="Lorebook entries", value=str(len(book.entries) if book else 0))
+    embed.add_field(name="Spec", value=persona.card.spec)
+    embed.add_field(name="Served by", value=served)
+    if data.creator_notes.strip():
+        embed.set_footer(text=_short(data.creator_notes, 1000))
+    return limits.fit_embed(embed)
 
 
 class PersonaCommands(commands.GroupCog, group_name="persona"):
@@ -83,27 +104,12 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
     async def info(self, interaction: discord.Interaction[RolecastBot], name: str) -> None:
         await interaction.response.defer(ephemeral=True)
         persona = self.bot.personas.get(name)
-        data = persona.card.data
-        title = f"{limits.one_line(persona.name, limits.EMBED_TITLE_CHARS - len(persona.key) - 3)}"
-        embed = discord.Embed(title=f"{title} ({persona.key})")
-        embed.description = _short(data.description or data.system_prompt or "—", 1000)
-        if data.personality.strip():
-            embed.add_field(name="Personality", value=_short(data.personality, 500), inline=False)
-        if data.scenario.strip():
-            embed.add_field(name="Scenario", value=_short(data.scenario, 500), inline=False)
-        if data.first_mes.strip():
-            embed.add_field(name="Greeting", value=_short(data.first_mes, 500), inline=False)
-        book = data.character_book
-        embed.add_field(name="Lorebook entries", value=str(len(book.entries) if book else 0))
-        embed.add_field(name="Spec", value=persona.card.spec)
         try:
             served = await self.bot.client.model_for(persona.key)
         except RolecastError:
             served = "model server not answering"
-        embed.add_field(name="Served by", value=served)
-        if data.creator_notes.strip():
-            embed.set_footer(text=_short(data.creator_notes, 1000))
-        await interaction.followup.send(embed=limits.fit_embed(embed), ephemeral=True)
+        embed = info_embed(persona, served)
+        await interaction.followup.send(embed=embed, ephemeral=True)
 
     info.autocomplete("name")(persona_autocomplete)
 
