@@ -267,11 +267,14 @@ class MisbehavingServer:
                 self._server = await asyncio.start_server(spawn, self.host, self.port)
                 started.set()
 
+            asyncio.set_event_loop(loop)
             loop.run_until_complete(serve())
             loop.run_forever()
-            for task in list(self._tasks):
+            pending = list(self._tasks)
+            for task in pending:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*self._tasks, return_exceptions=True))
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         self._thread = threading.Thread(target=run, name="misbehaving-server", daemon=True)

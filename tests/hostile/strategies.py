@@ -402,19 +402,38 @@ def sse_event(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def chat_answer(draw: st.DrawFn) -> Answer:
-    events = draw(st.lists(sse_event(), max_size=12))
-    if draw(st.booleans()):  # usually a proper ending
-        events += [event(chunk(finish=draw(finish))), event("[DONE]")]
-    body = b"".join(events)
+    """A streamed chat answer: half of them a sound stream of hostile text with at most one
+    fault, half a free mix of events; any line endings, split anywhere, any framing."""
+    if draw(st.booleans()):
+        texts = draw(st.lists(any_text, min_size=1, max_size=5))
+        events = [event(chunk(""))] + [event(chunk(t)) for t in texts]
+        events += [event(chunk(finish=draw(st.sampled_from(["stop", "stop", "length"]))))]
+        events += [event(usage(12, len(texts))), event("[DONE]")]
+        fault = draw(st.sampled_from([None, None, None, "insert", "no done", "truncate"]))
+        if fault == "insert":
+            events.insert(draw(st.integers(0, len(events))), draw(sse_event()))
+        elif fault == "no done":
+            events.pop()
+        body = b"".join(events)
+        if fault == "truncate":
+            body = body[: draw(st.integers(0, len(body)))]
+        sound = fault is None
+    else:
+        events = draw(st.lists(sse_event(), max_size=12))
+        if draw(st.booleans()):  # usually a proper ending
+            events += [event(chunk(finish=draw(finish))), event("[DONE]")]
+        body = b"".join(events)
+        sound = False
     newline = draw(st.sampled_from([b"\n", b"\r\n", b"\r"]))
     body = body.replace(b"\n", newline)
     cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=6)))
     parts: list[bytes | float] = [
         body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)
     ]
-    status = draw(st.sampled_from([200] * 12 + [400, 404, 429, 500, 503]))
+    if sound:
+        return Answer(parts=parts, framing=draw(st.sampled_from(["chunked", "length", "close"])))
     return Answer(
-        status=status,
+        status=draw(st.sampled_from([200] * 12 + [400, 404, 429, 500, 503])),
         content_type=draw(
             st.sampled_from(["text/event-stream"] * 4 + ["application/json", "text/html"])
         ),
@@ -427,12 +446,12 @@ def chat_answer(draw: st.DrawFn) -> Answer:
 @st.composite
 def json_body_answer(draw: st.DrawFn, good: Any) -> Answer:
     """A /tokenize or /v1/models answer: the good one, or anything else."""
-    choice = draw(st.integers(0, 5))
-    if choice <= 2:
+    choice = draw(st.integers(0, 11))
+    if choice <= 8:
         body = good
-    elif choice == 3:
+    elif choice == 9:
         body = draw(json_value)
-    elif choice == 4:
+    elif choice == 10:
         body = draw(st.binary(max_size=80))
     else:
         body = b"[" * 3000
@@ -442,7 +461,7 @@ def json_body_answer(draw: st.DrawFn, good: Any) -> Answer:
         else json.dumps(body, allow_nan=True).encode("utf-8", "surrogatepass")
     )
     return Answer(
-        status=draw(st.sampled_from([200] * 8 + [400, 500])),
+        status=200 if choice <= 8 else draw(st.sampled_from([200] * 4 + [400, 500])),
         content_type="application/json",
         parts=[raw],
         framing="length",
