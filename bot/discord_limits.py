@@ -75,8 +75,9 @@ def webhook_username(name: str, fallback: str = "Persona") -> str:
 
 
 def plain_name(name: str) -> str:
-    """A persona's name as the bold first line of a plain (non-webhook) message."""
-    return discord.utils.escape_markdown(webhook_username(name))
+    """A persona's name as the bold first line of a plain (non-webhook) message: one line of
+    at most 80 characters, markdown escaped."""
+    return discord.utils.escape_markdown(one_line(name, WEBHOOK_NAME_CHARS) or "Persona")
 
 
 def message(text: str) -> str:

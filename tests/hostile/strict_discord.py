@@ -9,6 +9,7 @@ independently of the bot's own `bot.discord_limits`, so the two check each other
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import discord
@@ -125,14 +126,19 @@ class StrictDiscordAPI(FakeDiscordAPI):
         super().install(monkeypatch)
         http = self.client.http
         send, edit = http.send_message, http.edit_message
+        api = self
 
+        # dpytest finds the channel (or message) a call is about in its caller's locals
+        # (`channel`, `self`): the wrappers hold their own caller's, as if they were not there.
         async def send_message(channel_id: int, *, params: Any) -> Any:
-            self._check(params.payload or {})
+            channel = sys._getframe(1).f_locals.get("channel")  # noqa: F841
+            api._check(params.payload or {})
             return await send(channel_id, params=params)
 
         async def edit_message(channel_id: int, message_id: int, **fields: Any) -> Any:
+            self = sys._getframe(1).f_locals.get("self")  # noqa: F841
             params = fields.get("params")
-            self._check(getattr(params, "payload", None) or {})
+            api._check(getattr(params, "payload", None) or {})
             return await edit(channel_id, message_id, **fields)
 
         monkeypatch.setattr(http, "send_message", send_message)
