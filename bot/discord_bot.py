@@ -26,6 +26,7 @@ from bot.core.prompt import PromptBuilder
 from bot.core.queue import ChannelQueue, Cooldown
 from bot.core.sidecar import embedded_server
 from bot.core.summary import Summarizer
+from bot.core.text import clean_text
 from bot.errors import RolecastError
 from bot.settings import BotSettings, SamplingSettings
 from bot.webhooks import NO_MENTIONS, Identity, WebhookCache
@@ -262,7 +263,11 @@ async def command_tree(settings: BotSettings) -> dict[str, object]:
         "server_url": settings.server_url or "embedded",
         "database": str(settings.database),
         "personas": [
-            {"key": p.key, "name": p.name, "source": "shipped" if p.builtin else str(p.path)}
+            {
+                "key": p.key,
+                "name": p.name,
+                "source": "shipped" if p.builtin else clean_text(str(p.path)),
+            }
             for p in personas.all()
         ],
         "problems": [{"source": e.source, "problems": e.problems} for e in personas.problems],

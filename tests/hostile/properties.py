@@ -10,6 +10,8 @@ replaces the default run's profile (e.g. `hostile-10k` to run the big size witho
 from __future__ import annotations
 
 import os
+import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -46,8 +48,27 @@ PROFILES = pytest.mark.parametrize(
 )
 
 
+_tally: Counter[str] = Counter()
+
+
+def tally(outcome: str) -> None:
+    """Count one case's outcome (printed when the property ends: `pytest -s` shows it)."""
+    _tally[outcome] += 1
+
+
 def run_property(
     profile: str, strategy: st.SearchStrategy[Any], check: Callable[[Any], None]
 ) -> None:
-    """Run `check` on every case `strategy` draws, as many as `profile` says."""
-    settings(settings.get_profile(profile))(given(strategy)(check))()
+    """Run `check` on every case `strategy` draws, as many as `profile` says, and print how
+    many cases ran and how their outcomes split."""
+    _tally.clear()
+    cases = Counter[str]()
+
+    def counted(case: Any) -> None:
+        cases["run"] += 1
+        check(case)
+
+    started = time.monotonic()
+    settings(settings.get_profile(profile))(given(strategy)(counted))()
+    outcomes = ", ".join(f"{name} {n}" for name, n in _tally.most_common())
+    print(f"\n{cases['run']} cases in {time.monotonic() - started:.0f} s, none failed: {outcomes}")

@@ -334,7 +334,25 @@ def turn(draw: st.DrawFn, role_key: str, text_key: str) -> Any:
 
 
 @st.composite
+def sound_row(draw: st.DrawFn) -> dict[str, Any]:
+    """A row of the right shape (system, then human/gpt turns) whose text is hostile."""
+    sharegpt = draw(st.booleans())
+    role_key, text_key, list_key = (
+        ("from", "value", "conversations") if sharegpt else ("role", "content", "messages")
+    )
+    names = ("human", "gpt") if sharegpt else ("user", "assistant")
+    turns = []
+    if draw(st.booleans()):
+        turns.append({role_key: "system", text_key: draw(any_text)})
+    for i in range(draw(st.integers(1, 3)) * 2):
+        turns.append({role_key: names[i % 2], text_key: draw(any_text)})
+    return {"id": draw(st.one_of(hostile_text, st.uuids().map(str))), list_key: turns}
+
+
+@st.composite
 def row_object(draw: st.DrawFn) -> Any:
+    if draw(st.booleans()):
+        return draw(sound_row())
     sharegpt = draw(st.booleans())
     role_key, text_key, list_key = (
         ("from", "value", "conversations") if sharegpt else ("role", "content", "messages")

@@ -206,13 +206,13 @@ async def test_memory_show_and_bad_imports_fit_discord(
     rig: Rig, server: MisbehavingServer, tmp_path: Path
 ) -> None:
     await rig.memory.set_persona(rig.key, "haruhi")
-    for i in range(30):
+    for _i in range(30):
         await rig.memory.add_turn(
             rig.key,
             persona="haruhi",
             role="user",
             content="long " * 500,
-            author_name="**" + "n" * 300,  # fmt: skip
+            author_name="**" + "n" * 300,
         )
     await rig.command("memory show")
     bad = tmp_path / "bad.json"

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import event
 from hypothesis import strategies as st
 
 from bot.core.chat import ChatService, Reply, Speaker
@@ -36,7 +35,7 @@ from tests.hostile.misbehaving_server import (
     MisbehavingServer,
     reply_events,
 )
-from tests.hostile.properties import PROFILES, run_property
+from tests.hostile.properties import PROFILES, run_property, tally
 from tests.hostile.strategies import chat_answer, json_body_answer
 
 # What each misbehaviour must come to.
@@ -191,7 +190,7 @@ def check_answers(
         exchange(server, memory, f"terminal:case-{counter[0]}", max_attempts=1)
     )
     kind = kind_of(outcome)
-    event(kind)
+    tally(kind)
     assert turns[0].role == "user" and turns[0].content == INJECTION
     body = b"".join(p for p in chat.parts if isinstance(p, bytes))
     if isinstance(outcome, Reply):

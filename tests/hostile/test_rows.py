@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import typer.main
 import typer.testing
-from hypothesis import event
 from typer.testing import CliRunner
 
 from rolecast.cli import app
-from tests.hostile.properties import PROFILES, run_property
+from tests.hostile.properties import PROFILES, run_property, tally
 from tests.hostile.strategies import jsonl_file
 
 runner = CliRunner()
@@ -65,7 +64,7 @@ def check_rows(lines: list[bytes], folder: Path) -> None:
     if any(has_lone_surrogate(line) for line in lines):
         assert codes.get("bad_text"), report
     for code in codes:
-        event(f"problem: {code}")
+        tally(f"problem: {code}")
 
     out = folder / "clean.jsonl"
     cleaned = runner.invoke(app, ["data", "clean", str(data), "-o", str(out), "--base", ""])
@@ -75,7 +74,7 @@ def check_rows(lines: list[bytes], folder: Path) -> None:
     assert recheck.exit_code == 0, recheck.output
     kept = json.loads(recheck.stdout)
     assert kept["problems"] == []
-    event(f"rows kept: {min(kept['rows'], 3)}")
+    tally(f"rows kept: {min(kept['rows'], 3)}")
 
 
 @PROFILES
