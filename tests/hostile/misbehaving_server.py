@@ -60,7 +60,7 @@ Responder = Callable[[dict[str, Any] | None], Answer]
 def event(data: Any) -> bytes:
     """One SSE event: JSON of `data`, or `data` itself when it is a str."""
     text = data if isinstance(data, str) else json.dumps(data)
-    return f"data: {text}\n\n".encode()
+    return f"data: {text}\n\n".encode("utf-8", "surrogatepass")  # a lone surrogate: bad bytes
 
 
 def chunk(content: Any = None, finish: Any = None, **extra: Any) -> dict[str, Any]:
