@@ -131,7 +131,7 @@ def _describe(exc: BaseException) -> str:
 async def _read_capped(response: httpx.Response, limit: int) -> bytes:
     """The body, or its first `limit` + 1 bytes (the caller treats that as too large)."""
     chunks, size = [], 0
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.aiter_raw():
         chunks.append(chunk)
         size += len(chunk)
         if size > limit:
@@ -180,8 +180,11 @@ class ModelClient:
         # `timeout_s` bounds each wait (connecting aside): the first byte, and every gap
         # between the bytes of a stream; `reply_timeout_s` bounds a whole streamed reply.
         timeout = httpx.Timeout(timeout_s, connect=5.0)
+        # Bodies are read as sent (`aiter_raw`) and asked for uncompressed: a compressed body
+        # could inflate past every bound on what is read, so one is simply unreadable.
         self._http = httpx.AsyncClient(
-            timeout=timeout, headers={"Authorization": f"Bearer {api_key}"}
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {api_key}", "Accept-Encoding": "identity"},
         )
         self._models: list[ServedModel] = []
         self._models_at = 0.0
@@ -255,10 +258,12 @@ class ModelClient:
     # -- root endpoints -------------------------------------------------------------------
 
     async def health(self) -> bool:
+        request = self._http.build_request("GET", f"{self.root_url}/health", timeout=5.0)
         try:
-            response = await self._http.get(f"{self.root_url}/health", timeout=5.0)
+            response = await self._http.send(request, stream=True)  # the body is not read
         except httpx.HTTPError:
             return False
+        await response.aclose()
         return response.status_code == 200
 
     async def tokenize(
@@ -368,7 +373,7 @@ class ModelClient:
         ttft: float | None = None
         problem: str | None = None
         deadline = asyncio.get_running_loop().time() + self.reply_timeout_s
-        chunks = response.aiter_bytes()
+        chunks = response.aiter_raw()
         broken = False  # the connection failed, rather than the answer being unreadable
         try:
             while not stream.done:
