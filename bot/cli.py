@@ -14,7 +14,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from bot.core.text import for_terminal
 from bot.errors import RolecastError
 from bot.terminal.console import err, fail, load_settings
 from bot.terminal.retrain import retrain
@@ -85,12 +87,12 @@ def persona_list() -> None:
     registry = PersonaRegistry(load_settings().user_personas).load()
     table = Table("key", "name", "source", "greeting")
     for p in registry.all():
-        table.add_row(
-            p.key, p.name, "shipped" if p.builtin else str(p.path), p.card.data.first_mes[:40]
-        )
+        # Text objects: a card's text is shown as it is, never read as rich markup.
+        cells = (p.name, "shipped" if p.builtin else str(p.path), p.card.data.first_mes[:40])
+        table.add_row(p.key, *(Text(for_terminal(c)) for c in cells))
     Console().print(table)
     for problem in registry.problems:
-        err.print(f"[yellow]warning:[/] {escape(str(problem))}")
+        err.print(f"[yellow]warning:[/] {escape(for_terminal(str(problem)))}")
 
 
 @persona_app.command("show")
@@ -114,10 +116,10 @@ def persona_check(files: list[Path]) -> None:
     for path in files:
         try:
             card = load_card(path)
-            print(f"ok      {path}: {card.name} ({card.spec})")
+            print(for_terminal(f"ok      {path}: {card.name} ({card.spec})"))
         except RolecastError as exc:
             bad += 1
-            err.print(escape(str(exc)))
+            err.print(escape(for_terminal(str(exc))))
     raise typer.Exit(1 if bad else 0)
 
 

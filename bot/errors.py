@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from bot.core.text import clean_text
+
 
 class RolecastError(Exception):
     """Base class: an error whose message is fit to show to a user."""
@@ -19,6 +21,9 @@ class CardError(RolecastError):
     """A character card that cannot be used; `problems` lists what is wrong, field by field."""
 
     def __init__(self, source: str, problems: list[str]) -> None:
+        # A file name or a card's text may hold characters no terminal can print.
+        source = clean_text(source)
+        problems = [clean_text(p) for p in problems]
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"Invalid character card {source}:\n{lines}")
         self.source = source
@@ -31,3 +36,8 @@ class ModelServerError(RolecastError):
 
 class InputTooLongError(RolecastError):
     """A user turn that cannot fit the model's context even with no history."""
+
+
+class ModelAnswerError(ModelServerError):
+    """The model server answered with something the bot cannot read: a body that is not JSON
+    or of the wrong shape, or a stream that broke before any reply text."""

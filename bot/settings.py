@@ -138,7 +138,12 @@ class BotSettings(RolecastPaths):
         default_factory=list,
         description="extra `rolecast serve` arguments for the embedded server, e.g. a --model",
     )
-    request_timeout_s: float = Field(120.0, gt=0)
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="longest wait for the model server's next bytes"
+    )
+    reply_timeout_s: float = Field(
+        600.0, gt=0, description="longest a streamed reply may take in all; it is cut there"
+    )
     retry_attempts: int = Field(4, ge=1, le=20)
     retry_max_wait_s: float = Field(8.0, gt=0)
     server_startup_timeout_s: float = Field(600.0, gt=0)

@@ -76,6 +76,7 @@ def data_check(
 def _print_report(report: Any) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     summary = report.to_json()
@@ -88,12 +89,13 @@ def _print_report(report: Any) -> None:
     if report.problems:
         table = Table("id", "where", "problem", "detail")
         for p in report.problems:
-            table.add_row(p.row_id, p.source, p.code, p.message)
+            # Text cells: row ids and details come from the data, never read as rich markup.
+            table.add_row(*(Text(str(v)) for v in (p.row_id, p.source, p.code, p.message)))
         console.print(table)
     if report.duplicate_groups:
         console.print(f"[bold]{len(report.duplicate_groups)}[/] near-duplicate groups:")
         for group in report.duplicate_groups:
-            console.print("  " + ", ".join(group))
+            console.print("  " + ", ".join(group), markup=False, highlight=False)
     s = report.lengths
     console.print(
         f"lengths in {s.unit}: n={s.count} total={s.total} mean={s.mean} min={s.minimum} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,35 @@ def _parse_messages(
     return messages, [Problem(row_id, source, code, message) for code, message in found]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _repair(text: str) -> str:
+    """`text` with lone surrogates replaced by U+FFFD (for ids shown in a report)."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _unencodable(obj: Any, where: str = "row") -> str | None:
+    """Where a parsed row holds text that cannot be encoded (a lone surrogate), or None."""
+    stack: list[tuple[Any, str]] = [(obj, where)]
+    while stack:
+        value, at = stack.pop()
+        if isinstance(value, str):
+            if (match := _SURROGATE.search(value)) is not None:
+                return (
+                    f"{at} has an unpaired surrogate {match.group()!r} at character "
+                    f"{match.start()}: the text cannot be encoded"
+                )
+        elif isinstance(value, list):
+            stack.extend((item, f"{at}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                label = _repair(str(key))[:40]
+                stack.append((key, f"{at} key {label!r}"))
+                stack.append((item, f"{at}.{label}"))
+    return None
+
+
 def read_rows(path: str | Path) -> list[Row]:
     """Every line of a JSONL file as a Row; bad lines become rows with problems, not exceptions."""
     path = Path(path)
@@ -150,8 +180,8 @@ def read_rows(path: str | Path) -> list[Row]:
     seen: dict[str, str] = {}
     with path.open("rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
-            source = f"{path.name}:{line_no}"
-            fallback_id = f"{path.stem}:{line_no}"
+            source = _repair(f"{path.name}:{line_no}")
+            fallback_id = _repair(f"{path.stem}:{line_no}")
             if not raw.strip():
                 continue
             try:
@@ -168,17 +198,24 @@ def read_rows(path: str | Path) -> list[Row]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:  # also absurd numbers and nesting
                 rows.append(
                     Row(
                         fallback_id,
                         source,
                         None,
-                        [Problem(fallback_id, source, "bad_json", str(exc))],
+                        [Problem(fallback_id, source, "bad_json", str(exc)[:300])],
                     )
                 )
                 continue
             row_id = str(obj.get("id", fallback_id)) if isinstance(obj, dict) else fallback_id
+            if (bad := _unencodable(obj)) is not None:
+                # JSON escapes can carry lone UTF-16 surrogates ("\ud800"), which no encoder
+                # accepts: such a row can be neither tokenized nor written back.
+                row_id = _repair(row_id)
+                problem = Problem(row_id, source, "bad_text", bad)
+                rows.append(Row(row_id, source, None, [problem]))
+                continue
             messages, problems = _parse_messages(obj, row_id, source)
             if row_id in seen:
                 problems.append(

@@ -32,6 +32,8 @@ def near_duplicate_groups(
 
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if len({item_id for item_id, _ in items}) < 2:
+        return []  # nothing to pair (and the LSH's set-up costs more than a small file's check)
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     hashes: dict[str, MinHash] = {}
     order: dict[str, int] = {}

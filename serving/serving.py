@@ -33,6 +33,7 @@ from serving.protocol import (
     UsageInfo,
     random_id,
 )
+from serving.rendering import ChatRenderer
 from serving.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class ServingChat:
         self.engine = engine
         self.models = models
         self.tokenizer = loaded.tokenizer
+        self.renderer = ChatRenderer(loaded.tokenizer)
         self.max_model_len = loaded.max_model_len
         gen = getattr(loaded.model, "generation_config", None)
         # Like vLLM's `--generation-config auto`: the model's own defaults, where it has them.
@@ -115,18 +117,17 @@ class ServingChat:
         continue_final_message: bool = False,
         template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
-        """The prompt's token ids, formatted only by the tokenizer's chat template."""
+        """The prompt's token ids, formatted only by the tokenizer's chat template. Message
+        text never becomes a control token (see `serving.rendering`)."""
         try:
-            text = self.tokenizer.apply_chat_template(
+            return self.renderer.ids(
                 [m.for_template() for m in messages],
-                tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 **(template_kwargs or {}),
             )
         except Exception as exc:  # jinja2 errors are the client's: vLLM answers 400 too
             raise BadRequestError(f"The chat template failed on these messages: {exc}") from exc
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def sampling_params(self, request: ChatCompletionRequest, prompt_len: int) -> SamplingParams:
         room = self.max_model_len - prompt_len

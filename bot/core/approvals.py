@@ -43,6 +43,14 @@ class Approvals:
     def _check(self, turn: Turn) -> None:
         if turn.role != "assistant":
             raise RolecastError("Only a persona's replies can be approved for training.")
+        if not turn.complete and turn.finish_reason != "length":
+            # Its stream broke: the text is what arrived, not what the model wrote. (A reply
+            # cut at the token limit is shown marked as such; approving it is the approver's
+            # call.)
+            raise RolecastError(
+                "This reply was interrupted before it finished, so it cannot be approved for "
+                "training; approve a complete reply instead."
+            )
 
     async def approve(self, turn: Turn, *, by: str, guild_id: str | None) -> tuple[Dialogue, bool]:
         """Approve explicitly. Returns the dialogue and whether it is new."""

@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from bot.core.client import Completion, ModelClient
+from bot.core.client import Completion, ModelClient, ending_note
 from bot.core.memory import Memory, Turn
 from bot.core.personas import Persona, PersonaRegistry
 from bot.core.prompt import Prompt, PromptBuilder, substitute
@@ -23,8 +23,10 @@ from formats.registry import parse_served_name
 
 log = logging.getLogger(__name__)
 
-# Posts a finished reply's text where it belongs; returns the ids of the messages it became.
-Deliver = Callable[[str], Awaitable[Sequence[str]]]
+# Posts a finished reply's text where it belongs, with a short note when the reply did not
+# finish ("cut at the token limit", "reply interrupted"); returns the ids of the messages it
+# became.
+Deliver = Callable[[str, str | None], Awaitable[Sequence[str]]]
 
 
 @dataclass(frozen=True)
@@ -174,9 +176,13 @@ class ChatService:
             raise RolecastError(
                 "The model returned an empty reply; try /retry or a higher temperature."
             )
+        # A reply that did not finish is kept (it was shown) but never as a complete one: it
+        # is stored with how it ended and marked wherever it is shown.
+        note = ending_note(completion.finish_reason, completion.complete)
         # Stop strings cut the text short of the tokens generated: count such replies.
-        cost = None if sampling.stop else self.prompts.reply_cost(model, completion, text)
-        posted = await deliver(text) if deliver is not None else ()
+        exact = not sampling.stop and completion.problem is None
+        cost = self.prompts.reply_cost(model, completion, text) if exact else None
+        posted = await deliver(text, note) if deliver is not None else ()
         turn = await self.memory.add_turn(
             channel_id,
             persona=persona.key,
@@ -186,9 +192,11 @@ class ChatService:
             token_count=cost,
             posted_as=posted,
             counts=settled,
+            finish_reason=completion.finish_reason,
+            complete=completion.complete,
         )
         if cost is None:
-            learn = not sampling.stop and text == completion.text
+            learn = exact and text == completion.text
             self.prompts.count_soon(model, turn, completion if learn else None)
         yield Reply(turn, completion, prompt)
 

@@ -1,14 +1,21 @@
 """The bot's client for the model server: vLLM's OpenAI-compatible HTTP API.
 
-Chat completions go through the openai SDK's `AsyncOpenAI`; vLLM's own endpoints at the server
-root (`/tokenize`, `/health`) through the same `httpx.AsyncClient`. Connection errors, 429 and
+One `httpx.AsyncClient` speaks to every endpoint: `/v1/chat/completions` (streamed), `/v1/models`
+and vLLM's own endpoints at the server root (`/tokenize`, `/health`). Connection errors, 429 and
 5xx are retried with exponential backoff (tenacity), bounded in attempts; after that the caller
 gets a `ModelServerError` that says what to do. A stream is only retried before its first
 token: once text reached the user, a retry would repeat it.
+
+Every answer is read defensively (`bot.core.answers`): an answer the bot cannot read becomes a
+`ModelAnswerError`, never another exception, and a reply whose stream broke, ended without
+`[DONE]` or was cut at the token limit is reported as not complete (`Completion.complete`).
+Bodies are read up to a bound, and a streamed reply may take at most `reply_timeout_s` in all
+and `max_reply_chars` characters.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -18,8 +25,6 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-import openai
-from openai import AsyncOpenAI, AsyncStream
 from tenacity import (
     AsyncRetrying,
     RetryError,
@@ -28,7 +33,19 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from bot.errors import ModelServerError
+from bot.core.answers import (
+    MAX_BODY_BYTES,
+    ChatStream,
+    MalformedAnswer,
+    SSEDecoder,
+    error_message,
+    parse_json,
+    read_models,
+    read_token_count,
+    snippet,
+)
+from bot.core.text import clean_text, defuse_control_tokens
+from bot.errors import ModelAnswerError, ModelServerError
 from bot.settings import BotSettings, SamplingSettings
 from formats.basemodel import SHIPPED_NAME, shipped_personas
 from formats.registry import AdapterRegistry, parse_served_name
@@ -38,6 +55,10 @@ log = logging.getLogger(__name__)
 Message = dict[str, str]
 MODELS_TTL_S = 5.0
 POINTER_REFRESH_S = 1.0  # a registry pointer to a name not listed re-reads the list this often
+ERROR_BODY_BYTES = 64 * 1024  # read of an error answer, for its message
+# A reply longer than this many characters per requested token is not a reply (a token is at
+# most a few dozen characters); the stream is cut there.
+CHARS_PER_TOKEN_LIMIT = 32
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,10 @@ class Completion:
     completion_tokens: int | None
     ttft_s: float | None
     total_s: float
+    # The server said `stop` and ended the stream with [DONE]. A reply cut at the token limit,
+    # or whose stream broke or ended without [DONE], is not complete; `problem` says why.
+    complete: bool = True
+    problem: str | None = None
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -72,40 +97,61 @@ class Completion:
         return (self.completion_tokens - 1) / (self.total_s - self.ttft_s)
 
 
+def ending_note(finish_reason: str | None, complete: bool) -> str | None:
+    """How a reply that did not finish is marked where it is shown; None when it finished."""
+    if complete:
+        return None
+    return "cut at the token limit" if finish_reason == "length" else "reply interrupted"
+
+
+def defused(messages: Sequence[Message]) -> list[Message]:
+    """`messages` with control-token look-alikes in their text broken up (see
+    `bot.core.text.defuse_control_tokens`) and unencodable characters repaired: what every
+    request to the server carries."""
+    return [{**m, "content": defuse_control_tokens(clean_text(m["content"]))} for m in messages]
+
+
 class _Retryable(Exception):
-    """An HTTP status from a root endpoint that is worth retrying (429, 5xx)."""
+    """An HTTP status worth retrying (429, 5xx)."""
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    return isinstance(
-        exc,
-        openai.APIConnectionError  # includes APITimeoutError
-        | openai.RateLimitError
-        | openai.InternalServerError
-        | httpx.TransportError
-        | _Retryable,
-    ) or (isinstance(exc, openai.APIStatusError) and exc.status_code >= 500)
+    return isinstance(exc, httpx.TransportError | _Retryable)
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, openai.APIStatusError):
-        return f"HTTP {exc.status_code}: {_error_message(exc.body) or exc.message}"
-    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
+    if isinstance(exc, httpx.TimeoutException):
         return "timed out"
-    if isinstance(exc, openai.APIConnectionError | httpx.TransportError):
+    if isinstance(exc, httpx.TransportError):
         return "connection failed"
     return str(exc) or type(exc).__name__
 
 
-def _error_message(body: object) -> str | None:
-    """The message of a vLLM-shaped error body (`{"error": {"message": ...}}` or flat)."""
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return inner["message"]
-        if isinstance(inner, str):
-            return inner
-    return None
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """The body, or its first `limit` + 1 bytes (the caller treats that as too large)."""
+    chunks, size = [], 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    return b"".join(chunks)
+
+
+async def _check_status(response: httpx.Response, what: str) -> None:
+    """Raise for an HTTP error status: _Retryable for 429/5xx, ModelServerError for others."""
+    status = response.status_code
+    if status < 400:
+        return
+    body = await _read_capped(response, ERROR_BODY_BYTES)
+    try:
+        message = error_message(parse_json(body, what))
+    except MalformedAnswer:
+        message = None
+    message = message or snippet(body, 200) or response.reason_phrase
+    if status == 429 or status >= 500:
+        raise _Retryable(f"HTTP {status}: {message}")
+    raise ModelServerError(f"The model server refused {what}: HTTP {status}: {message}")
 
 
 class ModelClient:
@@ -117,6 +163,7 @@ class ModelClient:
         *,
         api_key: str = "EMPTY",
         timeout_s: float = 120.0,
+        reply_timeout_s: float = 600.0,
         max_attempts: int = 4,
         max_backoff_s: float = 8.0,
         adapters_dir: Path | None = None,
@@ -129,14 +176,15 @@ class ModelClient:
         self.root_url = self.base_url.removesuffix("/v1")
         self.max_attempts = max_attempts
         self.max_backoff_s = max_backoff_s
+        self.reply_timeout_s = reply_timeout_s
+        # `timeout_s` bounds each wait (connecting aside): the first byte, and every gap
+        # between the bytes of a stream; `reply_timeout_s` bounds a whole streamed reply.
         timeout = httpx.Timeout(timeout_s, connect=5.0)
+        # Bodies are read as sent (`aiter_raw`) and asked for uncompressed: a compressed body
+        # could inflate past every bound on what is read, so one is simply unreadable.
         self._http = httpx.AsyncClient(
-            timeout=timeout, headers={"Authorization": f"Bearer {api_key}"}
-        )
-        # The SDK keeps its own HTTP client (openai 3 is built on httpx2, not httpx); retries
-        # are tenacity's, so the SDK makes none of its own.
-        self._openai = AsyncOpenAI(
-            base_url=self.base_url, api_key=api_key, timeout=timeout_s, max_retries=0
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {api_key}", "Accept-Encoding": "identity"},
         )
         self._models: list[ServedModel] = []
         self._models_at = 0.0
@@ -147,6 +195,7 @@ class ModelClient:
             base_url,
             api_key=settings.api_key.get_secret_value(),
             timeout_s=settings.request_timeout_s,
+            reply_timeout_s=settings.reply_timeout_s,
             max_attempts=settings.retry_attempts,
             max_backoff_s=settings.retry_max_wait_s,
             adapters_dir=settings.adapters,
@@ -164,7 +213,6 @@ class ModelClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._openai.close()
         await self._http.aclose()
 
     def _retrying(self) -> AsyncRetrying:
@@ -180,7 +228,7 @@ class ModelClient:
             reraise=False,
         )
 
-    async def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run `fn` with retries; turn a final failure into a ModelServerError."""
         started = time.monotonic()
         try:
@@ -195,29 +243,27 @@ class ModelClient:
                 f"{self.max_attempts} attempts over {time.monotonic() - started:.0f} s). "
                 "Your message is saved: send /retry (or write again) when the server is back."
             ) from last
-        except openai.APIStatusError as exc:
-            raise ModelServerError(f"The model server refused {what}: {_describe(exc)}") from exc
         raise AssertionError("unreachable")
+
+    async def _request(self, method: str, url: str, what: str, body: Any = None) -> bytes:
+        """One request's body (bounded), after its status was checked."""
+        request = self._http.build_request(method, url, json=body)
+        response = await self._http.send(request, stream=True)
+        try:
+            await _check_status(response, what)
+            return await _read_capped(response, MAX_BODY_BYTES)
+        finally:
+            await response.aclose()
 
     # -- root endpoints -------------------------------------------------------------------
 
-    async def _post_root(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self._http.post(f"{self.root_url}{path}", json=body)
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _Retryable(f"HTTP {response.status_code}")
-        if response.status_code >= 400:
-            message = _error_message(_json_or_none(response)) or response.text[:200]
-            raise ModelServerError(
-                f"The model server refused {path}: HTTP {response.status_code}: {message}"
-            )
-        result: dict[str, Any] = response.json()
-        return result
-
     async def health(self) -> bool:
+        request = self._http.build_request("GET", f"{self.root_url}/health", timeout=5.0)
         try:
-            response = await self._http.get(f"{self.root_url}/health", timeout=5.0)
+            response = await self._http.send(request, stream=True)  # the body is not read
         except httpx.HTTPError:
             return False
+        await response.aclose()
         return response.status_code == 200
 
     async def tokenize(
@@ -226,23 +272,34 @@ class ModelClient:
         """Count the tokens of `messages` rendered by the server's chat template."""
         body = {
             "model": model,
-            "messages": list(messages),
+            "messages": defused(messages),
             "add_generation_prompt": add_generation_prompt,
             "add_special_tokens": False,
         }
-        data = await self._call("/tokenize", self._post_root, "/tokenize", body)
-        return TokenCount(count=int(data["count"]), max_model_len=int(data["max_model_len"]))
+        raw = await self._call(
+            self._request, "POST", f"{self.root_url}/tokenize", "/tokenize", body
+        )
+        try:
+            count, max_model_len = read_token_count(raw)
+        except MalformedAnswer as exc:
+            raise ModelAnswerError(f"The model server's answer could not be read: {exc}.") from None
+        return TokenCount(count=count, max_model_len=max_model_len)
 
     # -- models ---------------------------------------------------------------------------
 
     async def models(self, *, refresh: bool = False) -> list[ServedModel]:
         """The served models (base first), cached for a few seconds."""
         if refresh or not self._models or time.monotonic() - self._models_at > MODELS_TTL_S:
-            page = await self._call("the model list", self._openai.models.list)
-            self._models = [
-                ServedModel(m.id, getattr(m, "root", None), getattr(m, "parent", None))
-                for m in page.data
-            ]
+            raw = await self._call(
+                self._request, "GET", f"{self.base_url}/models", "the model list"
+            )
+            try:
+                entries = read_models(raw)
+            except MalformedAnswer as exc:
+                raise ModelAnswerError(
+                    f"The model server's answer could not be read: {exc}."
+                ) from None
+            self._models = [ServedModel(e.id, e.root, e.parent) for e in entries]
             self._models_at = time.monotonic()
         return self._models
 
@@ -290,14 +347,28 @@ class ModelClient:
 
     # -- chat -----------------------------------------------------------------------------
 
+    async def _open_stream(self, body: dict[str, Any]) -> httpx.Response:
+        request = self._http.build_request("POST", f"{self.base_url}/chat/completions", json=body)
+        response = await self._http.send(request, stream=True)
+        try:
+            await _check_status(response, "the chat request")
+        except BaseException:
+            await response.aclose()
+            raise
+        return response
+
     async def stream_chat(
         self, model: str, messages: Sequence[Message], sampling: SamplingSettings
     ) -> AsyncIterator[str | Completion]:
-        """Yield text deltas as they arrive, then one `Completion`."""
+        """Yield text deltas as they arrive, then one `Completion`.
+
+        Raises ModelServerError when no reply text arrived (ModelAnswerError when the server
+        answered with something unreadable); once text has arrived, a stream that breaks ends
+        in a Completion that is not complete, with the text so far."""
         started = time.monotonic()
         body: dict[str, Any] = {
             "model": model,
-            "messages": list(messages),
+            "messages": defused(messages),
             "stream": True,
             "stream_options": {"include_usage": True},
             "temperature": sampling.temperature,
@@ -309,61 +380,72 @@ class ModelClient:
             body["seed"] = sampling.seed
         if sampling.stop:
             body["stop"] = sampling.stop
-        # `chat.completions.create` runs the SDK's typed transform over every message of the
-        # body, which costs ~0.3 ms per message on a 2-core machine (70 ms for a 227-turn
-        # prompt): more than everything else the bot does per message. The body here is
-        # already plain JSON, so it goes through the SDK's generic `post`, which keeps its
-        # error mapping, SSE parsing and stream closing.
-        stream = await self._call(
-            "the chat request",
-            self._openai.post,
-            "/chat/completions",
-            body=body,
-            # Chunks stay plain JSON objects: building a pydantic model per chunk costs ~100 us,
-            # and vLLM sends one chunk per token.
-            cast_to=object,
-            stream=True,
-            stream_cls=AsyncStream[object],
-        )
+        response = await self._call(self._open_stream, body)
+        max_chars = sampling.max_tokens * CHARS_PER_TOKEN_LIMIT + 1024
+        stream = ChatStream()
+        decoder = SSEDecoder()
         parts: list[str] = []
+        size = 0
         ttft: float | None = None
-        finish: str | None = None
-        usage: dict[str, Any] | None = None
+        problem: str | None = None
+        deadline = asyncio.get_running_loop().time() + self.reply_timeout_s
+        chunks = response.aiter_raw()
+        broken = False  # the connection failed, rather than the answer being unreadable
         try:
-            async for chunk in stream:
-                if not isinstance(chunk, dict):
-                    continue
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for choice in chunk.get("choices") or ():
-                    if choice.get("finish_reason"):
-                        finish = choice["finish_reason"]
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
+            while not stream.done:
+                # Each read waits at most until the deadline, so a server that trickles bytes
+                # cannot hold the channel forever (the timeout covers the read only: around a
+                # yield it would fire in the consumer's code).
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        raw = await anext(chunks)
+                except StopAsyncIteration:
+                    events = decoder.close()
+                    raw = None
+                else:
+                    events = decoder.feed(raw)
+                for event in events:
+                    for text in stream.read(event):
                         if ttft is None:
                             ttft = time.monotonic() - started
                         parts.append(text)
+                        size += len(text)
                         yield text
-        except (openai.APIError, httpx.HTTPError) as exc:
-            raise ModelServerError(
-                f"The model server stopped in the middle of a reply ({_describe(exc)}). "
-                "Your message is saved: send /retry to ask again."
-            ) from exc
+                    if size > max_chars:
+                        raise MalformedAnswer(
+                            f"a reply longer than {max_chars:,} characters for "
+                            f"max_tokens={sampling.max_tokens}"
+                        )
+                if raw is None:
+                    break
+        except MalformedAnswer as exc:
+            problem = str(exc)
+        except httpx.HTTPError as exc:
+            problem, broken = f"the connection broke ({_describe(exc)})", True
+        except TimeoutError:
+            problem, broken = f"the reply took longer than {self.reply_timeout_s:.0f} s", True
         finally:
-            await stream.close()
+            await response.aclose()
+        if problem is None and not stream.done:
+            problem = "the stream ended without [DONE]"
+        text = "".join(parts)
+        if problem is not None:
+            log.warning("model %s: %s (after %d characters)", model, problem, len(text))
+            if not text.strip():
+                error = ModelServerError if broken else ModelAnswerError
+                what = "stopped answering" if broken else "sent an answer that could not be read"
+                raise error(
+                    f"The model server {what} ({problem}). "
+                    "Your message is saved: send /retry (or write again) to ask again."
+                )
         yield Completion(
-            text="".join(parts),
+            text=text,
             model=model,
-            finish_reason=finish,
-            prompt_tokens=usage.get("prompt_tokens") if usage else None,
-            completion_tokens=usage.get("completion_tokens") if usage else None,
+            finish_reason=stream.finish_reason,
+            prompt_tokens=stream.prompt_tokens,
+            completion_tokens=stream.completion_tokens,
             ttft_s=ttft,
             total_s=time.monotonic() - started,
+            complete=problem is None and stream.complete,
+            problem=problem,
         )
-
-
-def _json_or_none(response: httpx.Response) -> object:
-    try:
-        return response.json()
-    except ValueError:
-        return None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from bot.core.cards import Card
 from bot.core.memory import Dialogue
 from bot.core.prompt import render_system
+from bot.core.text import clean_text, defuse_control_tokens
 from formats import sharegpt
 from formats.sharegpt import ASSISTANT, SYSTEM, USER
 
@@ -72,13 +73,15 @@ def to_sharegpt(
     """One dialogue as a ShareGPT record, or None when nothing trainable is left."""
     turns: list[tuple[str, str]] = []  # (role, content), consecutive same-role merged
     for message in dialogue.messages:
-        content = scrub(str(message.get("content") or ""), names).strip()
+        # Training renders the same chat template: look-alikes of its control tokens in what
+        # members wrote must stay text there too (the system prompt is defused already).
+        content = defuse_control_tokens(scrub(str(message.get("content") or ""), names)).strip()
         if not content:
             continue
         if message.get("role") == "user":
             author = message.get("author_name")
             if speaker_names and author:
-                content = f"{scrub(str(author), names)}: {content}"
+                content = f"{defuse_control_tokens(scrub(str(author), names))}: {content}"
             role = USER
         else:
             role = ASSISTANT
@@ -130,6 +133,6 @@ def export_dialogues(
         if record is None:
             skipped += 1
             continue
-        lines.append(sharegpt.jsonl_line(record))
+        lines.append(clean_text(sharegpt.jsonl_line(record)))
     info = sharegpt.dataset_info_bytes({dataset_name(persona): f"{persona}.jsonl"})
     return Export(persona, "".join(lines).encode(), info, len(lines), skipped)

@@ -9,6 +9,7 @@ lower `priority` are left out first; the chosen ones go into the prompt in `inse
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,18 +23,27 @@ class LoreHit:
     entry: LoreEntry
 
 
-def _key_pattern(key: str, case_sensitive: bool) -> re.Pattern[str]:
-    escaped = re.escape(key.strip())
+def _key_regex(key: str) -> str:
+    escaped = re.escape(key)
     # Word boundaries only make sense for keys that start/end with a word character in a
     # space-separated script; for CJK text (no spaces) a plain substring match is right.
-    ascii_word = key.strip().isascii()
-    if ascii_word and re.match(r"\w", key.strip()) and re.search(r"\w$", key.strip()):
+    if key.isascii() and re.match(r"\w", key) and re.search(r"\w$", key):
         escaped = rf"\b{escaped}\b"
-    return re.compile(escaped, 0 if case_sensitive else re.IGNORECASE)
+    return escaped
+
+
+@functools.lru_cache(maxsize=4096)
+def _keys_pattern(keys: tuple[str, ...], case_sensitive: bool) -> re.Pattern[str] | None:
+    """One compiled pattern for all of an entry's keys (cached: a reply scans every entry)."""
+    alternatives = [_key_regex(key.strip()) for key in keys if key.strip()]
+    if not alternatives:
+        return None
+    return re.compile("|".join(alternatives), 0 if case_sensitive else re.IGNORECASE)
 
 
 def _any_key(keys: Iterable[str], text: str, case_sensitive: bool) -> bool:
-    return any(key.strip() and _key_pattern(key, case_sensitive).search(text) for key in keys)
+    pattern = _keys_pattern(tuple(keys), case_sensitive)
+    return pattern is not None and pattern.search(text) is not None
 
 
 def matching_entries(book: CharacterBook | None, texts: Iterable[str]) -> list[LoreHit]:

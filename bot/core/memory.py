@@ -12,13 +12,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import aiosqlite
 
 from bot.core import sql
+from bot.core.text import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,14 @@ class Turn:
     model: str | None
     message_id: str | None
     created_at: float
+    finish_reason: str | None = None  # how an assistant turn ended, as the server said
+    complete: bool = True  # False: cut at the token limit, or the stream broke
 
     @classmethod
     def from_row(cls, row: Sequence[object]) -> Turn:
-        return cls(*row)  # type: ignore[arg-type]
+        values = list(row)
+        values[-1] = bool(values[-1])  # `complete` is stored as 0/1
+        return cls(*values)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -172,28 +177,35 @@ class Memory:
         message_id: str | None = None,
         posted_as: Sequence[str] = (),
         counts: Sequence[tuple[int, int]] = (),
+        finish_reason: str | None = None,
+        complete: bool = True,
     ) -> Turn:
         """Store one turn and commit before returning: once this returns it is on disk.
 
         In the same transaction: the platform messages the turn was posted as (see
         `link_messages`; the first becomes its `message_id`) and token counts of other turns
-        to cache (see `set_token_counts`), so a reply costs one commit."""
+        to cache (see `set_token_counts`), so a reply costs one commit. Text that cannot be
+        encoded (lone surrogates) is repaired first, so storing a turn never fails on it."""
         if posted_as and message_id is None:
             message_id = posted_as[0]
         await self._ensure_channel(channel_id)
         now = time.time()
-        values = (
+        turn = Turn(
+            0,
             channel_id,
             persona,
             role,
             author_id,
-            author_name,
-            content,
+            clean_text(author_name) if author_name is not None else None,
+            clean_text(content),
             token_count,
             model,
             message_id,
             now,
+            finish_reason,
+            complete,
         )
+        values = astuple(turn)[1:]
         cursor = await self.db.execute(sql.INSERT_TURN, values)
         turn_id = cursor.lastrowid
         assert turn_id is not None
@@ -202,7 +214,7 @@ class Memory:
         if counts:
             await self.db.executemany(sql.UPDATE_TURN_TOKEN_COUNT, [(n, i) for i, n in counts])
         await self.db.commit()
-        return Turn(turn_id, *values)  # type: ignore[arg-type]
+        return replace(turn, id=turn_id)
 
     async def turn(self, turn_id: int) -> Turn | None:
         async with self.db.execute(sql.SELECT_TURN, (turn_id,)) as cursor:
@@ -436,6 +448,7 @@ class Memory:
         token_count: int | None = None,
     ) -> Summary:
         now = time.time()
+        content = clean_text(content)
         await self._ensure_channel(channel_id)
         await self.db.execute(
             sql.UPSERT_SUMMARY, (channel_id, persona, content, through_id, token_count, now)

@@ -66,7 +66,13 @@ class PersonaRegistry:
         if self.user_dir is not None and self.user_dir.is_dir():
             sources.append((self.user_dir, False))
         for folder, builtin in sources:
-            for path in sorted(folder.iterdir()):
+            try:
+                paths = sorted(folder.iterdir())
+            except OSError as exc:
+                problems.append(CardError(str(folder), [f"cannot list: {exc.strerror or exc}"]))
+                log.warning("skipping personas directory %s: %s", folder, exc)
+                continue
+            for path in paths:
                 if path.suffix.lower() not in CARD_SUFFIXES:
                     continue
                 try:
@@ -74,9 +80,14 @@ class PersonaRegistry:
                     personas[key] = Persona(key, load_card(path), path, builtin)
                 except CardError as exc:
                     problems.append(exc)
-                    log.warning("skipping card: %s", exc)
                 except RolecastError as exc:
                     problems.append(CardError(str(path), [str(exc)]))
+                except Exception as exc:  # one bad file must not stop the others loading
+                    log.exception("unexpected error reading card %s", path)
+                    problems.append(CardError(str(path), [f"unreadable: {exc!r}"[:300]]))
+                else:
+                    continue
+                log.warning("skipping card: %s", problems[-1])
         self._personas = personas
         self.problems = problems
         return self
@@ -104,9 +115,15 @@ class PersonaRegistry:
         self.user_dir.mkdir(parents=True, exist_ok=True)
         target = self.user_dir / f"{key}.json"
         fd, tmp = tempfile.mkstemp(dir=self.user_dir, prefix=f".{key}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(card.to_json())
-        os.replace(tmp, target)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(card.to_json())
+            os.replace(tmp, target)
+        except BaseException as exc:
+            Path(tmp).unlink(missing_ok=True)  # a failed import leaves nothing behind
+            if isinstance(exc, OSError | UnicodeError | ValueError):
+                raise RolecastError(f"Could not save the card as {target.name}: {exc}") from exc
+            raise
         persona = Persona(key, card, target, builtin=False)
         self._personas[key] = persona
         return persona

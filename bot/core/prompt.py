@@ -27,6 +27,7 @@ from bot.core.cards import Card
 from bot.core.client import Completion, Message, ModelClient
 from bot.core.lorebook import in_insertion_order, matching_entries
 from bot.core.memory import Memory, Turn
+from bot.core.text import clean_text, defuse_control_tokens
 from bot.errors import InputTooLongError, RolecastError
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def render_system(card: Card, *, user: str) -> str:
     text = "\n\n".join(p.strip() for p in parts if p and p.strip())
     if not text:
         text = f"You are {data.name}. Stay in character."
-    return substitute(text, char=data.name, user=user)
+    return defuse_control_tokens(clean_text(substitute(text, char=data.name, user=user)))
 
 
 def _examples(mes_example: str) -> str:
@@ -72,10 +73,13 @@ def _examples(mes_example: str) -> str:
 
 
 def turn_message(turn: Turn, *, speaker_names: bool) -> Message:
+    """A stored turn as a prompt message. Its text is the member's or the model's, so
+    control-token look-alikes in it are defused (the client does so for every request too;
+    doing it here as well makes the token counts of the prompt those of what is sent)."""
     content = turn.content
     if speaker_names and turn.role == "user" and turn.author_name:
         content = f"{turn.author_name}: {content}"
-    return {"role": turn.role, "content": content}
+    return {"role": turn.role, "content": defuse_control_tokens(content)}
 
 
 @dataclass
@@ -100,11 +104,12 @@ class Prompt:
 
 
 def summary_block(content: str) -> str:
-    return f"Summary of the conversation so far:\n{content.strip()}"
+    return defuse_control_tokens(f"Summary of the conversation so far:\n{content.strip()}")
 
 
 def lore_block(entries: list[str]) -> str:
-    return "Background knowledge:\n" + "\n".join(f"- {e.strip()}" for e in entries)
+    lines = "\n".join(f"- {e.strip()}" for e in entries)
+    return defuse_control_tokens(f"Background knowledge:\n{lines}")
 
 
 @dataclass
@@ -139,6 +144,8 @@ _MAX_REPLY_OFFSET = 4
 ESTIMATE_RESERVE = 16
 # One reply in this many is counted through /tokenize all the same, to check the offset.
 RECHECK_EVERY = 32
+# The most recent turns a card's lorebook may scan for its keys.
+MAX_LORE_SCAN_DEPTH = 50
 # Turns read beyond the size of a channel's last prompt window before paging on.
 _PAGE_SLACK = 32
 
@@ -405,7 +412,8 @@ class PromptBuilder:
         book = card.data.character_book
         if book is None or not book.entries:
             return [], 0
-        depth = book.scan_depth or self.lore_scan_depth
+        # A card's own scan depth, within sane bounds (it comes from whoever wrote the card).
+        depth = min(max(book.scan_depth or self.lore_scan_depth, 1), MAX_LORE_SCAN_DEPTH)
         recent = await self.memory.recent_turns(channel_id, persona, limit=depth)
         hits = matching_entries(book, [t.content for t in recent])
         if not hits:

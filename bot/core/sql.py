@@ -146,11 +146,20 @@ M004_TRAINING_PROCESS = """
 ALTER TABLE retrain_jobs ADD COLUMN pid_started REAL;
 """
 
+M005_TURN_ENDINGS = """
+-- How a reply ended: the server's finish_reason ('stop', 'length', ...; NULL when it sent
+-- none), and whether the reply finished. complete = 0 for a reply cut at the token limit or
+-- whose stream broke or ended without [DONE]: it is kept (it was shown) and marked as cut.
+ALTER TABLE turns ADD COLUMN finish_reason TEXT;
+ALTER TABLE turns ADD COLUMN complete INTEGER NOT NULL DEFAULT 1 CHECK (complete IN (0, 1));
+"""
+
 MIGRATIONS: list[tuple[str, str]] = [
     ("m001_initial", M001_INITIAL),
     ("m002_discord", M002_DISCORD),
     ("m003_retrain", M003_RETRAIN),
     ("m004_training_process", M004_TRAINING_PROCESS),
+    ("m005_turn_endings", M005_TURN_ENDINGS),
 ]
 
 PRAGMAS = (
@@ -186,12 +195,12 @@ UPDATE_CHANNEL_PERSONA = "UPDATE channels SET persona = ?, updated_at = ? WHERE 
 # turns
 INSERT_TURN = """
 INSERT INTO turns (channel_id, persona, role, author_id, author_name, content, token_count,
-                   model, message_id, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   model, message_id, created_at, finish_reason, complete)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 TURN_COLUMNS = (
     "id, channel_id, persona, role, author_id, author_name, content, token_count, model, "
-    "message_id, created_at"
+    "message_id, created_at, finish_reason, complete"
 )
 SELECT_RECENT_TURNS = f"""
 SELECT {TURN_COLUMNS} FROM turns

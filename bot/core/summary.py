@@ -103,6 +103,9 @@ class Summarizer:
         text = ""
         async for event in self.client.stream_chat(model, messages, self.sampling):
             if isinstance(event, Completion):
+                if event.problem is not None:  # its stream broke: not a summary to keep
+                    log.warning("channel %s: summary not kept: %s", channel_id, event.problem)
+                    return None
                 text = event.text.strip()
         if not text:
             log.warning("channel %s: the model returned an empty summary", channel_id)

@@ -25,6 +25,8 @@ from bot.core.prompt import PromptBuilder
 from bot.core.queue import ChannelQueue, Cooldown
 from bot.core.sidecar import embedded_server
 from bot.core.summary import Summarizer
+from bot.core.text import clean_text
+from bot.discord import limits
 from bot.discord.webhooks import NO_MENTIONS, Identity, WebhookCache
 from bot.errors import RolecastError
 from bot.settings import BotSettings, SamplingSettings
@@ -55,7 +57,7 @@ def default_intents() -> discord.Intents:
 
 async def send_ephemeral(interaction: discord.Interaction[Any], text: str, **kwargs: Any) -> None:
     """Answer privately, whether or not the interaction was deferred already."""
-    text = text if len(text) <= 2000 else text[:1997] + "…"
+    text = limits.message(text)
     if interaction.response.is_done():
         await interaction.followup.send(
             text, ephemeral=True, allowed_mentions=NO_MENTIONS, **kwargs
@@ -177,9 +179,12 @@ class RolecastBot(commands.Bot):
         choices = []
         for p in self.personas.all():
             if not needle or needle in p.key or needle in p.name.lower():
-                label = f"{p.name} ({p.key})"
-                choices.append(app_commands.Choice(name=label[:100], value=p.key))
-        return choices[:25]
+                # The key stays readable when a long name is cut.
+                label = f"{limits.one_line(p.name, limits.CHOICE_CHARS - len(p.key) - 3)} ({p.key})"
+                choices.append(limits.choice(label, p.key))
+                if len(choices) == limits.CHOICES:
+                    break
+        return choices
 
     def sampling_for(self, channel: ChannelSettings) -> SamplingSettings:
         """The configured sampling with the channel's overrides applied."""
@@ -200,13 +205,10 @@ def avatar_url(persona: Persona) -> str | None:
     """An http(s) avatar for the webhook: a V3 card's `icon` asset, or
     `extensions.avatar_url` (a URL that the card author or an admin set)."""
     data = persona.card.data
-    extra = data.model_extra or {}
-    for asset in extra.get("assets") or []:
-        uri = str(asset.get("uri", "")) if isinstance(asset, dict) else ""
-        if asset.get("type") == "icon" and uri.startswith(("http://", "https://")):
-            return uri
-    url = data.extensions.get("avatar_url")
-    return url if isinstance(url, str) and url.startswith(("http://", "https://")) else None
+    for asset in data.assets or []:
+        if asset.type == "icon" and (url := limits.avatar_url(asset.uri)) is not None:
+            return url
+    return limits.avatar_url(data.extensions.get("avatar_url"))
 
 
 # -- entry points ------------------------------------------------------------------------
@@ -261,7 +263,11 @@ async def command_tree(settings: BotSettings) -> dict[str, object]:
         "server_url": settings.server_url or "embedded",
         "database": str(settings.database),
         "personas": [
-            {"key": p.key, "name": p.name, "source": "shipped" if p.builtin else str(p.path)}
+            {
+                "key": p.key,
+                "name": p.name,
+                "source": "shipped" if p.builtin else clean_text(str(p.path)),
+            }
             for p in personas.all()
         ],
         "problems": [{"source": e.source, "problems": e.problems} for e in personas.problems],

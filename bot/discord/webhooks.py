@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 import discord
 
+from bot.discord.limits import MESSAGE_CHARS, avatar_url, plain_name, webhook_username
+
 log = logging.getLogger(__name__)
 
-MESSAGE_LIMIT = 2000
+MESSAGE_LIMIT = MESSAGE_CHARS
 NO_MENTIONS = discord.AllowedMentions.none()
 
 Messageable = discord.TextChannel | discord.Thread | discord.VoiceChannel
@@ -60,7 +62,7 @@ class WebhookCache:
     """One webhook per channel (the parent channel for threads), made by this bot."""
 
     def __init__(self, name: str = "Rolecast") -> None:
-        self.name = name
+        self.name = webhook_username(name, fallback="Rolecast")
         self._hooks: dict[int, discord.Webhook] = {}
         self._plain: set[int] = set()
 
@@ -161,18 +163,21 @@ class ReplyStream:
         if self.text.strip() and self.clock() - self._last_flush >= self.interval_s:
             await self.flush()
 
-    async def finish(self, final_text: str | None = None) -> list[str]:
-        """Show the complete reply; returns the ids of its messages."""
+    async def finish(self, final_text: str | None = None, note: str | None = None) -> list[str]:
+        """Show the whole reply, with `note` in italics under it when it did not finish
+        ("cut at the token limit"); returns the ids of its messages."""
         if final_text is not None:
             self.text = final_text
+        if note:
+            self.text = f"{self.text}\n*[{note}]*"
         await self.flush()
         return self.message_ids
 
     async def flush(self) -> None:
         self._last_flush = self.clock()
-        parts = split_text(self.text, self._part_limit())
         if not self._hook_resolved():
-            await self._resolve_hook()
+            await self._resolve_hook()  # first: a plain message leaves room for the name
+        parts = split_text(self.text, self._part_limit())
         for index, part in enumerate(parts):
             if not part.strip():
                 continue
@@ -184,7 +189,10 @@ class ReplyStream:
 
     def _part_limit(self) -> int:
         # A plain message starts with the persona's name; leave room for it.
-        return self.limit if self._hook is not None or not self._resolved else self.limit - 80
+        return self.limit if self._hook is not None else self.limit - len(self._prefix())
+
+    def _prefix(self) -> str:
+        return f"**{plain_name(self.identity.name)}**\n"
 
     def _hook_resolved(self) -> bool:
         return self._resolved
@@ -194,7 +202,9 @@ class ReplyStream:
         self._resolved = True
 
     def _plain(self, part: str, index: int) -> str:
-        return f"**{self.identity.name}**\n{part}" if index == 0 else part
+        prefix = self._prefix()
+        # (A part split for a webhook that has since vanished may leave no room for the name.)
+        return prefix + part if index == 0 and len(prefix) + len(part) <= self.limit else part
 
     async def _send(self, part: str) -> None:
         index = len(self._shown)
@@ -225,8 +235,8 @@ class ReplyStream:
         thread = self.channel if isinstance(self.channel, discord.Thread) else discord.utils.MISSING
         return await self._hook.send(
             part,
-            username=self.identity.name[:80],
-            avatar_url=self.identity.avatar_url or discord.utils.MISSING,
+            username=webhook_username(self.identity.name),
+            avatar_url=avatar_url(self.identity.avatar_url) or discord.utils.MISSING,
             allowed_mentions=NO_MENTIONS,
             wait=True,
             thread=thread,

@@ -20,10 +20,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from bot.core.chat import ChatService, Reply, Speaker, describe_model
-from bot.core.client import ModelClient
+from bot.core.client import ModelClient, ending_note
 from bot.core.memory import Memory, Turn
 from bot.core.personas import Persona, PersonaRegistry
 from bot.core.sidecar import embedded_server
+from bot.core.text import first_surrogate, for_terminal
 from bot.errors import ModelServerError, RolecastError
 from bot.settings import BotSettings, SamplingSettings
 
@@ -53,28 +54,42 @@ class ChatOptions:
 
 
 async def read_lines(interactive: bool, console: Console) -> AsyncIterator[str | None]:
-    """User lines from stdin; None stands for a line that was not valid UTF-8."""
+    """User lines from stdin; None stands for a line that was not valid UTF-8 (it is reported
+    and skipped, never stored)."""
     number = 0
     while True:
+        number += 1
         if interactive:
             try:
                 line = await asyncio.to_thread(console.input, "[bold cyan]you>[/] ")
             except EOFError:
                 return
+            except UnicodeDecodeError as exc:
+                _not_utf8(console, number, exc.start)
+                yield None
+                continue
+            # A terminal in a non-UTF-8 locale hands undecodable bytes over as surrogates.
+            if (at := first_surrogate(line)) is not None:
+                _not_utf8(console, number, at)
+                yield None
+                continue
             yield line
             continue
         raw = await asyncio.to_thread(sys.stdin.buffer.readline)
         if not raw:
             return
-        number += 1
         try:
             yield raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as exc:
-            console.print(
-                f"[red]error:[/] input line {number} is not valid UTF-8 (byte {exc.start}); skipped",
-                highlight=False,
-            )
+            _not_utf8(console, number, exc.start)
             yield None
+
+
+def _not_utf8(console: Console, number: int, at: int) -> None:
+    console.print(
+        f"[red]error:[/] input line {number} is not valid UTF-8 (at {at}); skipped",
+        highlight=False,
+    )
 
 
 class TerminalChat:
@@ -149,7 +164,8 @@ class TerminalChat:
         if self.interactive:
             count = await self.chat.memory.count_turns(self.channel)
             self.out.print(
-                f"[dim]Chatting with [bold]{escape(persona.name)}[/] ({persona.key}) in session "
+                f"[dim]Chatting with [bold]{escape(for_terminal(persona.name))}[/] ({persona.key}) "
+                "in session "
                 f"{self.options.session!r}; {count} turn{'s' * (count != 1)} remembered. "
                 "/help for commands.[/]"
             )
@@ -190,17 +206,26 @@ class TerminalChat:
             if not started:
                 started = True
                 if self.interactive:
-                    self.out.print(f"[bold magenta]{escape(persona.name)}>[/] ", end="")
+                    name = escape(for_terminal(persona.name))
+                    self.out.print(f"[bold magenta]{name}>[/] ", end="")
             self._write(event if self.interactive else event.replace("\n", " "))
 
     def _write(self, text: str) -> None:
-        self.out.file.write(text)
+        # The model's text goes to the terminal as it is, but for control characters: an
+        # escape sequence in a reply must not drive the terminal.
+        self.out.file.write(for_terminal(text))
         self.out.file.flush()
 
     def _finish(self, reply: Reply, started: bool) -> None:
         self._write("\n")
+        turn = reply.turn
+        note = ending_note(turn.finish_reason, turn.complete)
         if not self.interactive:
+            if note:  # stdout keeps one reply per line; the mark goes to stderr
+                self.err.print(f"[dim]\\[{note}][/]", highlight=False)
             return
+        if note:
+            self.out.print(f"[dim]\\[{note}][/]")
         c = reply.completion
         figures = []
         if c.ttft_s is not None:
@@ -218,7 +243,7 @@ class TerminalChat:
         self.out.print(f"[dim]{escape(' · '.join(figures))}[/]")
 
     def _error(self, message: str) -> None:
-        self.err.print(f"[red]error:[/] {escape(message)}", highlight=False)
+        self.err.print(f"[red]error:[/] {escape(for_terminal(message))}", highlight=False)
 
     def _show_turn(self, turn: Turn) -> None:
         if turn.role == "user":
@@ -229,7 +254,11 @@ class TerminalChat:
                 self.chat.personas.get(turn.persona).name if known else turn.persona,
                 "bold magenta",
             )
-        self.out.print(f"[{style}]{escape(who)}>[/] {escape(turn.content)}")
+        note = ending_note(turn.finish_reason, turn.complete)
+        mark = f" [dim]\\[{note}][/]" if note else ""
+        self.out.print(
+            f"[{style}]{escape(for_terminal(who))}>[/] {escape(for_terminal(turn.content))}{mark}"
+        )
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -253,7 +282,7 @@ class TerminalChat:
 
     def _cmd_personas(self, _: str) -> None:
         for persona in self.chat.personas.all():
-            self.out.print(f"{persona.key:<12} {escape(persona.name)}")
+            self.out.print(f"{persona.key:<12} {escape(for_terminal(persona.name))}")
 
     async def _cmd_history(self, arg: str) -> None:
         try:

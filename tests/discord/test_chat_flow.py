@@ -208,7 +208,9 @@ async def test_a_reply_discord_refuses_is_not_kept(
 ):
     await rig.memory.set_persona(rig.key, "haruhi")
 
-    async def refused(self: ReplyStream, final_text: str | None = None) -> list[str]:
+    async def refused(
+        self: ReplyStream, final_text: str | None = None, note: str | None = None
+    ) -> list[str]:
         raise discord.Forbidden(dpytest.backend.FakeRequest(403, "Forbidden"), "Missing Access")
 
     with monkeypatch.context() as patched, caplog.at_level(logging.WARNING):

@@ -13,6 +13,7 @@ from discord.ext import commands
 from pydantic import ValidationError
 
 from bot.core.export import Names, export_dialogues
+from bot.discord import limits
 from bot.discord.bot import channel_key, send_ephemeral
 from bot.discord.permissions import admin_only, manage_server_only
 from bot.settings import SamplingSettings
@@ -178,6 +179,15 @@ class AdminCommands(commands.Cog):
                 "with 👍 or the “Approve for training” message command.",
             )
             return
+        size = len(result.jsonl) + len(result.dataset_info)
+        if size > guild.filesize_limit:
+            await send_ephemeral(
+                interaction,
+                f"The export of {found.name} is {size / 2**20:.1f} MiB, more than this server's "
+                f"upload limit of {guild.filesize_limit / 2**20:.0f} MiB. /retrain trains on the same "
+                "dialogues without a download.",
+            )
+            return
         log.info(
             "export of %s: %d dialogues for %s", found.key, result.records, interaction.user.id
         )
@@ -186,8 +196,9 @@ class AdminCommands(commands.Cog):
             discord.File(io.BytesIO(result.dataset_info), filename="dataset_info.json"),
         ]
         skipped = f" ({result.skipped} without a user turn left out)" if result.skipped else ""
+        shown = discord.utils.escape_markdown(limits.one_line(found.name, 100))
         await interaction.followup.send(
-            f"{result.records} approved dialogues of **{found.name}**{skipped}, in LLaMA-Factory's "
+            f"{result.records} approved dialogues of **{shown}**{skipped}, in LLaMA-Factory's "
             "ShareGPT format.",
             files=files,
             ephemeral=True,

@@ -44,6 +44,7 @@ class Feedback(commands.Cog):
                 interaction, "That message is not a persona reply that Rolecast remembers."
             )
             return
+        # (An interrupted reply is refused with a RolecastError: the tree says why.)
         dialogue, new = await self.bot.approvals.approve(
             turn, by=str(interaction.user.id), guild_id=str(interaction.guild_id)
         )
@@ -68,6 +69,8 @@ class Feedback(commands.Cog):
         turn = await self.bot.memory.turn_by_message(str(payload.message_id))
         if turn is None or turn.role != "assistant":
             return
+        if not turn.complete and turn.finish_reason != "length":
+            return  # an interrupted reply is not rated (ratings approve replies)
         dialogue = await self.bot.approvals.react(
             turn, str(payload.user_id), rating, added=added, guild_id=str(payload.guild_id)
         )

@@ -9,6 +9,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.core.client import ending_note
+from bot.core.memory import Turn
+from bot.discord import limits
 from bot.discord.bot import NO_MENTIONS, channel_key, send_ephemeral
 from bot.discord.permissions import guild_only
 from bot.discord.webhooks import ReplyStream, split_text
@@ -22,8 +25,14 @@ SHOWN_TURNS = 12
 
 
 def _line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return limits.one_line(text, limit)
+
+
+def _turn_line(turn: Turn, persona_name: str) -> str:
+    who = persona_name if turn.role == "assistant" else (turn.author_name or "someone")
+    note = ending_note(turn.finish_reason, turn.complete)
+    mark = f" *[{note}]*" if note else ""
+    return f"**{discord.utils.escape_markdown(_line(who, 80))}**: {_line(turn.content)}{mark}"
 
 
 class ConfirmReset(discord.ui.View):
@@ -81,15 +90,12 @@ class MemoryCommands(commands.GroupCog, group_name="memory"):
         summary = await memory.summary(key, persona.key)
         turns = list(reversed(await memory.recent_turns(key, persona.key, limit=SHOWN_TURNS)))
         total = await memory.count_turns(key)
-        parts = [f"**{persona.name}** remembers {total} turns in this channel."]
+        name = discord.utils.escape_markdown(_line(persona.name, 100))
+        parts = [f"**{name}** remembers {total} turns in this channel."]
         if summary is not None:
             parts.append(f"**Summary of earlier turns**\n{_line(summary.content, 1500)}")
         if turns:
-            lines = [
-                f"**{persona.name if t.role == 'assistant' else (t.author_name or 'someone')}**: "
-                f"{_line(t.content)}"
-                for t in turns
-            ]
+            lines = [_turn_line(t, persona.name) for t in turns]
             parts.append("**Recent turns**\n" + "\n".join(lines))
         text = "\n\n".join(parts)
         for chunk in split_text(text):

@@ -10,9 +10,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.core.cards import parse_card
+from bot.core.cards import MAX_CARD_BYTES, parse_card
 from bot.core.chat import describe_model
-from bot.core.personas import persona_key
+from bot.core.personas import Persona, persona_key
+from bot.discord import limits
 from bot.discord.bot import channel_key, send_ephemeral
 from bot.discord.permissions import admin_only, guild_only
 from bot.discord.webhooks import ReplyStream
@@ -23,12 +24,36 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_CARD_BYTES = 8 * 1024 * 1024
-
 
 def _short(text: str, limit: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return limits.one_line(text, limit)
+
+
+def shown_name(name: str) -> str:
+    """A name (a card's, a file's) as bold text in a message: one line, at most 100
+    characters, markdown escaped."""
+    return discord.utils.escape_markdown(limits.one_line(name, 100))
+
+
+def info_embed(persona: Persona, served: str) -> discord.Embed:
+    """What `/persona info` shows of a card, within Discord's embed limits."""
+    data = persona.card.data
+    title = limits.one_line(persona.name, limits.EMBED_TITLE_CHARS - len(persona.key) - 3)
+    embed = discord.Embed(title=f"{title} ({persona.key})")
+    embed.description = _short(data.description or data.system_prompt or "—", 1000)
+    if data.personality.strip():
+        embed.add_field(name="Personality", value=_short(data.personality, 500), inline=False)
+    if data.scenario.strip():
+        embed.add_field(name="Scenario", value=_short(data.scenario, 500), inline=False)
+    if data.first_mes.strip():
+        embed.add_field(name="Greeting", value=_short(data.first_mes, 500), inline=False)
+    book = data.character_book
+    embed.add_field(name="Lorebook entries", value=str(len(book.entries) if book else 0))
+    embed.add_field(name="Spec", value=persona.card.spec)
+    embed.add_field(name="Served by", value=served)
+    if data.creator_notes.strip():
+        embed.set_footer(text=_short(data.creator_notes, 1000))
+    return limits.fit_embed(embed)
 
 
 class PersonaCommands(commands.GroupCog, group_name="persona"):
@@ -60,9 +85,10 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
             )
         except RolecastError:
             served = ""  # the server is down: the first message says so
-        await interaction.followup.send(
-            f"**{persona.name}** ({persona.key}) is now the persona of this channel.{served}",
-            ephemeral=True,
+        await send_ephemeral(
+            interaction,
+            f"**{shown_name(persona.name)}** ({persona.key}) is now the persona of this channel."
+            + served,
         )
         if greeting is not None and isinstance(
             channel, discord.TextChannel | discord.Thread | discord.VoiceChannel
@@ -76,7 +102,7 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
     @app_commands.command(name="list", description="The personas you can choose.")
     async def list_personas(self, interaction: discord.Interaction[RolecastBot]) -> None:
         lines = [
-            f"• **{p.name}** (`{p.key}`){'' if p.builtin else ' — imported'}"
+            f"• **{shown_name(p.name)}** (`{p.key}`){'' if p.builtin else ' — imported'}"
             for p in self.bot.personas.all()
         ]
         await send_ephemeral(interaction, "\n".join(lines) or "No personas yet.")
@@ -86,25 +112,11 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
     async def info(self, interaction: discord.Interaction[RolecastBot], name: str) -> None:
         await interaction.response.defer(ephemeral=True)
         persona = self.bot.personas.get(name)
-        data = persona.card.data
-        embed = discord.Embed(title=f"{persona.name} ({persona.key})")
-        embed.description = _short(data.description or data.system_prompt or "—", 1000)
-        if data.personality.strip():
-            embed.add_field(name="Personality", value=_short(data.personality, 500), inline=False)
-        if data.scenario.strip():
-            embed.add_field(name="Scenario", value=_short(data.scenario, 500), inline=False)
-        if data.first_mes.strip():
-            embed.add_field(name="Greeting", value=_short(data.first_mes, 500), inline=False)
-        book = data.character_book
-        embed.add_field(name="Lorebook entries", value=str(len(book.entries) if book else 0))
-        embed.add_field(name="Spec", value=persona.card.spec)
         try:
             served = describe_model(await self.bot.chat.served_by(persona))
         except RolecastError:
             served = "model server not answering"
-        embed.add_field(name="Served by", value=served)
-        if data.creator_notes.strip():
-            embed.set_footer(text=_short(data.creator_notes, 1000))
+        embed = info_embed(persona, served)
         await interaction.followup.send(embed=embed, ephemeral=True)
 
     info.autocomplete("name")(persona_autocomplete)
@@ -133,19 +145,23 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
         try:
             parsed = parse_card(raw, source=card.filename)
         except CardError as exc:
-            problems = "\n".join(f"• {p}" for p in exc.problems)
-            await interaction.followup.send(
-                f"**{card.filename}** is not a usable character card:\n{problems}", ephemeral=True
+            problems = "\n".join(f"• {limits.one_line(p, 300)}" for p in exc.problems[:20])
+            more = len(exc.problems) - 20
+            if more > 0:
+                problems += f"\n… and {more} more"
+            await send_ephemeral(
+                interaction,
+                f"**{shown_name(card.filename)}** is not a usable character card:\n{problems}",
             )
             return
         new_key = persona_key(key or PurePath(card.filename).stem)
         replaced = new_key in self.bot.personas
         persona = self.bot.personas.add(new_key, parsed)
         log.info("persona %s imported by %s", persona.key, interaction.user.id)
-        await interaction.followup.send(
-            f"{'Replaced' if replaced else 'Imported'} **{persona.name}** as `{persona.key}` "
-            f"({parsed.spec}). Use /persona set to bring it into a channel.",
-            ephemeral=True,
+        await send_ephemeral(
+            interaction,
+            f"{'Replaced' if replaced else 'Imported'} **{shown_name(persona.name)}** as "
+            f"`{persona.key}` ({parsed.spec}). Use /persona set to bring it into a channel.",
         )
 
     @app_commands.command(name="remove", description="Delete an imported persona. Admins only.")
@@ -158,10 +174,10 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
         self.bot.personas.remove(persona.key)
         channels = await self.bot.memory.clear_persona_everywhere(persona.key)
         log.info("persona %s removed by %s", persona.key, interaction.user.id)
-        await interaction.followup.send(
-            f"Removed **{persona.name}** (`{persona.key}`); {channels} channel(s) no longer have "
-            "a persona. Its conversations and approved dialogues are kept.",
-            ephemeral=True,
+        await send_ephemeral(
+            interaction,
+            f"Removed **{shown_name(persona.name)}** (`{persona.key}`); {channels} channel(s) no "
+            "longer have a persona. Its conversations and approved dialogues are kept.",
         )
 
     remove.autocomplete("name")(persona_autocomplete)

@@ -22,6 +22,7 @@ from discord.ext import commands
 
 from bot.core.export import Names
 from bot.core.memory import Dialogue
+from bot.discord import limits
 from bot.discord.bot import send_ephemeral
 from bot.discord.permissions import admin_only
 from bot.retrain.jobs import Job, JobActive
@@ -143,7 +144,9 @@ class RetrainCommands(commands.Cog):
             message = self.messages[job.id] = await channel.fetch_message(int(job.message_id))
         if job.terminal:
             self.messages.pop(job.id, None)
-        await message.edit(content=None, embed=status_embed(job, name), attachments=files)
+        await message.edit(
+            content=None, embed=limits.fit_embed(status_embed(job, name)), attachments=files
+        )
 
     @app_commands.command(name="retrain", description="Train a persona on its approved dialogues.")
     @app_commands.describe(
@@ -166,8 +169,9 @@ class RetrainCommands(commands.Cog):
             return
         channel = interaction.channel
         assert isinstance(channel, discord.abc.Messageable)
+        shown = discord.utils.escape_markdown(limits.one_line(found.name, 100))
         status = await channel.send(
-            f"Retrain of **{found.name}** requested by {interaction.user.mention}…"
+            f"Retrain of **{shown}** requested by {interaction.user.mention}…"
         )
         try:
             job = await self.service.start(

@@ -9,6 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.discord import limits
 from bot.discord.permissions import admin_only
 from bot.errors import RolecastError
 
@@ -51,4 +52,4 @@ class StatusCommands(commands.Cog):
             f"{bot.queue.busy_channels()} channels",
             inline=False,
         )
-        await interaction.followup.send(embed=embed, ephemeral=True)
+        await interaction.followup.send(embed=limits.fit_embed(embed), ephemeral=True)
