@@ -149,8 +149,8 @@ class Server:
 
 
 def held_out(data_dir: Path, persona: str) -> Iterator[list[dict[str, str]]]:
-    """The persona's dialogues from the end of its file (a train/validation split holds out
-    the end), each as its messages up to its last reply: the prompt of that reply."""
+    """The persona's dialogues from the end of its file, each as its messages up to its last
+    reply: the prompt of that reply."""
     rows = (data_dir / f"{persona}.jsonl").read_text(encoding="utf-8").splitlines()
     roles = {"system": "system", "human": "user", "gpt": "assistant"}
     for line in reversed(rows):

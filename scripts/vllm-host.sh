@@ -24,6 +24,9 @@
 #   --dry-run        set everything up, check it, then print the command it would exec (and the
 #                    `vllm serve` command line that one builds) instead of converting the model
 #                    and starting vLLM
+#   --env            set everything up, check it, then print `export` lines for PATH, PYTHONPATH
+#                    and VLLM_USE_FLASHINFER_SAMPLER, so that other Rolecast commands run on the
+#                    host the same way: eval "$(scripts/vllm-host.sh --env ... BUNDLE_DIR)"
 #
 # Steps, each done once (a second run finds it done, so the script can be run at every start):
 #   1. join the parts in name order and check the sha256 (a bad or missing part stops here);
@@ -52,6 +55,7 @@ wheels=""
 extras=serve
 py=${PYTHON:-python3}
 dry_run=0
+env_only=0
 bundle=""
 while [ $# -gt 0 ]; do
   case $1 in
@@ -60,6 +64,7 @@ while [ $# -gt 0 ]; do
     --extras) extras=$2; shift 2 ;;
     --python) py=$2; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    --env) env_only=1; shift ;;
     --help|-h) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     -*) die "unknown option $1 (see --help)" ;;
@@ -173,7 +178,7 @@ else
   check+=(--source "$checkout")
   say "Rolecast from the checkout $checkout"
 fi
-[ "$dry_run" = 1 ] || check+=(--require-vllm)
+[ "$dry_run" = 1 ] || [ "$env_only" = 1 ] || check+=(--require-vllm)
 [ -d "$target" ] && pythonpath+=("$target")
 pythonpath+=("$site")
 PYTHONPATH=$(IFS=:; echo "${pythonpath[*]}")${PYTHONPATH:+:$PYTHONPATH}
@@ -183,6 +188,11 @@ export PYTHONPATH PATH VLLM_USE_FLASHINFER_SAMPLER=0
 # --- 5: check ----------------------------------------------------------------------------------
 "$py" "$here/host_check.py" "${check[@]}" \
   || die "the host is missing what is listed above (carry those wheels, --wheels)"
+
+if [ "$env_only" = 1 ]; then
+  printf 'export PATH=%q PYTHONPATH=%q VLLM_USE_FLASHINFER_SAMPLER=0\n' "$PATH" "$PYTHONPATH"
+  exit 0
+fi
 
 # --- 6, 7: prepare the model, then become `rolecast serve --engine vllm` -----------------------
 run=("$py" -m rolecast serve --engine vllm "${serve_args[@]}")

@@ -153,3 +153,26 @@ def test_a_part_carried_twice_is_refused(tmp_path: Path, carried: Path) -> None:
     )
     result = host(tmp_path, "--dry-run", "--prefix", str(tmp_path / "p"), str(carried / "bundle"))
     assert result.returncode != 0 and "site.tar.xz.part00 is there twice" in result.stderr
+
+
+def test_env_prints_what_other_commands_need(tmp_path: Path, carried: Path) -> None:
+    prefix = tmp_path / "prefix"
+    result = host(tmp_path, "--env", "--prefix", str(prefix), str(carried / "bundle"))
+    assert result.returncode == 0, result.stderr
+    words = shlex.split(result.stdout)
+    assert words[0] == "export"
+    env = dict(w.split("=", 1) for w in words[1:])
+    assert env["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
+    assert env["PYTHONPATH"].split(":")[:2] == [str(REPO), str(prefix / "site")]
+    check = subprocess.run(
+        ["bash", "-c", f"{result.stdout}\n{shlex.quote(sys.executable)} -c 'import fakevllm, rolecast'"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
+
+
+def test_the_gpu_run_script_parses() -> None:
+    """benchmarks/vllm_sidecar_run.sh runs only on a GPU host; here, at least, bash reads it."""
+    run = REPO / "benchmarks" / "vllm_sidecar_run.sh"
+    assert subprocess.run(["bash", "-n", str(run)], capture_output=True).returncode == 0
+    assert os.access(run, os.X_OK)
