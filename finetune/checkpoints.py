@@ -105,10 +105,11 @@ def truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
 
 
-def save_adapter(output: Path, model: Any, tokenizer: Any) -> None:
-    """Write the trained adapter and its tokenizer; refuse one no server could load."""
+def save_adapter(output: Path, model: Any) -> None:
+    """Write the trained adapter; refuse one no server could load. No tokenizer files: the
+    tokenizer is the base model's, and vLLM would take files beside the adapter for a per-LoRA
+    tokenizer (`formats.lora.TOKENIZER_FILES`)."""
     model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
     problems = lora.problems(output)
     if problems:
         raise ConfigError("the adapter cannot be served: " + "; ".join(problems))

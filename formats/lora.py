@@ -19,6 +19,21 @@ from formats.manifest import read_manifest
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+#: Tokenizer files, which an adapter directory does not carry: the tokenizer is the base model's,
+#: and vLLM takes tokenizer files beside an adapter for a per-LoRA tokenizer (deprecated there).
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "tokenizer.model",
+        "vocab.json",
+        "merges.txt",
+    }
+)
 
 #: The LoRA ranks vLLM accepts for `--max-lora-rank`.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -41,6 +41,10 @@ PERSONA_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 SERVED_NAME_RE = re.compile(r"^(?P<persona>.+)@v(?P<version>[1-9][0-9]*)$")
 POINTER = "current.json"
+#: What a version does not take from the directory it is copied from: tokenizer files (the
+#: tokenizer is the base model's, `formats.lora.TOKENIZER_FILES`) and training checkpoints (the
+#: trainer's resume state, never served).
+NOT_COPIED = (*sorted(lora.TOKENIZER_FILES), "checkpoints")
 
 
 def served_name(persona: str, version: int) -> str:
@@ -174,7 +178,8 @@ class AdapterRegistry:
     # -- writing ----------------------------------------------------------------------------
 
     def add_version(self, persona: str, source: Path) -> AdapterVersion:
-        """Copy an adapter directory in as the persona's next version (never an old number)."""
+        """Copy an adapter directory in as the persona's next version (never an old number),
+        without tokenizer files or training checkpoints (`NOT_COPIED`)."""
         base = self._persona_dir(persona)
         base.mkdir(parents=True, exist_ok=True)
         pointer = self.pointer(persona)
@@ -183,7 +188,9 @@ class AdapterRegistry:
         target = base / f"v{version}"
         tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=base))
         try:
-            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            shutil.copytree(
+                source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*NOT_COPIED)
+            )
             manifest = read_manifest(tmp)
             config = lora.read_config(tmp)
             if manifest.base_model is None:

@@ -40,5 +40,24 @@ register_serving(app)
 register_finetune(app)
 
 
+@app.command("runner")
+def runner(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on"),
+    port: int = typer.Option(8200, help="Port to listen on"),
+    allow: str = typer.Option(
+        "data,train,eval,adapters", help="The rolecast commands it runs, comma-separated"
+    ),
+) -> None:
+    """Run the retrain loop's rolecast commands for a bot on another host (the trainer's side
+    of `rolecast-remote`; ROLECAST_RUNNER_TOKEN, when set, must come with each request)."""
+    import uvicorn
+
+    from rolecast.runner import build_app
+
+    allowed = tuple(a.strip() for a in allow.split(",") if a.strip())
+    token = os.environ.get("ROLECAST_RUNNER_TOKEN") or None
+    uvicorn.run(build_app(token=token, allowed=allowed), host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     app()

@@ -1,5 +1,12 @@
 """`rolecast serve --engine vllm`: the `vllm serve` command line built from Rolecast's settings
-and the adapter registry, so production runs the same adapters under the same names."""
+and the adapter registry, so production runs the same adapters under the same names.
+
+Beside the command line, two variables: `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`, so publishing can
+load and unload adapters while vLLM runs, and `VLLM_CACHE_ROOT` under Rolecast's cache directory
+(`<cache>/vllm`, unless the environment names one), where vLLM keeps its torch.compile artifacts
+(and the Inductor and Triton caches it points into that folder): a restart on the same machine
+reads them back instead of compiling again.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from formats import basemodel, lora
@@ -14,11 +22,23 @@ from formats.lora import allowed_rank
 from formats.registry import AdapterRegistry
 from serving.settings import ServeSettings
 
+#: Where vLLM keeps its compile cache, under Rolecast's cache directory.
+VLLM_CACHE = "vllm"
+
 
 def build_vllm_command(
-    settings: ServeSettings, registry: AdapterRegistry | None, model_path: str
+    settings: ServeSettings,
+    registry: AdapterRegistry | None,
+    model_path: str,
+    *,
+    cache_dir: Path | None = None,
+    environ: Mapping[str, str] = os.environ,
 ) -> tuple[list[str], dict[str, str]]:
-    """The argv and the extra environment of `vllm serve` for these settings."""
+    """The argv and the extra environment of `vllm serve` for these settings.
+
+    `cache_dir`: Rolecast's cache directory, where vLLM's compile cache goes unless `environ`
+    already names one (`VLLM_CACHE_ROOT`).
+    """
     base_name = settings.resolved_served_name()
     argv = [
         "vllm",
@@ -35,6 +55,12 @@ def build_vllm_command(
         argv += ["--max-model-len", str(settings.max_model_len)]
     if settings.dtype != "auto":
         argv += ["--dtype", settings.dtype]
+    if settings.gpu_memory_utilization is not None:
+        argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    if "max_num_seqs" in settings.model_fields_set:  # else vLLM's own, not the embedded 16
+        argv += ["--max-num-seqs", str(settings.max_num_seqs)]
+    if settings.enforce_eager:
+        argv.append("--enforce-eager")
 
     modules: dict[str, str] = settings.startup_modules()
     ranks: list[int] = [lora.rank(lora.read_config(Path(p))) for p in modules.values()]
@@ -50,8 +76,8 @@ def build_vllm_command(
         "--max-loras",
         str(max_loras),
         "--max-lora-rank",
-        # with nothing published yet, leave room for what the publisher will accept
-        str(allowed_rank(max(ranks) if ranks else settings.max_lora_rank)),
+        # room for every version (each may be rolled back to) and for what a publish accepts
+        str(allowed_rank(max([*ranks, settings.max_lora_rank]))),
         "--max-cpu-loras",
         str(settings.max_cpu_loras or 2 * max_loras),
     ]
@@ -61,7 +87,10 @@ def build_vllm_command(
             json.dumps({"name": name, "path": path, "base_model_name": base_name})
             for name, path in sorted(modules.items())
         ]
-    return argv, {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    if cache_dir is not None and not environ.get("VLLM_CACHE_ROOT"):
+        env["VLLM_CACHE_ROOT"] = str(cache_dir / VLLM_CACHE)
+    return argv, env
 
 
 def vllm_model_path(

@@ -51,6 +51,8 @@ def server(
             "tiny",
             "--max-model-len",
             "512",
+            "--max-lora-rank",
+            "64",  # below the default (256), so that "big" (r128) is refused
             "--lora-modules",
             f"static-a={adapters['a']}",
             "--adapters-dir",
