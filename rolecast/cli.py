@@ -9,6 +9,7 @@ clients.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 
@@ -56,7 +57,23 @@ def runner(
 
     allowed = tuple(a.strip() for a in allow.split(",") if a.strip())
     token = os.environ.get("ROLECAST_RUNNER_TOKEN") or None
+    if token is None and not _loopback(host):
+        typer.secho(
+            f"error: the runner would run training commands for anyone who reaches {host}:{port}; "
+            "set ROLECAST_RUNNER_TOKEN to a long random secret (e.g. `openssl rand -hex 32`) "
+            "for the bot and the runner, or listen on 127.0.0.1",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(2)
     uvicorn.run(build_app(token=token, allowed=allowed), host=host, port=port, log_level="warning")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def main() -> None:
