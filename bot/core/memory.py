@@ -405,8 +405,11 @@ class Memory:
         ) as cursor:
             return [Dialogue.from_row(row) async for row in cursor]
 
-    async def count_dialogues(self, persona: str) -> int:
-        async with self.db.execute(sql.COUNT_PERSONA_DIALOGUES, (persona,)) as cursor:
+    async def count_dialogues(self, persona: str, *, guild_id: str | None = None) -> int:
+        """Approved dialogues of a persona (in one guild when given)."""
+        async with self.db.execute(
+            sql.COUNT_PERSONA_DIALOGUES, (persona, guild_id, guild_id)
+        ) as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 

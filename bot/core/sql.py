@@ -267,7 +267,9 @@ SELECT_PERSONA_DIALOGUES = f"""
 SELECT {DIALOGUE_COLUMNS} FROM dialogues WHERE persona = ? AND (? IS NULL OR guild_id = ?)
 ORDER BY id
 """
-COUNT_PERSONA_DIALOGUES = "SELECT COUNT(*) FROM dialogues WHERE persona = ?"
+COUNT_PERSONA_DIALOGUES = """
+SELECT COUNT(*) FROM dialogues WHERE persona = ? AND (? IS NULL OR guild_id = ?)
+"""
 DELETE_DIALOGUE_BY_TURN = "DELETE FROM dialogues WHERE turn_id = ? AND source = ?"
 
 # forget-me: a person's turns, ratings and the dialogues they wrote in, within one guild

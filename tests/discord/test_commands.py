@@ -140,7 +140,8 @@ async def test_import_json_png_and_bad_cards_then_remove(rig: Rig, tmp_path: Pat
     ident, resolved = attachment(good)
     await rig.command("persona import", {"card": ident}, permissions=ADMIN, resolved=resolved)
     assert "Imported **Sir Reginald** as `knight`" in rig.last_response()
-    assert (rig.home / "personas" / "knight.json").exists()
+    # the server's own persona, in the server's folder
+    assert (rig.home / "personas" / "guilds" / str(rig.guild.id) / "knight.json").exists()
 
     png = tmp_path / "Lady Ada.png"
     card["data"]["name"] = "Lady Ada"  # type: ignore[index]
@@ -164,7 +165,7 @@ async def test_import_json_png_and_bad_cards_then_remove(rig: Rig, tmp_path: Pat
     assert "1 channel(s) no longer have a persona" in rig.last_response()
     assert "knight" not in rig.bot.personas
     await rig.command("persona remove", {"name": "haruhi"}, permissions=ADMIN)
-    assert "ships with Rolecast" in rig.last_response()
+    assert "shared by every server and cannot be removed from Discord" in rig.last_response()
 
 
 async def test_memory_show_reset_with_confirmation(rig: Rig):
@@ -272,6 +273,6 @@ async def test_status_shows_health_adapters_and_queue(rig: Rig, server_state: Se
     embed = json.loads(rig.api.texts()[-1])
     fields = {f["name"]: f["value"] for f in embed["fields"]}
     assert fields["Model server"].startswith("up")
-    assert "`haruhi` → haruhi@v2" in fields["Personas"]
+    assert "`haruhi` → haruhi@v2 · 0 approved here" in fields["Personas"]
     assert "`atri` → instant-base" in fields["Personas"]
     assert fields["Queue"].startswith("0 replies")
