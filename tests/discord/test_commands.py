@@ -260,7 +260,10 @@ async def test_approvals_reactions_export_and_forget_me(rig: Rig):
 
     # forget-me: bob's turns, ratings and the dialogues he took part in are gone.
     await rig.command("memory forget-me", member=rig.bob)
-    assert "deleted 1 of your messages, 1 approved dialogues" in rig.last_response()
+    assert rig.last_response().startswith(
+        "Deleted 1 of your messages, 1 persona replies that answered or quoted you, "
+        "1 approved training dialogues that held your words or your approval"
+    )
     left = await rig.memory.recent_turns(rig.key, "haruhi", limit=50)
     assert all(t.author_id != str(rig.bob.id) for t in left)
     assert await rig.memory.count_dialogues("haruhi") == 1
