@@ -117,7 +117,12 @@ def scrub_files(
             if len(kept) == len(lines):
                 continue
             try:
-                _overwrite(path, b"".join(kept), len(data))
+                if path.suffix.lower() == ".json":
+                    # one JSON document: without a line it would be broken, so it goes whole
+                    _overwrite(path, b"", len(data))
+                    path.unlink()
+                else:
+                    _overwrite(path, b"".join(kept), len(data))
             except OSError as exc:
                 log.error("forget-me could not rewrite %s: %s", path, exc)
                 continue
@@ -127,16 +132,26 @@ def scrub_files(
 
 
 def _files(folder: Path) -> list[Path]:
-    try:
-        found = [
-            p
-            for p in folder.rglob("*")
-            if p.suffix.lower() in TEXT_SUFFIXES and p.is_file() and not p.is_symlink()
-        ]
-    except OSError as exc:
-        log.warning("forget-me could not search %s: %s", folder, exc)
-        return []
-    return [p for p in found if p.stat().st_size <= MAX_TEXT_FILE]
+    """The text files under `folder` (not following links), small enough to be ours; a
+    folder that cannot be read is skipped with a warning, the others are still searched."""
+    found = []
+
+    def skipped(exc: OSError) -> None:
+        log.warning("forget-me could not search %s: %s", exc.filename, exc.strerror or exc)
+
+    for root, _, names in os.walk(folder, onerror=skipped):
+        for name in names:
+            path = Path(root) / name
+            if path.suffix.lower() not in TEXT_SUFFIXES:
+                continue
+            try:
+                if path.is_symlink() or not path.is_file():
+                    continue
+                if path.stat().st_size <= MAX_TEXT_FILE:
+                    found.append(path)
+            except OSError as exc:
+                skipped(exc)
+    return found
 
 
 def _holds(line: bytes, row_ids: frozenset[str], quotes: Quotes) -> bool:

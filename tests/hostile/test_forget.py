@@ -167,3 +167,29 @@ def test_what_counts_as_a_quote(text: str, quoted: bool) -> None:
         ["my secret is zebra-quokka", "the club room is ours", "我今天要去SOS团的活动室"]
     )
     assert quotes.found_in(text) == quoted
+
+
+def test_scrub_files_by_row_id_and_by_quote(tmp_path: Path) -> None:
+    from bot.core.forget import scrub_files
+
+    job = tmp_path / "haruhi-3"
+    (job / "data").mkdir(parents=True)
+    rows = [
+        {"id": "haruhi_1", "conversations": [{"from": "human", "value": "bob: hello"}]},
+        {"id": "haruhi_2", "conversations": [{"from": "human", "value": "alice: hi"}]},
+        {"id": "haruhi_9", "conversations": [{"from": "gpt", "value": f"I recall {MARKER}!"}]},
+    ]
+    (job / "data" / "haruhi.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows), encoding="utf-8"
+    )
+    (job / "steps.log").write_text(f"ok\nrow haruhi_9: {MARKER.upper()}\nok\n")
+    (job / "report.json").write_text(json.dumps({"sample": MARKER}, indent=2))
+    (job / "metrics.json").write_text(json.dumps({"bleu-4": 1.0}))
+    files, removed = scrub_files([tmp_path], frozenset({"haruhi_1"}), [f"my note: {MARKER}"])
+    assert (files, removed) == (3, 4)
+    left = (job / "data" / "haruhi.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in left] == ["haruhi_2"]
+    assert (job / "steps.log").read_text() == "ok\nok\n"
+    assert not (job / "report.json").exists()  # one JSON document: removed whole
+    assert (job / "metrics.json").exists()
+    assert files_holding(tmp_path, MARKER.encode()) == []
