@@ -15,7 +15,7 @@ from bot.core.sidecar import EmbeddedServer
 from formats.errors import RegistryError
 from formats.registry import AdapterRegistry
 from serving.publish import Publisher, ServerClient
-from tests.adapters import broken_registry, make_adapter
+from tests.adapters import broken_registry, fake_lora, lora_tensors, make_adapter
 
 MESSAGES = [{"role": "user", "content": "Who are you?"}]
 
@@ -177,6 +177,19 @@ def test_broken_adapter_dir_is_400_and_server_keeps_serving(
         assert response.json()["error"]["type"] == "BadRequestError"
     assert "bad" not in {m.id for m in client.models.list().data}
     assert greedy(client, "static-a")  # still serving
+
+
+def test_an_adapter_for_another_base_is_refused_with_its_shapes(
+    server: EmbeddedServer, client: openai.OpenAI, tmp_path: Path
+) -> None:
+    wide = {"q_proj": (96, 96), "v_proj": (96, 32)}
+    other = fake_lora(tmp_path / "other", tensors=lora_tensors(8, dims=wide))
+    response = post(
+        server, "/v1/load_lora_adapter", {"lora_name": "other", "lora_path": str(other)}
+    )
+    assert response.status_code == 400, response.text
+    assert "takes 96 inputs; the base model's has 64" in response.json()["error"]["message"]
+    assert "other" not in {m.id for m in client.models.list().data}
 
 
 async def test_mixed_adapter_batch_matches_each_alone(
