@@ -239,6 +239,7 @@ def _publisher(
         servers,
         max_rank=ServeSettings().max_lora_rank,
         base_model=base_model,
+        cache_dir=paths.cache_dir,
     )
     return publisher, notes
 
@@ -293,17 +294,28 @@ def adapters_list(
     if not personas:
         typer.echo(f"no adapters in {registry.root}")
     for persona in personas:
+        # one persona's broken files are reported and skipped, never the end of the listing
         try:
             current = registry.current(persona)
         except FormatError as exc:
             typer.echo(f"error: {exc}", err=True)
             current = None
-        for v in registry.versions(persona):
+        try:
+            versions = registry.versions(persona)
+        except FormatError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            continue
+        for v in versions:
             mark = "*" if current and current.version == v.version else " "
             metrics = v.manifest.metrics
             shown = " ".join(f"{k}={val}" for k, val in sorted(metrics.items()))
             created = v.manifest.created or "?"
-            typer.echo(f"{mark} {v.served_name:<24} rank={v.rank:<4} {created}  {shown}".rstrip())
+            try:
+                rank = str(v.rank)
+            except FormatError as exc:
+                rank = "?"
+                typer.echo(f"error: {v.served_name}: {exc}", err=True)
+            typer.echo(f"{mark} {v.served_name:<24} rank={rank:<4} {created}  {shown}".rstrip())
 
 
 @adapters_app.command("publish")

@@ -6,11 +6,18 @@ load and unload adapters while vLLM runs, and `VLLM_CACHE_ROOT` under Rolecast's
 (`<cache>/vllm`, unless the environment names one), where vLLM keeps its torch.compile artifacts
 (and the Inductor and Triton caches it points into that folder): a restart on the same machine
 reads them back instead of compiling again.
+
+vLLM refuses to start when one `--lora-modules` entry cannot be loaded, so the registry is read
+defensively: a persona whose pointer is broken, or whose current version fails the
+servable-LoRA rule, is left out with the reason logged (its persona speaks through the base
+model, as on the embedded server), and a version whose config cannot be read does not count
+towards `--max-lora-rank`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -18,12 +25,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from formats import basemodel, lora
-from formats.lora import allowed_rank
+from formats.errors import FormatError
+from formats.lora import VLLM_LORA_RANKS, allowed_rank
 from formats.registry import AdapterRegistry
 from serving.settings import ServeSettings
 
 #: Where vLLM keeps its compile cache, under Rolecast's cache directory.
 VLLM_CACHE = "vllm"
+
+log = logging.getLogger(__name__)
 
 
 def build_vllm_command(
@@ -62,14 +72,20 @@ def build_vllm_command(
     if settings.enforce_eager:
         argv.append("--enforce-eager")
 
-    modules: dict[str, str] = settings.startup_modules()
-    ranks: list[int] = [lora.rank(lora.read_config(Path(p))) for p in modules.values()]
+    modules: dict[str, str] = {}
+    ranks: list[int] = []
+    for name, path in settings.startup_modules().items():
+        problems = lora.problems(Path(path), max_rank=VLLM_LORA_RANKS[-1])
+        if problems:
+            log.error("not serving %s: %s", name, "; ".join(problems))
+            continue
+        modules[name] = path
+        ranks.append(lora.rank(lora.read_config(Path(path))))
     if registry is not None:
-        for persona in registry.personas():
-            # every version may be rolled back to, so the rank limit covers them all
-            ranks += [v.rank for v in registry.versions(persona)]
-            if (current := registry.current(persona)) is not None:
-                modules.setdefault(current.served_name, str(current.path))
+        for name, path, persona_ranks in registry_modules(registry):
+            modules.setdefault(name, path)
+            ranks += persona_ranks
+    ranks = [r for r in ranks if r <= VLLM_LORA_RANKS[-1]]
     max_loras = settings.max_loras or max(1, len(modules)) + 1  # +1: old and new in a publish
     argv += [
         "--enable-lora",
@@ -91,6 +107,33 @@ def build_vllm_command(
     if cache_dir is not None and not environ.get("VLLM_CACHE_ROOT"):
         env["VLLM_CACHE_ROOT"] = str(cache_dir / VLLM_CACHE)
     return argv, env
+
+
+def registry_modules(registry: AdapterRegistry) -> list[tuple[str, str, list[int]]]:
+    """Each persona's current version that vLLM can load, as (served name, path, the ranks of
+    all its versions, which a rollback may bring back); what is left out is logged."""
+    found = []
+    for persona in registry.personas():
+        try:
+            versions = registry.versions(persona)
+            current = registry.current(persona)
+        except FormatError as exc:
+            log.error("not serving %s: %s", persona, exc)
+            continue
+        ranks = []
+        for version in versions:
+            try:
+                ranks.append(version.rank)
+            except FormatError as exc:
+                log.warning("%s left out of --max-lora-rank: %s", version.served_name, exc)
+        if current is None:
+            continue
+        problems = lora.problems(current.path, max_rank=VLLM_LORA_RANKS[-1])
+        if problems:
+            log.error("not serving %s: %s", current.served_name, "; ".join(problems))
+            continue
+        found.append((current.served_name, str(current.path), ranks))
+    return found
 
 
 def vllm_model_path(

@@ -11,16 +11,11 @@ import pytest
 
 from formats.errors import RegistryError
 from formats.registry import AdapterRegistry, Pointer, parse_served_name, served_name
+from tests.adapters import fake_lora
 
 
 def fake_adapter(path: Path, rank: int = 8, **manifest: object) -> Path:
-    path.mkdir(parents=True)
-    config = {"peft_type": "LORA", "r": rank, "base_model_name_or_path": "org/base"}
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    (path / "adapter_model.safetensors").write_bytes(b"")
-    if manifest:
-        (path / "rolecast.json").write_text(json.dumps(manifest))
-    return path
+    return fake_lora(path, r=rank, manifest=manifest or None)
 
 
 def test_pointer_round_trips_through_its_file(tmp_path: Path) -> None:

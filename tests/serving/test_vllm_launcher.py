@@ -16,14 +16,11 @@ from formats.registry import AdapterRegistry
 from rolecast.cli import app
 from serving.settings import ServeSettings
 from serving.vllm_launcher import build_vllm_command
+from tests.adapters import fake_lora
 
 
 def fake_adapter(path: Path, rank: int) -> Path:
-    path.mkdir(parents=True)
-    config = {"peft_type": "LORA", "r": rank, "base_model_name_or_path": "base-model"}
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    (path / "adapter_model.safetensors").write_bytes(b"")
-    return path
+    return fake_lora(path, r=rank, base="base-model")
 
 
 def flags(argv: list[str]) -> dict[str, str]:
