@@ -49,7 +49,7 @@ def serve(
     ),
     max_num_seqs: int | None = typer.Option(None, help="Requests per batch (default: 16)"),
     max_waiting: int | None = typer.Option(None, help="Queue before HTTP 429 (default: 64)"),
-    max_lora_rank: int | None = typer.Option(None, help="Largest LoRA rank (default: 64)"),
+    max_lora_rank: int | None = typer.Option(None, help="Largest LoRA rank (default: 256)"),
     lora_modules: list[str] = typer.Option(
         [], "--lora-modules", help="NAME=PATH of an adapter to load at start (repeatable)"
     ),

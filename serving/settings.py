@@ -60,7 +60,12 @@ class ServeSettings(BaseSettings):
     engine: Literal["embedded", "vllm"] = Field(
         default="embedded", description="embedded: this package's server; vllm: exec `vllm serve`."
     )
-    max_lora_rank: int = Field(default=64, ge=1, description="Largest LoRA rank the server loads.")
+    max_lora_rank: int = Field(
+        default=256,
+        ge=1,
+        description="Largest LoRA rank the server loads (256: what `rolecast train` gives a "
+        "base under 1 B parameters; 64 from 1 B up).",
+    )
     max_loras: int | None = Field(
         default=None,
         ge=1,
