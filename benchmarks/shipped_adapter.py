@@ -74,9 +74,13 @@ CANDIDATES: dict[str, tuple[int, list[str]]] = {
     "rs32-lr1e-3-e3": (32, recipe(32, "1e-3", "3")),
     "rs32-lr1e-3-e6": (32, recipe(32, "1e-3", "6")),
 }
-# `rolecast train` with no settings but the data: what the retrain loop used before the recipe
-# became its default, trained on one persona alone.
-DEFAULTS = ["--max_length", "4096", "--seed", "42", "--no_progress"]
+# `rolecast train`'s settings before the recipe became its default (what the retrain loop used),
+# trained on one persona alone.
+DEFAULTS = [
+    "--lora_r", "16", "--lora_alpha", "32", "--use_rslora", "false", "--learning_rate", "2e-4",
+    "--epochs", "3", "--warmup_ratio", "0.03", "--batch_tokens", "8192",
+    "--max_length", "4096", "--seed", "42", "--no_progress",
+]  # fmt: skip
 
 
 # The chat's decodings, all with the chat's 200-token limit: greedy, and sampled ones around the

@@ -51,7 +51,7 @@ COMMON = ["--max_length", "4096", "--batch_tokens", "8192", "--seed", "42", "--n
 
 # The settings of the first published run (kept as the reference candidate).
 SETTINGS = [
-    "--lora_r", "32", "--lora_alpha", "64", "--lora_dropout", "0.05",
+    "--lora_r", "32", "--lora_alpha", "64", "--use_rslora", "false", "--lora_dropout", "0.05",
     "--learning_rate", "3e-4", "--epochs", "5", "--warmup_ratio", "0.03", *COMMON,
 ]  # fmt: skip
 
@@ -68,9 +68,9 @@ def _rs(r: int, lr: str, epochs: str, *extra: str) -> list[str]:
 # The issue's reference point, for a same-split comparison: a plain 3-epoch LoRA, rank 16,
 # lr 2e-4, padded batches of 4.
 NAIVE = [
-    "--lora_r", "16", "--lora_alpha", "32", "--learning_rate", "2e-4", "--epochs", "3",
-    "--packing", "false", "--batch_size", "4", "--max_length", "4096", "--seed", "42",
-    "--no_progress",
+    "--lora_r", "16", "--lora_alpha", "32", "--use_rslora", "false", "--learning_rate", "2e-4",
+    "--epochs", "3", "--warmup_ratio", "0.03", "--packing", "false", "--batch_size", "4",
+    "--max_length", "4096", "--seed", "42", "--no_progress",
 ]  # fmt: skip
 
 CANDIDATES: dict[str, list[str]] = {

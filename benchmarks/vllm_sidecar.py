@@ -666,6 +666,7 @@ async def check_retrain(args: argparse.Namespace, server: Server) -> bool:
             "validation": args.validation,
             "eval_max_new_tokens": args.eval_max_new_tokens,
             "tolerance": args.tolerance,
+            "consistency_tolerance": args.consistency_tolerance,
             "train_args": args.train_args.split(),
             "poll_s": 0.5,
             "workdir": work / "retrain",
@@ -872,6 +873,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--validation", type=float, default=0.1, help="retrain: held-out fraction")
     p.add_argument("--max-length", type=int, default=2048, help="retrain: longest dialogue, tokens")
     p.add_argument("--tolerance", type=float, default=1.0, help="retrain: the gate's tolerance")
+    p.add_argument(
+        "--consistency-tolerance", type=float, default=5.0,
+        help="retrain: the gate's persona-consistency tolerance (points)",
+    )  # fmt: skip
     p.add_argument(
         "--eval-max-new-tokens", type=int, default=128, help="retrain: gate reply length"
     )

@@ -216,16 +216,40 @@ def discord_bot(
         None, help="Model server base URL; default: start the embedded one."
     ),
 ) -> None:
-    """Run the Discord bot (token from ROLECAST_DISCORD_TOKEN)."""
-    from bot.discord.bot import command_tree, run_bot
+    """Run the Discord bot (token from ROLECAST_DISCORD_TOKEN).
+
+    Exit codes: 0 stopped; 1 a card is invalid (--check); 2 no token or a bad setting; 69
+    Discord cannot be reached; 77 Discord refused the token; 78 the Message Content intent is
+    not enabled; 130 interrupted.
+    """
+    from bot.discord.bot import EXIT_CONFIG, StartError, command_tree, run_bot
 
     settings = load_settings(db_path=db, server_url=server)
     if check:
         report = asyncio.run(command_tree(settings))
         print(json.dumps(report, ensure_ascii=False, indent=2))
-        raise typer.Exit(0 if report["ok"] else 1)
+        problems = report["problems"]
+        assert isinstance(problems, list)
+        if problems:
+            err.print(f'[red]error:[/] {len(problems)} invalid card(s): see "problems" above')
+            raise typer.Exit(1)
+        if settings.discord_token is None:
+            raise fail(
+                "no Discord token: set ROLECAST_DISCORD_TOKEN (settings and cards are valid)",
+                EXIT_CONFIG,
+            )
+        personas, commands = report["personas"], report["commands"]
+        assert isinstance(personas, list) and isinstance(commands, list)
+        err.print(
+            f"ok: {len(personas)} personas, {len(commands)} commands, token set, model server "
+            f"{report['server_url']}",
+            markup=False,
+        )
+        raise typer.Exit(0)
     try:
         asyncio.run(run_bot(settings))
+    except StartError as exc:
+        raise fail(str(exc), exc.exit_code) from None
     except RolecastError as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:

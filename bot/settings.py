@@ -13,6 +13,7 @@ the bot resolves them exactly as `rolecast serve` and `rolecast adapters` do.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
@@ -105,12 +106,32 @@ class RetrainSettings(BaseModel):
     max_length: int = Field(2048, ge=16, description="longest dialogue kept, in tokens")
     validation: float = Field(0.1, gt=0.0, lt=1.0, description="held-out fraction for the gate")
     seed: int = Field(42, description="seed of the train / held-out split")
+    replay: float = Field(
+        1.0,
+        ge=0.0,
+        description="the other personas' approved dialogues (of the job's scope) added to the "
+        "training file, each with its own system prompt, at most this many times the persona's "
+        "own training dialogues; 0 = none",
+    )
     tolerance: float = Field(
         1.0,
         ge=-100.0,
         le=100.0,
         description="BLEU-4 and ROUGE-L points (0-100) the new adapter may lose against the live "
         "one and still be published; negative = it must win by that much",
+    )
+    consistency_metric: Literal["own_probability", "recognised"] = Field(
+        "own_probability",
+        description="the persona-consistency figure the gate compares: the classifier's mean "
+        "probability of the persona (steady on a few held-out replies) or the share of replies "
+        "recognised as the persona's",
+    )
+    consistency_tolerance: float = Field(
+        5.0,
+        ge=-100.0,
+        le=100.0,
+        description="points (0-100) of persona consistency the new adapter may lose against the "
+        "live one and still be published",
     )
     eval_max_new_tokens: int = Field(128, ge=1, le=4096)
     workdir: Path | None = Field(None, description="job directories; default <home>/retrain")

@@ -3,7 +3,8 @@
 The base is loaded in the dtype of the device (bf16 on a GPU, fp32 on a CPU) with the attention
 kernel the batches need (`finetune.attention`), its weights frozen; a plain LoRA (no DoRA, no
 `modules_to_save`, no bias: `formats.lora`'s servable rule) is attached to every linear layer
-but the head, or to the modules asked for; NEFTune noise is hooked onto the input embeddings
+but the head, or to the modules asked for, at the rank asked for or the one the base's size
+calls for (`finetune.config.default_rank`); NEFTune noise is hooked onto the input embeddings
 when asked for.
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from finetune import models
 from finetune.attention import VARLEN, choose_attention
-from finetune.config import TrainConfig
+from finetune.config import TrainConfig, default_rank
 from finetune.packing import Batch
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def lora_config(cfg: TrainConfig, model: Any) -> Any:
 
     targets = linear_module_names(model) if cfg.modules == "all-linear" else cfg.modules
     return LoraConfig(
-        r=cfg.lora_r,
+        r=lora_rank(cfg, model),
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         use_rslora=cfg.use_rslora,
@@ -54,6 +55,12 @@ def lora_config(cfg: TrainConfig, model: Any) -> Any:
         modules_to_save=None,
         task_type="CAUSAL_LM",
     )
+
+
+def lora_rank(cfg: TrainConfig, model: Any) -> int:
+    """`--lora_r` when given, else the rank for the size of `model` (the base, before the LoRA
+    is attached)."""
+    return cfg.lora_r if cfg.lora_r is not None else default_rank(model.num_parameters())
 
 
 def keep_input_dtype(model: Any) -> None:
@@ -115,6 +122,8 @@ class TrainModel:
     varlen: bool
     dtype: torch.dtype
     noise: NoisyEmbeddings | None
+    lora_r: int  # the rank attached: --lora_r, or the base size's
+    base_parameters: int
 
 
 def build_model(cfg: TrainConfig, gpu: bool) -> TrainModel:
@@ -129,6 +138,10 @@ def build_model(cfg: TrainConfig, gpu: bool) -> TrainModel:
     dtype = torch.bfloat16 if gpu else torch.float32
     model = models.load_model(cfg.base, dtype=dtype, attn_implementation=attn)
     model.config.use_cache = False
+    parameters = int(model.num_parameters())
+    rank = lora_rank(cfg, model)
+    if cfg.lora_r is None:
+        log.info("LoRA rank %d for a base of %.2f B parameters", rank, parameters / 1e9)
     model = get_peft_model(model, lora_config(cfg, model))
     model.peft_config["default"].base_model_name_or_path = models.base_id(cfg.base)
     if gpu:
@@ -139,4 +152,4 @@ def build_model(cfg: TrainConfig, gpu: bool) -> TrainModel:
     noise = NoisyEmbeddings(model, cfg.neftune_alpha) if cfg.neftune_alpha > 0 else None
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
-    return TrainModel(model, attn, attn == VARLEN, dtype, noise)
+    return TrainModel(model, attn, attn == VARLEN, dtype, noise, rank, parameters)

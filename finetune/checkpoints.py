@@ -39,6 +39,7 @@ class TrainState:
     micro: int = 0  # micro-batches of `epoch` already consumed
     tokens: int = 0
     train_seconds: float = 0.0
+    batch_tokens: int | None = None  # the micro-batch size, which a resumed run must keep
 
 
 def checkpoint_dirs(output: Path) -> list[Path]:
@@ -49,6 +50,17 @@ def checkpoint_dirs(output: Path) -> list[Path]:
         p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file()
     ]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def checkpoint_batch_tokens(output: Path) -> int | None:
+    """The micro-batch size of the run whose latest checkpoint is under `output` (None: no
+    checkpoint, or one from before the size was recorded)."""
+    checkpoints = checkpoint_dirs(output)
+    if not checkpoints:
+        return None
+    state = json.loads((checkpoints[-1] / "state.json").read_text(encoding="utf-8"))
+    value = state.get("batch_tokens")
+    return int(value) if value else None
 
 
 def refuse_to_overwrite(output: Path, resume: bool) -> None:

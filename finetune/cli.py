@@ -238,11 +238,23 @@ def evaluate(
         help="With --adapter, compare against this adapter (e.g. the served version) instead "
         "of the base model.",
     ),
+    persona: str | None = typer.Option(
+        None, help="Whose replies these are, for the persona consistency (with --consistency-data)."
+    ),
+    consistency_data: list[str] = typer.Option(
+        [],
+        "--consistency-data",
+        help="Dialogues to learn the personas' voices from, for persona consistency "
+        "(recognised, own_probability) beside BLEU/ROUGE: FILE for --persona's own (its "
+        "training dialogues), NAME=FILE for another persona's (repeatable).",
+    ),
 ) -> None:
-    """Predict the last reply of each dialogue with the base and the adapter; BLEU-4, ROUGE-1/2/L."""
+    """Predict the last reply of each dialogue with the base and the adapter; BLEU-4, ROUGE-1/2/L,
+    and persona consistency with --consistency-data."""
     from finetune import evaluate as ev
 
     try:
+        check = _consistency_check(persona, consistency_data) if score else None
         if predictions is not None:
             records = ev.read_predictions(predictions)
         elif data is not None:
@@ -251,8 +263,9 @@ def evaluate(
                 top_p, seed, sample,
             )  # fmt: skip
             records = ev.predict(
-                data, adapter, ev.base_for(adapter, base), settings, limit, base_replies, baseline
-            )
+                data, adapter, ev.base_for(adapter, base), settings, limit, base_replies,
+                baseline, progress=_GenerationBar(),
+            )  # fmt: skip
             ev.write_predictions(records, output / ev.PREDICTIONS)
             typer.echo(f"{len(records)} predictions written to {output / ev.PREDICTIONS}")
         else:
@@ -260,10 +273,74 @@ def evaluate(
         if score:
             against = "baseline" if baseline is not None else "base"
             title = f"{(data or predictions).stem}: {against} vs adapter"  # type: ignore[union-attr]
-            results = ev.write_report(records, output, title)
+            results = ev.write_report(records, output, title, check)
             typer.echo(ev.metrics_table(results))
     except _errors() as exc:
         _fail(exc)
+
+
+class _GenerationBar:
+    """`rolecast eval`'s progress bar on stderr while replies are generated."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("[bold]generate"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("replies"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.task: Any = None
+
+    def start(self, total: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task("generate", total=total)
+
+    def advance(self, done: int) -> None:
+        self.bar.advance(self.task, done)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def _consistency_check(persona: str | None, values: list[str]) -> Any:
+    """The persona classifier `--consistency-data` describes (None without it)."""
+    import re
+
+    from finetune.consistency import learn_from_files
+    from finetune.evaluate import ConsistencyCheck
+
+    if not values:
+        if persona is not None:
+            raise typer.BadParameter(
+                "--persona goes with --consistency-data", param_hint="--persona"
+            )
+        return None
+    files: dict[str, list[Path]] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if sep and re.fullmatch(r"[\w.-]+", name) and path:
+            files.setdefault(name, []).append(Path(path))
+        elif persona is None:
+            raise typer.BadParameter(
+                f"{value}: give --persona for a file without NAME=", param_hint="--consistency-data"
+            )
+        else:
+            files.setdefault(persona, []).append(Path(value))
+    if persona is None:
+        raise typer.BadParameter("give --persona: whose replies are scored", param_hint="--persona")
+    return ConsistencyCheck(persona, learn_from_files(files))
 
 
 def compare(

@@ -16,12 +16,18 @@ Two figures per set of replies: `recognised` (the share, 0-100, recognised as th
 persona) and `own_probability` (the classifier's mean probability of the own persona, 0-100),
 which also moves below the threshold. The classifier needs at least two classes: two personas, or
 one persona and the other speakers' turns, which is what one persona's dialogues give.
+
+`rolecast eval --persona P --consistency-data FILE [--consistency-data OTHER=FILE ...]` learns
+from dialogue files (`learn_from_files`) and reports both figures beside BLEU and ROUGE; the
+retrain loop's gate gives it the persona's training split and the other personas' replayed
+dialogues.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from finetune.errors import DataError
@@ -107,3 +113,37 @@ def turns(messages_of: Sequence[Sequence[Mapping[str, str]]], role: str) -> list
     """Every turn of `role` ("assistant": the persona's replies, "user": the other speakers')
     in the given dialogues (lists of {role, content} messages)."""
     return [m["content"] for messages in messages_of for m in messages if m["role"] == role]
+
+
+@dataclass(frozen=True)
+class Learnt:
+    """A classifier learnt from dialogue files, and what it learnt from."""
+
+    classifier: PersonaClassifier
+    replies: dict[str, int]  # persona (and OTHER) -> texts learnt from
+
+    def to_json(self) -> dict[str, Any]:
+        return {"classes": sorted(self.replies), "learnt_from": self.replies}
+
+
+def learn_from_files(files: Mapping[str, Sequence[str | Path]]) -> Learnt:
+    """A classifier of each persona's replies in its dialogue files (ShareGPT or OpenAI JSONL;
+    rows that cannot be read are skipped) and of every file's user turns as the other speakers.
+    """
+    from finetune.data import read_rows
+
+    replies: dict[str, list[str]] = {}
+    others: list[str] = []
+    for persona, paths in files.items():
+        if persona == OTHER:
+            raise DataError(f"{OTHER!r} is the other speakers' class, not a persona")
+        dialogues = [
+            row.messages for path in paths for row in read_rows(path) if row.messages is not None
+        ]
+        replies.setdefault(persona, []).extend(turns(dialogues, "assistant"))
+        others += turns(dialogues, "user")
+    classifier = PersonaClassifier().fit(replies, others=others)
+    counts = {
+        p: sum(1 for t in texts if t.strip()) for p, texts in {**replies, OTHER: others}.items()
+    }
+    return Learnt(classifier, counts)

@@ -6,20 +6,23 @@ is loaded: base predictions are made with the adapter disabled. Decoding is gree
 so runs are reproducible and the two models are compared under the same decoding; beam search
 (`num_beams`) and consensus decoding (`samples`: sample several replies, keep the one that agrees
 most with the others by ROUGE-L, i.e. minimum-Bayes-risk decoding) are settings of the same call.
+Given a classifier of the personas' voices (`finetune.consistency`), the report adds each model's
+persona consistency (`recognised`, `own_probability`) beside BLEU and ROUGE.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from finetune import models
+from finetune.consistency import Learnt
 from finetune.data import ASSISTANT, SYSTEM, Dialogue, Message, read_rows, trim_trailing_user
 from finetune.errors import ConfigError, DataError, ModelNotFoundError
 from finetune.metrics import METRICS, consensus, score_corpus
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
 BASE, BASELINE, TUNED = "base", "baseline", "adapter"
 SAMPLES_SUFFIX = "_samples"  # `adapter_samples`: every sampled reply behind `adapter`
+CONSISTENCY = ("recognised", "own_probability")  # `finetune.consistency`'s two figures, 0-100
 
 
 @dataclass(frozen=True)
@@ -168,9 +172,11 @@ def candidates(
     contexts: Sequence[Sequence[Message]],
     settings: GenerationSettings,
     share_prefill: bool = True,
+    on_done: Callable[[int], None] | None = None,
 ) -> list[list[str]]:
     """The replies `settings` makes to each context (`settings.samples` of them, else one),
-    batched by similar length, in input order.
+    batched by similar length, in input order; `on_done(n)` hears of each batch of n contexts
+    answered.
 
     Generation stops at the end of the assistant turn; a reply is the text before it. Samples
     of one prompt start from one prefill (`shared_prefill`) unless `share_prefill` is false.
@@ -203,6 +209,8 @@ def candidates(
                 tokenizer.decode(cut_at_stop(seq[width:].tolist(), stops), skip_special_tokens=True)
                 for seq in out[row * n : (row + 1) * n]
             ]
+        if on_done is not None:
+            on_done(len(chunk))
     return replies
 
 
@@ -251,6 +259,7 @@ def predict(
     limit: int | None = None,
     include_base: bool = True,
     baseline: str | Path | None = None,
+    progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Prediction records: id, reference, and the base and/or adapter replies.
 
@@ -265,6 +274,16 @@ def predict(
     model, tokenizer = load_for_eval(base, adapter)
     contexts = [it.context for it in items]
     replies: dict[str, list[list[str]]] = {}  # column -> each context's candidates
+    columns = (
+        [BASELINE, TUNED]
+        if baseline is not None
+        else ([BASE, TUNED] if include_base else [TUNED])
+        if adapter is not None
+        else [BASE]
+    )
+    report = progress or NoProgress()
+    report.start(len(items) * len(columns))
+    on_done = report.advance
     if baseline is not None:
         if adapter is None:
             raise DataError("a baseline adapter is compared against an --adapter; give one")
@@ -274,16 +293,17 @@ def predict(
             )
         model.load_adapter(str(baseline), adapter_name=BASELINE)
         model.set_adapter(BASELINE)
-        replies[BASELINE] = candidates(model, tokenizer, contexts, settings)
+        replies[BASELINE] = candidates(model, tokenizer, contexts, settings, on_done=on_done)
         model.set_adapter("default")
         include_base = False
     if adapter is not None:
         if include_base:
             with model.disable_adapter():
-                replies[BASE] = candidates(model, tokenizer, contexts, settings)
-        replies[TUNED] = candidates(model, tokenizer, contexts, settings)
+                replies[BASE] = candidates(model, tokenizer, contexts, settings, on_done=on_done)
+        replies[TUNED] = candidates(model, tokenizer, contexts, settings, on_done=on_done)
     else:
-        replies[BASE] = candidates(model, tokenizer, contexts, settings)
+        replies[BASE] = candidates(model, tokenizer, contexts, settings, on_done=on_done)
+    report.stop()
     records = []
     for k, it in enumerate(items):
         rec: dict[str, Any] = {
@@ -300,6 +320,29 @@ def predict(
     return records
 
 
+class Progress(Protocol):
+    """Hears how many of how many replies are made (`rolecast eval` shows a bar)."""
+
+    def start(self, total: int) -> None: ...
+
+    def advance(self, done: int) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class NoProgress:
+    """Reports nothing."""
+
+    def start(self, total: int) -> None:
+        return None
+
+    def advance(self, done: int) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+
 def score_records(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     refs = [r["reference"] for r in records]
     result = {}
@@ -310,14 +353,45 @@ def score_records(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, floa
 
 
 def metrics_table(results: dict[str, dict[str, float]]) -> str:
-    lines = ["| model | " + " | ".join(METRICS) + " |", "| --- |" + " ---: |" * len(METRICS)]
+    first = next(iter(results.values()), {})
+    names = [m for m in (*METRICS, *CONSISTENCY) if m in first]
+    lines = ["| model | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     for model, scores in results.items():
-        lines.append(f"| {model} | " + " | ".join(f"{scores[m]:.2f}" for m in METRICS) + " |")
+        lines.append(f"| {model} | " + " | ".join(f"{scores[m]:.2f}" for m in names) + " |")
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ConsistencyCheck:
+    """Whose replies the predictions are, and the classifier of the personas' voices."""
+
+    persona: str
+    learnt: Learnt
+
+
+def score_consistency(
+    records: Sequence[dict[str, Any]],
+    results: dict[str, dict[str, float]],
+    check: ConsistencyCheck,
+) -> dict[str, Any]:
+    """Add each model's persona consistency to its scores; what the report says about it,
+    with the references' own figures as the ceiling."""
+    for column, scores in results.items():
+        found = check.learnt.classifier.score(check.persona, [r[column] for r in records])
+        scores.update({m: round(getattr(found, m), 2) for m in CONSISTENCY})
+    refs = check.learnt.classifier.score(check.persona, [r["reference"] for r in records])
+    return {
+        "persona": check.persona,
+        **check.learnt.to_json(),
+        "references": {m: round(getattr(refs, m), 2) for m in CONSISTENCY},
+    }
+
+
 def write_report(
-    records: Sequence[dict[str, Any]], output: str | Path, title: str
+    records: Sequence[dict[str, Any]],
+    output: str | Path,
+    title: str,
+    consistency: ConsistencyCheck | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score `records` and write metrics.json, metrics.md and metrics.png beside the predictions."""
     from finetune.plots import plot_metrics
@@ -325,9 +399,11 @@ def write_report(
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     results = score_records(records)
+    report: dict[str, Any] = {"dialogues": len(records), "scores": results}
+    if consistency is not None:
+        report["consistency"] = score_consistency(records, results, consistency)
     (output / "metrics.json").write_text(
-        json.dumps({"dialogues": len(records), "scores": results}, indent=2) + "\n",
-        encoding="utf-8",
+        json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
     )
     (output / "metrics.md").write_text(
         f"# {title}\n\n{len(records)} dialogues\n\n{metrics_table(results)}\n", encoding="utf-8"

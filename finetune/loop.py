@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ def batch_loss(model: Any, batch: Batch, varlen: bool) -> tuple[torch.Tensor, in
 
 def make_batches(cfg: TrainConfig, samples: Sequence[Encoded], epoch: int) -> list[list[int]]:
     if cfg.packing:
+        assert cfg.batch_tokens is not None, "the trainer sizes the batch before batching"
         return packed_batches(samples, cfg.batch_tokens, cfg.seed, epoch)
     return padded_batches(samples, cfg.batch_size, cfg.seed, epoch)
 
@@ -71,15 +72,28 @@ def collate(cfg: TrainConfig, samples: Sequence[Encoded], pad_id: int) -> Batch:
 
 @torch.no_grad()
 def evaluate_loss(
-    model: Any, samples: Sequence[Encoded], cfg: TrainConfig, device: Any, varlen: bool, pad_id: int
+    model: Any,
+    samples: Sequence[Encoded],
+    cfg: TrainConfig,
+    device: Any,
+    varlen: bool,
+    pad_id: int,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> float:
+    """Mean loss over the labelled tokens of `samples`; `on_batch(done, total)` hears of each
+    batch (and of none done, first)."""
     model.eval()
     total, count = 0.0, 0
-    for indices in make_batches(cfg, samples, epoch=0):
+    batches = make_batches(cfg, samples, epoch=0)
+    if on_batch is not None:
+        on_batch(0, len(batches))
+    for done, indices in enumerate(batches, start=1):
         batch = collate(cfg, [samples[i] for i in indices], pad_id).to(device)
         loss, n = batch_loss(model, batch, varlen)
         total += float(loss)
         count += n
+        if on_batch is not None:
+            on_batch(done, len(batches))
     model.train()
     return total / max(1, count)
 
@@ -103,16 +117,28 @@ class TrainingLoop:
     noise: NoisyEmbeddings | None
     output: Path
     reporter: Reporter
+    last_validation: tuple[int, float] | None = field(default=None, init=False)
 
-    def validate(self) -> float:
-        return evaluate_loss(
+    def validate(self, step: int) -> float:
+        """The validation loss at `step`, with its progress reported."""
+        loss = evaluate_loss(
             self.unwrapped,
             self.validation or [],
             self.cfg,
             self.accelerator.device,
             self.varlen,
             self.pad_id,
+            on_batch=lambda done, total: self.reporter.validating(step, done, total),
         )
+        self.last_validation = (step, loss)
+        return loss
+
+    def final_validation(self, step: int) -> float:
+        """The validation loss at the last step: the one computed at that step's epoch end if
+        there was one, else computed now."""
+        if self.last_validation is not None and self.last_validation[0] == step:
+            return self.last_validation[1]
+        return self.validate(step)
 
     def run(self, state: TrainState) -> float:
         """Train from `state` to the last step; returns the last step's loss."""
@@ -219,7 +245,7 @@ class TrainingLoop:
                             self.reporter.checkpoint(state.step, str(path))
                         accelerator.wait_for_everyone()
                     if epoch_done and self.validation is not None and main:
-                        val = round(self.validate(), 6)
+                        val = round(self.validate(state.step), 6)
                         loss_log.write(
                             json.dumps({"step": state.step, "validation_loss": val}) + "\n"
                         )

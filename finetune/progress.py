@@ -4,8 +4,9 @@
 
 | type | fields |
 | --- | --- |
-| `start` | `step` (where it starts: 0, or the checkpoint it resumed), `total_steps`, `dialogues`, `tokens` |
+| `start` | `step` (where it starts: 0, or the checkpoint it resumed), `total_steps`, `dialogues`, `tokens`, `batch_tokens` and `lora_r` (as chosen when not given) |
 | `progress` | after each optimizer step: `step`, `total_steps`, `epoch`, `loss`, `lr`, `grad_norm`, `tokens`, `tokens_per_s`, `eta_s` |
+| `validating` | while the validation loss is computed: at its start (`done` 0), at most once a second, and at its end: `step`, `done`, `total` (batches) |
 | `validation` | after an epoch, with validation data: `step`, `validation_loss` |
 | `checkpoint` | a complete checkpoint to `--resume` from: `step`, `path` |
 | `result` | the adapter is written: `adapter`, `manifest` (its `rolecast.json`) |
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -37,10 +39,23 @@ class Reporter:
     ) -> None:
         return None
 
-    def start(self, *, step: int, total_steps: int, dialogues: int, tokens: int) -> None:
+    def start(
+        self,
+        *,
+        step: int,
+        total_steps: int,
+        dialogues: int,
+        tokens: int,
+        batch_tokens: int | None = None,
+        lora_r: int | None = None,
+    ) -> None:
         return None
 
     def progress(self, record: dict[str, Any]) -> None:
+        return None
+
+    def validating(self, step: int, done: int, total: int) -> None:
+        """`done` of `total` validation batches are computed."""
         return None
 
     def validation(self, step: int, loss: float) -> None:
@@ -63,7 +78,7 @@ class ProgressBar(Reporter):
         )
 
         self.bar = Progress(
-            TextColumn("[bold]train"),
+            TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"),
@@ -71,6 +86,7 @@ class ProgressBar(Reporter):
             TimeRemainingColumn(),
         )
         self.task: Any = None
+        self.validation_task: Any = None
 
     def __enter__(self) -> ProgressBar:
         self.bar.start()
@@ -79,7 +95,16 @@ class ProgressBar(Reporter):
     def __exit__(self, *exc: Any) -> None:
         self.bar.stop()
 
-    def start(self, *, step: int, total_steps: int, dialogues: int, tokens: int) -> None:
+    def start(
+        self,
+        *,
+        step: int,
+        total_steps: int,
+        dialogues: int,
+        tokens: int,
+        batch_tokens: int | None = None,
+        lora_r: int | None = None,
+    ) -> None:
         self.task = self.bar.add_task("train", total=total_steps, completed=step, loss="-", tps="-")
 
     def progress(self, record: dict[str, Any]) -> None:
@@ -90,23 +115,59 @@ class ProgressBar(Reporter):
             tps=f"{record['tokens_per_s']:,.0f}",
         )
 
+    def validating(self, step: int, done: int, total: int) -> None:
+        if self.validation_task is None:
+            self.validation_task = self.bar.add_task(
+                "validate", total=total, completed=done, loss="-", tps="-"
+            )
+        self.bar.update(self.validation_task, completed=done, total=total)
+        if done >= total:
+            self.bar.remove_task(self.validation_task)
+            self.validation_task = None
+
 
 class JsonLines(Reporter):
     """One JSON object per line, flushed at once, for a program that follows the run."""
 
-    def __init__(self, out: TextIO | None = None) -> None:
+    def __init__(self, out: TextIO | None = None, every_s: float = 1.0) -> None:
         self.out = out
+        self.every_s = every_s  # `validating` lines at most this often (and the last one)
+        self._validating_at = 0.0
 
     def emit(self, kind: str, **fields: Any) -> None:
         out = self.out or sys.stdout
         out.write(json.dumps({"type": kind, **fields}, ensure_ascii=False) + "\n")
         out.flush()
 
-    def start(self, *, step: int, total_steps: int, dialogues: int, tokens: int) -> None:
-        self.emit("start", step=step, total_steps=total_steps, dialogues=dialogues, tokens=tokens)
+    def start(
+        self,
+        *,
+        step: int,
+        total_steps: int,
+        dialogues: int,
+        tokens: int,
+        batch_tokens: int | None = None,
+        lora_r: int | None = None,
+    ) -> None:
+        self.emit(
+            "start",
+            step=step,
+            total_steps=total_steps,
+            dialogues=dialogues,
+            tokens=tokens,
+            batch_tokens=batch_tokens,
+            lora_r=lora_r,
+        )
 
     def progress(self, record: dict[str, Any]) -> None:
         self.emit("progress", **record)
+
+    def validating(self, step: int, done: int, total: int) -> None:
+        now = time.monotonic()
+        if 0 < done < total and now - self._validating_at < self.every_s:
+            return
+        self._validating_at = now
+        self.emit("validating", step=step, done=done, total=total)
 
     def validation(self, step: int, loss: float) -> None:
         self.emit("validation", step=step, validation_loss=loss)

@@ -4,7 +4,8 @@
 
 - the data is read, checked and tokenized here, before any weights load (a bad file costs
   seconds, not a model load);
-- `finetune.adapter` loads the base and attaches the LoRA;
+- `finetune.adapter` loads the base and attaches the LoRA, then `finetune.memory` sizes the
+  micro-batch to the memory left, unless `--batch_tokens` is given;
 - `finetune.loop` trains it, reporting through `finetune.progress` (a bar, or JSON lines for
   `rolecast train --json`);
 - `finetune.checkpoints` saves checkpoints to resume from, then the adapter and its manifest.
@@ -16,20 +17,21 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from finetune import models
+from finetune import memory, models
 from finetune.adapter import TrainModel, build_model
 from finetune.checkpoints import (
     CHECKPOINTS,
     LOSS_LOG,
     LOSS_PNG,
     TrainState,
+    checkpoint_batch_tokens,
     checkpoint_dirs,
     common_system_prompt,
     load_checkpoint,
@@ -41,6 +43,7 @@ from finetune.config import TrainConfig
 from finetune.data import Dialogue, file_sha256, load_dialogues
 from finetune.errors import ConfigError, DataError
 from finetune.loop import TrainingLoop, make_batches
+from finetune.memory import Plan
 from finetune.progress import ProgressBar, Reporter
 from finetune.template import Encoded, count_tokens, encode
 from formats.manifest import DataInfo, Manifest, write_manifest
@@ -96,6 +99,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     samples, validation = data.samples, data.validation
 
     built = build_model(cfg, gpu)
+    cfg, plan = _sized(cfg, built, data, gpu, accelerator, output)
     world = accelerator.num_processes
     micro_per_epoch = len(make_batches(cfg, samples, 0)) // world
     if micro_per_epoch == 0:
@@ -116,6 +120,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(built.model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     state = _start_state(cfg, output, unwrapped, optimizer, scheduler)
+    state.batch_tokens = cfg.batch_tokens
 
     main = accelerator.is_main_process
     if not main:
@@ -141,19 +146,72 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     )
     with reporter:
         reporter.start(
-            step=state.step, total_steps=total_steps, dialogues=len(samples), tokens=data.tokens
+            step=state.step,
+            total_steps=total_steps,
+            dialogues=len(samples),
+            tokens=data.tokens,
+            batch_tokens=cfg.batch_tokens,
+            lora_r=cfg.lora_r,
         )
         last_loss = loop.run(state)
+        # the last epoch's validation loss when it was computed at the last step, else now
+        # (with its progress shown, like every other long part of the run)
+        validation_loss = loop.final_validation(state.step) if validation and main else None
     if built.noise is not None:
         built.noise.remove()
 
     written: dict[str, Any] = {}
     if main:
         save_adapter(output, unwrapped)
-        written = _write_manifest(cfg, output, data, built, loop, state, last_loss, started)
+        written = _write_manifest(
+            cfg, output, data, built, plan, loop, state, last_loss, validation_loss, started
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return written
+
+
+def _sized(
+    cfg: TrainConfig,
+    built: TrainModel,
+    data: TrainData,
+    gpu: bool,
+    accelerator: Any,
+    output: Path,
+) -> tuple[TrainConfig, Plan | None]:
+    """`cfg` with the rank and the micro-batch size the run uses: those given, else the base
+    size's rank (`build_model` chose it) and as many tokens as the free memory holds
+    (`finetune.memory`). A resumed run keeps the batch size it started with, and the processes
+    of a multi-GPU run take the smallest any of them can hold."""
+    given = cfg.batch_tokens
+    if given is None and cfg.resume:
+        given = checkpoint_batch_tokens(output)
+    sized = replace(cfg, lora_r=built.lora_r)
+    if not cfg.packing:
+        return sized, None
+    plan = memory.plan(
+        built.model,
+        gpu=gpu,
+        dtype_bytes=torch.finfo(built.dtype).bits // 8,
+        lengths=[len(s) for s in [*data.samples, *(data.validation or [])]],
+        label_fraction=data.label_fraction,
+        checkpointing=cfg.gradient_checkpointing,
+        batch_tokens=given,
+    )
+    chosen = plan.batch_tokens
+    if accelerator.num_processes > 1:
+        chosen = int(accelerator.gather(torch.tensor([chosen], device=accelerator.device)).min())
+    if cfg.batch_tokens is None:
+        log.info(
+            "%d tokens per micro-batch: %s free, about %s per token",
+            chosen,
+            memory.gib(plan.free_bytes),
+            f"{plan.bytes_per_token / 2**20:.1f} MiB",
+        )
+    # set after construction: a size chosen for the memory may be below --max_length, which
+    # only a given size must reach (the longest dialogue still fits, `memory.plan` sees to it)
+    sized.batch_tokens = chosen
+    return sized, plan
 
 
 @dataclass
@@ -165,6 +223,11 @@ class TrainData:
     @property
     def tokens(self) -> int:
         return sum(len(s) for s in self.samples)
+
+    @property
+    def label_fraction(self) -> float:
+        """The share of the training tokens that carry a label (the replies)."""
+        return sum(s.n_labels for s in self.samples) / max(1, self.tokens)
 
 
 def _read_data(cfg: TrainConfig, tokenizer: Any) -> TrainData:
@@ -194,15 +257,17 @@ def _write_manifest(
     output: Path,
     data: TrainData,
     built: TrainModel,
+    plan: Plan | None,
     loop: TrainingLoop,
     state: TrainState,
     last_loss: float,
+    validation_loss: float | None,
     started: float,
 ) -> dict[str, Any]:
     """The run's `rolecast.json` (and its loss curve); returns what was written."""
     metrics: dict[str, Any] = {"final_train_loss": round(last_loss, 6), "steps": state.step}
-    if data.validation is not None:
-        metrics["validation_loss"] = round(loop.validate(), 6)
+    if validation_loss is not None:
+        metrics["validation_loss"] = round(validation_loss, 6)
     gpu = torch.cuda.is_available()
     manifest = Manifest(
         persona=cfg.persona,
@@ -217,6 +282,8 @@ def _write_manifest(
         ),
         settings={
             **cfg.to_json(),
+            "base_parameters": built.base_parameters,
+            **({"memory": plan.to_json()} if plan is not None else {}),
             "attention_implementation": built.attention,
             "dtype": str(built.dtype).removeprefix("torch."),
             "processes": loop.accelerator.num_processes,

@@ -174,13 +174,37 @@ def run_server(settings: Any, paths: RolecastPaths, *, prepare_only: bool = Fals
 
     from serving.app import build_app
 
-    uvicorn.run(
+    config = uvicorn.Config(
         build_app(settings, paths),
         host=settings.host,
         port=settings.port,
         log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
         timeout_graceful_shutdown=10,
     )
+    _announcing_server()(config).run()
+
+
+def _announcing_server() -> Any:
+    """The server class, made here: uvicorn is imported only by `rolecast serve`."""
+    import uvicorn
+
+    class AnnouncingServer(uvicorn.Server):
+        """uvicorn's server that says on stderr, once it listens, where (one line)."""
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if not self.started:  # it could not bind: uvicorn has said why
+                return
+            from serving.discovery import client_url
+
+            port = self.config.port
+            for server in self.servers:  # the port bound, for --port 0
+                for sock in server.sockets:
+                    port = sock.getsockname()[1]
+            url = client_url(self.config.host, port)
+            typer.echo(f"serving on {url} (OpenAI API at {url}/v1)", err=True)
+
+    return AnnouncingServer
 
 
 adapters_app = typer.Typer(

@@ -66,9 +66,9 @@ class ServeSettings(BaseSettings):
     max_lora_rank: int = Field(
         default=256,
         ge=1,
-        description="Largest LoRA rank the server loads and a publish accepts (256: the rank of "
-        "the README's training recipe); vLLM starts with room for it and for every version in "
-        "the registry.",
+        description="Largest LoRA rank the server loads and a publish accepts (256: what "
+        "`rolecast train` gives a base under 1 B parameters; 64 from 1 B up); vLLM starts with "
+        "room for it and for every version in the registry.",
     )
     max_loras: int | None = Field(
         default=None,

@@ -51,13 +51,22 @@ def smollm2_gguf_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+SHARED_DATA = REPO_ROOT.parent / "shared/data/roleplay"
+SAMPLE_DATA = REPO_ROOT / "tests/data/roleplay"  # 40 dialogues per persona, see its README
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The shared role-play dialogues (ShareGPT JSONL), outside the repository."""
-    path = Path(os.environ.get("ROLECAST_DATA_DIR", REPO_ROOT.parent / "shared/data/roleplay"))
-    if not (path / "haruhi.jsonl").exists():
-        pytest.fail(f"role-play data not found at {path}; set ROLECAST_DATA_DIR")
-    return path
+    """The role-play dialogues (ShareGPT JSONL): the directory `ROLECAST_DATA_DIR` names, else
+    the full files beside the repository (`../shared/data/roleplay`), else the small sample
+    shipped in `tests/data/roleplay`, so the suite runs on a bare clone."""
+    named = os.environ.get("ROLECAST_DATA_DIR")
+    if named:
+        path = Path(named)
+        if not (path / "haruhi.jsonl").exists():
+            pytest.fail(f"ROLECAST_DATA_DIR={named} has no haruhi.jsonl")
+        return path
+    return SHARED_DATA if (SHARED_DATA / "haruhi.jsonl").exists() else SAMPLE_DATA
 
 
 @pytest.fixture(scope="session")

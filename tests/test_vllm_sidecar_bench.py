@@ -138,6 +138,7 @@ def test_retrain_with_the_server_as_sidecar(rig: Rig) -> None:
     code, lines, err = bench(
         rig, "retrain", "--dialogues", "10", "--base", str(rig.model), "--validation", "0.25",
         "--max-length", "1024", "--eval-max-new-tokens", "8", "--tolerance", "100",
+        "--consistency-tolerance", "100",
         "--train-args", "--max_steps 4 --save_steps 2 --max_length 1024 --batch_tokens 1024 "
         "--lora_r 8 --learning_rate 1e-3",
     )  # fmt: skip

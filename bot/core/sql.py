@@ -154,12 +154,19 @@ ALTER TABLE turns ADD COLUMN finish_reason TEXT;
 ALTER TABLE turns ADD COLUMN complete INTEGER NOT NULL DEFAULT 1 CHECK (complete IN (0, 1));
 """
 
+M006_RETRAIN_SOURCE = """
+-- What a retrain job trains on: NULL = the persona's approved dialogues, else the path of a
+-- dialogue file (ShareGPT or OpenAI JSONL) given to `rolecast retrain --data`.
+ALTER TABLE retrain_jobs ADD COLUMN source TEXT;
+"""
+
 MIGRATIONS: list[tuple[str, str]] = [
     ("m001_initial", M001_INITIAL),
     ("m002_discord", M002_DISCORD),
     ("m003_retrain", M003_RETRAIN),
     ("m004_training_process", M004_TRAINING_PROCESS),
     ("m005_turn_endings", M005_TURN_ENDINGS),
+    ("m006_retrain_source", M006_RETRAIN_SOURCE),
 ]
 
 PRAGMAS = (
@@ -348,12 +355,12 @@ RETRAIN_JOB_COLUMNS = (
     "id, persona, state, reason, requested_by, guild_id, channel_id, message_id, min_approved, "
     "workdir, pid, attempts, step, total_steps, loss, tokens_per_s, eta_s, dialogues, metrics, "
     "old_version, new_version, created_at, exporting_at, training_at, evaluating_at, "
-    "publishing_at, finished_at, updated_at, pid_started"
+    "publishing_at, finished_at, updated_at, pid_started, source"
 )
 INSERT_RETRAIN_JOB = """
 INSERT INTO retrain_jobs (persona, state, requested_by, guild_id, channel_id, message_id,
-                          min_approved, created_at, updated_at)
-VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)
+                          min_approved, source, created_at, updated_at)
+VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)
 """
 SELECT_RETRAIN_JOB = f"SELECT {RETRAIN_JOB_COLUMNS} FROM retrain_jobs WHERE id = ?"
 SELECT_ACTIVE_RETRAIN_JOB = f"""

@@ -2,7 +2,10 @@
 
 The entry point (`run_bot`) opens the database, the model-server client and the bot with
 `async with` and passes them in; `setup_hook` loads one cog per feature from `bot/discord/cogs/`.
-`command_tree` builds the same bot offline (no token, no connection) for `rolecast bot --check`.
+It logs in before it starts the embedded model server, so a missing or refused token and an
+unreachable Discord are told at once, each as one `StartError` with the exit code that says
+which (`EXIT_*`). `command_tree` builds the same bot offline (no token, no connection) for
+`rolecast bot --check`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
@@ -32,6 +36,13 @@ from bot.errors import RolecastError
 from bot.settings import BotSettings, SamplingSettings
 
 log = logging.getLogger(__name__)
+
+# Exit codes of `rolecast bot` (sysexits.h's where one fits), so a supervisor can tell a setting
+# to fix from a network to wait for.
+EXIT_CONFIG = 2  # no token, or invalid settings (what the CLI gives any bad setting)
+EXIT_UNAVAILABLE = 69  # Discord could not be reached: try again later
+EXIT_NOPERM = 77  # Discord refused the token
+EXIT_INTENTS = 78  # the Message Content intent is not enabled for the application
 
 EXTENSIONS: Sequence[str] = (
     "bot.discord.cogs.chat",
@@ -101,6 +112,14 @@ class RolecastTree(app_commands.CommandTree["RolecastBot"]):
             log.warning("could not tell the user about the error in /%s", name)
 
 
+class StartError(RolecastError):
+    """The bot could not start; the message says what to do, `exit_code` which case it is."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class RolecastBot(commands.Bot):
     def __init__(
         self,
@@ -112,6 +131,9 @@ class RolecastBot(commands.Bot):
         intents: discord.Intents | None = None,
         extensions: Sequence[str] = EXTENSIONS,
     ) -> None:
+        # the bot never joins voice: no warning about the voice libraries it does not need
+        discord.VoiceClient.warn_nacl = False
+        discord.VoiceClient.warn_dave = False
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents or default_intents(),
@@ -222,36 +244,60 @@ def avatar_url(persona: Persona) -> str | None:
 
 
 async def run_bot(settings: BotSettings) -> None:
-    """Connect to Discord and serve until stopped."""
+    """Connect to Discord and serve until stopped; StartError when it cannot start."""
     if settings.discord_token is None:
-        raise RolecastError(
+        raise StartError(
             "No Discord token: set ROLECAST_DISCORD_TOKEN to the bot token from the Discord "
-            "developer portal (Bot → Reset Token)."
+            "developer portal (Bot → Reset Token).",
+            EXIT_CONFIG,
         )
     personas = PersonaRegistry(settings.user_personas).load()
     async with AsyncExitStack() as stack:
-        url = settings.server_url
-        if url is None:
-            server = embedded_server(settings)
-            log.info("starting the embedded model server on %s", server.url)
-            await stack.enter_async_context(server)
-            url = server.base_url
+        server = embedded_server(settings) if settings.server_url is None else None
+        url = server.base_url if server is not None else settings.server_url
+        assert url is not None
         memory = await stack.enter_async_context(Memory.open(settings.database))
         client = await stack.enter_async_context(ModelClient.from_settings(settings, url))
         bot = RolecastBot(memory=memory, client=client, personas=personas, settings=settings)
-        async with bot:
-            try:
-                await bot.start(settings.discord_token.get_secret_value())
-            except discord.LoginFailure:
-                raise RolecastError(
-                    "Discord rejected the token in ROLECAST_DISCORD_TOKEN; reset it in the "
-                    "developer portal and set the new one."
-                ) from None
-            except discord.PrivilegedIntentsRequired:
-                raise RolecastError(
-                    "Enable the Message Content intent for this application in the Discord "
-                    "developer portal (Bot → Privileged Gateway Intents)."
-                ) from None
+        await stack.enter_async_context(bot)
+        await log_in(bot, settings.discord_token.get_secret_value())
+        if server is not None:
+            log.info("starting the embedded model server on %s", server.url)
+            await stack.enter_async_context(server)
+        stack.push_async_callback(bot.close)  # the bot stops before the server it talks to
+        try:
+            await bot.connect()
+        except discord.PrivilegedIntentsRequired:
+            raise StartError(
+                "Enable the Message Content intent for this application in the Discord "
+                "developer portal (Bot → Privileged Gateway Intents).",
+                EXIT_INTENTS,
+            ) from None
+
+
+async def log_in(bot: RolecastBot, token: str) -> None:
+    """Log in (and run `setup_hook`), or StartError saying why not."""
+    try:
+        await bot.login(token)
+    except discord.LoginFailure:
+        raise StartError(
+            "Discord rejected the token in ROLECAST_DISCORD_TOKEN; reset it in the developer "
+            "portal and set the new one.",
+            EXIT_NOPERM,
+        ) from None
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise StartError(
+            f"Cannot reach Discord ({type(exc).__name__}: {exc}); check the network, then "
+            "start the bot again.",
+            EXIT_UNAVAILABLE,
+        ) from None
+    except discord.HTTPException as exc:
+        if exc.status < 500:
+            raise
+        raise StartError(
+            f"Discord is not answering (HTTP {exc.status}); start the bot again later.",
+            EXIT_UNAVAILABLE,
+        ) from None
 
 
 async def command_tree(settings: BotSettings) -> dict[str, object]:
@@ -262,10 +308,11 @@ async def command_tree(settings: BotSettings) -> dict[str, object]:
             update={"discord": settings.discord.model_copy(update={"sync_commands": False})}
         )
         bot = RolecastBot(memory=memory, client=client, personas=personas, settings=offline)
-        await bot.load_cogs()
-        commands_json = [cmd.to_dict(bot.tree) for cmd in bot.tree.get_commands()]
+        async with bot:  # set up as for a run (no login), and its cogs unloaded on the way out
+            await bot.load_cogs()
+            commands_json = [cmd.to_dict(bot.tree) for cmd in bot.tree.get_commands()]
     return {
-        "ok": not personas.problems,
+        "ok": not personas.problems and settings.discord_token is not None,
         "discord_token": "set" if settings.discord_token is not None else "missing",
         "server_url": settings.server_url or "embedded",
         "database": str(settings.database),

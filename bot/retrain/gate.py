@@ -1,9 +1,14 @@
 """The last two steps: the gate and publishing.
 
 The gate evaluates the new adapter on the held-out dialogues (`rolecast eval`) against what
-users get now: the live version, or the base model when the persona has none. It passes when
-the new adapter loses no more than `retrain.tolerance` points of BLEU-4 and ROUGE-L; its scores
-go into the adapter's manifest (`formats.manifest`) so the registry lists them. Publishing is
+users get now: the live version; for a shipped persona that has none, on the default model, the
+adapter that ships for it; else the base model. It passes when
+the new adapter loses no more than `retrain.tolerance` points of BLEU-4 and ROUGE-L, and no more
+than `retrain.consistency_tolerance` points of persona consistency (`retrain.consistency_metric`:
+how much its replies sound like the persona, by a classifier learnt from the job's training
+file: the persona's own replies, the replayed personas' and the users' turns, as
+`finetune.consistency` describes); its scores go into the adapter's manifest
+(`formats.manifest`) so the registry lists them. Publishing is
 `rolecast adapters publish --json`, which hot-loads the new version into the model server,
 switches the registry's pointer and retires the old version after its requests drain.
 """
@@ -11,13 +16,15 @@ switches the registry's pointer and retires the old version after its requests d
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from bot.retrain.children import Failed, RolecastCommands, json_result
 from bot.retrain.jobs import Job, JobStore
 from bot.retrain.workdir import Paths
 from bot.settings import BotSettings
-from formats.manifest import EvalInfo, read_manifest, write_manifest
+from formats import basemodel
+from formats.manifest import EvalInfo, Manifest, read_manifest, write_manifest
 from formats.registry import AdapterRegistry
 
 GATE_METRICS = ("bleu-4", "rouge-l")
@@ -28,19 +35,26 @@ class Rejected(Exception):
 
 
 def gate(
-    scores: dict[str, dict[str, float]], against: str, tolerance: float
+    scores: dict[str, dict[str, float]],
+    against: str,
+    tolerance: float,
+    consistency: tuple[str, float] | None = None,
 ) -> tuple[bool, list[str]]:
     """Whether the new adapter is not worse than `against` beyond `tolerance` points on
-    BLEU-4 and ROUGE-L, and the lines that say so."""
+    BLEU-4 and ROUGE-L, nor beyond the tolerance of `consistency` (a persona-consistency
+    figure and its tolerance in points), and the lines that say so."""
     new, old = scores["adapter"], scores[against]
+    checks = [(metric, tolerance) for metric in GATE_METRICS]
+    if consistency is not None:
+        checks.append(consistency)
     ok, lines = True, []
-    for metric in GATE_METRICS:
+    for metric, allowed in checks:
         delta = new[metric] - old[metric]
-        passed = delta >= -tolerance
+        passed = delta >= -allowed
         ok = ok and passed
         lines.append(
-            f"{metric}: {new[metric]:.2f} vs {old[metric]:.2f} ({delta:+.2f}) "
-            f"{'ok' if passed else 'worse'}"
+            f"{metric}: {new[metric]:.2f} vs {old[metric]:.2f} ({delta:+.2f}, may lose "
+            f"{allowed:g}) {'ok' if passed else 'worse'}"
         )
     return ok, lines
 
@@ -61,6 +75,13 @@ def record_eval(paths: Paths, job_id: int, scores: dict[str, float], against: st
     write_manifest(paths.adapter, manifest)
 
 
+def published_by(live: Manifest, job: Job, paths: Paths) -> bool:
+    """Whether the live version is this job's adapter (a publish done before a restart): its
+    job number and its training's timestamp both match; job numbers alone repeat across the
+    databases of bots that share one registry."""
+    return live.retrain_job == job.id and live.created == read_manifest(paths.adapter).created
+
+
 class GateAndPublish:
     """The evaluating and publishing steps of a job."""
 
@@ -78,47 +99,83 @@ class GateAndPublish:
         self.server_url = server_url
         self.registry = AdapterRegistry(settings.adapters)
 
-    async def evaluate(self, job: Job, paths: Paths) -> Job:
-        live = self.registry.current(job.persona)
+    def live(self, persona: str, *, shipped: bool) -> tuple[Path, str] | None:
+        """What the persona speaks through now, as (adapter folder, name), or None for the base
+        model: its current version, else for a `shipped` persona (one of the cards that ship) on
+        the default model, the adapter that ships for it."""
+        current = self.registry.current(persona)
+        if current is not None:
+            return current.path, current.served_name
+        if shipped and basemodel.shipped_adapter(self.config.base):
+            if persona in basemodel.shipped_personas():
+                return basemodel.SHIPPED_DIR, basemodel.SHIPPED_NAME
+        return None
+
+    async def evaluate(self, job: Job, paths: Paths, *, shipped: bool = False) -> Job:
+        live = self.live(job.persona, shipped=shipped)
         args = [
             "eval", "--data", str(paths.validation), "--adapter", str(paths.adapter),
             "--base", self.config.base, "--output", str(paths.eval_dir),
             "--max-new-tokens", str(self.config.eval_max_new_tokens),
+            "--persona", job.persona, *self.consistency_args(job, paths),
         ]  # fmt: skip
         if live is not None:
-            args += ["--baseline", str(live.path)]
+            args += ["--baseline", str(live[0])]
         await self.commands.check("evaluation", args, paths.steps_log)
         report = json.loads((paths.eval_dir / "metrics.json").read_text(encoding="utf-8"))
         scores: dict[str, dict[str, float]] = report["scores"]
         against = "baseline" if live is not None else "base"
-        label = live.served_name if live is not None else "the base model"
-        passed, lines = gate(scores, against, self.config.tolerance)
+        label = live[1] if live is not None else "the base model"
+        config = self.config
+        consistency = (config.consistency_metric, config.consistency_tolerance)
+        passed, lines = gate(scores, against, config.tolerance, consistency)
         named = {
             (label if k == against else "new" if k == "adapter" else k): v
             for k, v in scores.items()
         }
         metrics: dict[str, Any] = {
+            **(job.metrics or {}),  # what the export step said (the replay)
             "against": label,
             "dialogues": report.get("dialogues"),
             "scores": named,
-            "tolerance": self.config.tolerance,
+            "tolerance": config.tolerance,
+            "consistency": {
+                "metric": config.consistency_metric,
+                "tolerance": config.consistency_tolerance,
+                **report.get("consistency", {}),
+            },
+            "checks": lines,
             "passed": passed,
         }
         job = await self.store.set_result(job, metrics=metrics)
         if not passed:
             raise Rejected(
-                f"the new adapter is worse than {label} beyond the tolerance of "
-                f"{self.config.tolerance:g} points; nothing changed.\n"
-                + "\n".join(lines)
+                f"the new adapter is worse than {label} beyond the tolerance (BLEU-4 and ROUGE-L "
+                f"{config.tolerance:g} points, {config.consistency_metric} "
+                f"{config.consistency_tolerance:g}); nothing changed.\n"
+                + "\n".join(line for line in lines if line.endswith("worse"))
                 + "\n\n"
                 + score_table(named)
             )
         record_eval(paths, job.id, scores["adapter"], label)
         return await self.store.move(job, "publishing")
 
+    @staticmethod
+    def consistency_args(job: Job, paths: Paths) -> list[str]:
+        """`rolecast eval` options that learn the personas' voices from the job's training
+        file: the persona's own training split and each replayed persona's dialogues."""
+        args = ["--consistency-data", str(paths.own_train)]
+        if not paths.replay_report.exists():  # exported before the replay existed
+            return args
+        replay = json.loads(paths.replay_report.read_text(encoding="utf-8"))
+        for other, count in sorted(replay.get("replayed", {}).items()):
+            if count:
+                args += ["--consistency-data", f"{other}={paths.replayed(other)}"]
+        return args
+
     async def publish(self, job: Job, paths: Paths) -> Job:
         live = self.registry.current(job.persona)
-        if live is None or live.manifest.retrain_job != job.id:  # not done before
+        if live is None or not published_by(live.manifest, job, paths):  # not done before
             args = [
                 "adapters", "publish", str(paths.adapter), "--persona", job.persona,
                 "--adapters-dir", str(self.registry.root), "--json",

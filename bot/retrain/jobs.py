@@ -62,6 +62,7 @@ class Job:
     finished_at: float | None
     updated_at: float
     pid_started: float | None  # the training process's start time (psutil), with `pid`
+    source: str | None = None  # a dialogue file to train on; None = the approved dialogues
 
     @classmethod
     def from_row(cls, row: Sequence[object]) -> Job:
@@ -110,14 +111,18 @@ class JobStore:
         guild_id: str | None = None,
         channel_id: str | None = None,
         message_id: str | None = None,
+        source: str | None = None,
     ) -> Job:
         """A queued job, or JobActive naming the persona's unfinished one."""
         now = time.time()
         try:
             cursor = await self.db.execute(
                 sql.INSERT_RETRAIN_JOB,
-                (persona, requested_by, guild_id, channel_id, message_id, min_approved, now, now),
-            )
+                (
+                    persona, requested_by, guild_id, channel_id, message_id, min_approved,
+                    source, now, now,
+                ),
+            )  # fmt: skip
         except sqlite3.IntegrityError:
             active = await self.active(persona)
             if active is None:  # finished in between: try once more
@@ -128,6 +133,7 @@ class JobStore:
                     guild_id=guild_id,
                     channel_id=channel_id,
                     message_id=message_id,
+                    source=source,
                 )
             raise JobActive(active) from None
         await self.db.commit()

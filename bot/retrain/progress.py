@@ -7,7 +7,7 @@ traceback). `TrainLog` follows that file as it grows and keeps what the loop nee
 progress, whether a checkpoint exists to resume from, the result, the error. Nothing here reads
 the trainer's other files or scrapes its human-readable output.
 
-`describe` and `format_duration` are how both front ends (the terminal's progress line and the
+`describe`, `replay_note` and `format_duration` are how both front ends (the terminal's progress line and the
 Discord status message) show a job.
 """
 
@@ -126,6 +126,22 @@ def describe(job: Job) -> str:
         if job.eta_s is not None:
             parts.append(f"{format_duration(job.eta_s)} left")
     return ", ".join(parts)
+
+
+def replay_note(replay: dict[str, Any] | None) -> str | None:
+    """The job's replay in one line, for its status and log."""
+    if not replay:
+        return None
+    by = replay.get("replayed") or {}
+    total = sum(by.values())
+    own = replay.get("own")
+    if total:
+        parts = ", ".join(f"{name} {n}" for name, n in sorted(by.items()))
+        return (
+            f"replayed {total} dialogues of other personas ({parts}) beside {own} of its own "
+            "in the training file"
+        )
+    return f"no replay: {replay.get('why') or 'nothing to replay'}"
 
 
 def format_duration(seconds: float) -> str:

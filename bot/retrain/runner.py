@@ -6,7 +6,8 @@ ends.
 Every step is idempotent, so a job picked up again after a restart simply redoes the step it
 was in; training is the exception, because it is long: a training process that is still running
 is followed, and one that died is launched again with `--resume` (`bot.retrain.training`). The
-export step is here; training is `bot.retrain.training`, the gate and publishing
+export step (the persona's dialogues, the held-out split, the replayed dialogues of the other
+personas) is `bot.retrain.dataset`, training `bot.retrain.training`, the gate and publishing
 `bot.retrain.gate`, and every step runs the other packages' commands as child processes
 (`bot.retrain.children`), so nothing here imports torch.
 """
@@ -20,15 +21,16 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from bot.core.export import Names, export_dialogues
+from bot.core.export import Names
 from bot.core.memory import Dialogue, Memory
 from bot.core.personas import PersonaRegistry
 from bot.errors import RolecastError
 from bot.retrain.children import Failed, RolecastCommands, json_result
+from bot.retrain.dataset import Datasets
 from bot.retrain.gate import GateAndPublish, Rejected
 from bot.retrain.jobs import Job, JobStore, State
 from bot.retrain.training import TrainingSupervisor
-from bot.retrain.workdir import Paths, count_lines
+from bot.retrain.workdir import Paths
 from bot.settings import BotSettings
 from formats.registry import AdapterRegistry, AdapterVersion
 
@@ -66,6 +68,9 @@ class RetrainService:
         self.commands = RolecastCommands(python)
         self.training = TrainingSupervisor(self.store, self.config, python, self._notify)
         self.gate = GateAndPublish(self.store, settings, self.commands, server_url)
+        self.datasets = Datasets(
+            memory, personas, self.config, self.commands, names_for or _author_names_for
+        )
         self._tasks: dict[int, asyncio.Task[Job]] = {}
 
     # -- public ---------------------------------------------------------------------------
@@ -79,9 +84,12 @@ class RetrainService:
         guild_id: str | None = None,
         channel_id: str | None = None,
         message_id: str | None = None,
+        data: Path | None = None,
     ) -> Job:
-        """Queue a job and run it in the background; JobActive if one is unfinished."""
+        """Queue a job and run it in the background; JobActive if one is unfinished. With
+        `data`, the job trains on that dialogue file instead of the approved dialogues."""
         key = self.personas.get(persona).key
+        source = await asyncio.to_thread(dialogue_file, data) if data is not None else None
         job = await self.store.create(
             key,
             min_approved=min_approved or self.config.min_approved,
@@ -89,6 +97,7 @@ class RetrainService:
             guild_id=guild_id,
             channel_id=channel_id,
             message_id=message_id,
+            source=source,
         )
         self._spawn(job)
         return job
@@ -203,47 +212,11 @@ class RetrainService:
         return await self.store.move(job, "exporting")
 
     async def _export(self, job: Job) -> Job:
-        persona = self.personas.get(job.persona)
         paths = Paths(self.workdir_for(job), job.persona)
-        paths.export.parent.mkdir(parents=True, exist_ok=True)
-        dialogues = await self.memory.dialogues(job.persona, guild_id=job.guild_id)
-        names = self.names_for(job, dialogues) if self.names_for else author_names(dialogues)
-        exported = export_dialogues(job.persona, persona.card, dialogues, names)
-        needed = job.min_approved
-        if exported.records < needed:
-            raise Rejected(
-                f"{persona.name} has {exported.records} approved dialogues"
-                f"{' in this server' if job.guild_id else ''}; a retrain needs {needed}: "
-                f"approve {needed - exported.records} more."
-            )
-        paths.export.write_bytes(exported.jsonl)
-        (paths.export.parent / "dataset_info.json").write_bytes(exported.dataset_info)
-        cfg = self.config
-        await self.commands.check(
-            "cleaning",
-            [
-                "data", "clean", str(paths.export), "--output", str(paths.clean),
-                "--base", cfg.base, "--max-length", str(cfg.max_length),
-            ],
-            paths.steps_log,
-        )  # fmt: skip
-        kept = count_lines(paths.clean)
-        if kept < needed:
-            raise Rejected(
-                f"{kept} of {exported.records} approved dialogues of {persona.name} are usable "
-                f"after cleaning (malformed, too long or near-duplicates dropped); a retrain "
-                f"needs {needed}: approve {needed - kept} more."
-            )
-        await self.commands.check(
-            "splitting",
-            [
-                "data", "split", str(paths.clean), "--output-dir", str(paths.clean.parent),
-                "--validation", str(cfg.validation), "--seed", str(cfg.seed),
-            ],
-            paths.steps_log,
-        )  # fmt: skip
+        kept, replay = await self.datasets.build(job, paths)
         live = self.registry.current_served_name(job.persona)
         job = await self.store.set_export(job, str(paths.workdir), kept, live)
+        job = await self.store.set_result(job, metrics={"replay": replay})
         return await self.store.move(job, "training")
 
     async def _train(self, job: Job) -> Job:
@@ -251,10 +224,22 @@ class RetrainService:
         return await self.store.move(job, "evaluating")
 
     async def _evaluate(self, job: Job) -> Job:
-        return await self.gate.evaluate(job, self.paths(job))
+        shipped = self.personas.get(job.persona).builtin
+        return await self.gate.evaluate(job, self.paths(job), shipped=shipped)
 
     async def _publish(self, job: Job) -> Job:
         return await self.gate.publish(job, self.paths(job))
+
+
+def dialogue_file(path: Path) -> str:
+    """The absolute path of a dialogue file a job is to train on; RolecastError if none."""
+    if not path.is_file():
+        raise RolecastError(f"no dialogue file at {path}")
+    return str(path.resolve())
+
+
+def _author_names_for(job: Job, dialogues: Sequence[Dialogue]) -> Names:
+    return author_names(dialogues)
 
 
 def author_names(dialogues: Sequence[Dialogue]) -> Names:

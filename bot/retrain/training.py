@@ -68,7 +68,7 @@ class TrainingSupervisor:
     def command(self, job: Job, paths: Paths, *, resume: bool) -> list[str]:
         fields = {
             "python": self.python,
-            "train": str(paths.train),
+            "train": str(paths.training_file()),
             "validation": str(paths.validation),
             "persona": job.persona,
             "base": self.config.base,

@@ -1,9 +1,10 @@
 """`rolecast chat`: the chat core driven from a terminal.
 
 Interactive (stdin is a terminal): a prompt, replies streamed token by token under the
-persona's name, a dim line of latency figures, and slash commands. Scripted (stdin is a pipe
-or file): one user turn per input line, one reply per output line (newlines in a reply become
-spaces), errors on stderr; the exit status is 1 if any turn failed.
+persona's name, a dim line of latency figures, and slash commands; Ctrl-C stops a reply, and at
+the prompt a second Ctrl-C in a row leaves, as Ctrl-D does (`bot.terminal.keyboard`). Scripted
+(stdin is a pipe or file): one user turn per input line, one reply per output line (newlines in
+a reply become spaces), errors on stderr; the exit status is 1 if any turn failed.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from bot.core.approvals import Approvals
 from bot.core.chat import ChatService, Reply, Speaker, describe_model
 from bot.core.client import ModelClient, ending_note
 from bot.core.memory import Memory, Turn
 from bot.core.personas import Persona, PersonaRegistry
 from bot.core.sidecar import embedded_server
-from bot.core.text import first_surrogate, for_terminal
+from bot.core.text import for_terminal
 from bot.errors import ModelServerError, RolecastError
 from bot.settings import BotSettings, SamplingSettings
+from bot.terminal.keyboard import Keyboard
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ HELP = """Commands:
   /personas         list the personas
   /history [N]      show the last N turns (default 20)
   /retry            ask for the last reply again
+  /approve          approve the last reply for training (`rolecast retrain` trains on them)
   /set KEY=VALUE    change sampling: temperature, top_p, max_tokens, repetition_penalty, seed
   /reset            delete this session's conversation (asks first)
   /help             this text
@@ -53,39 +57,27 @@ class ChatOptions:
         return f"terminal:{self.session}"
 
 
-async def read_lines(interactive: bool, console: Console) -> AsyncIterator[str | None]:
-    """User lines from stdin; None stands for a line that was not valid UTF-8 (it is reported
-    and skipped, never stored)."""
+PROMPT = "[bold cyan]you>[/] "
+
+
+async def read_lines(console: Console) -> AsyncIterator[str | None]:
+    """User lines from a piped stdin; None stands for a line that was not valid UTF-8 (it is
+    reported and skipped, never stored). At a terminal, `Keyboard.lines` reads them."""
     number = 0
     while True:
         number += 1
-        if interactive:
-            try:
-                line = await asyncio.to_thread(console.input, "[bold cyan]you>[/] ")
-            except EOFError:
-                return
-            except UnicodeDecodeError as exc:
-                _not_utf8(console, number, exc.start)
-                yield None
-                continue
-            # A terminal in a non-UTF-8 locale hands undecodable bytes over as surrogates.
-            if (at := first_surrogate(line)) is not None:
-                _not_utf8(console, number, at)
-                yield None
-                continue
-            yield line
-            continue
         raw = await asyncio.to_thread(sys.stdin.buffer.readline)
         if not raw:
             return
         try:
             yield raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as exc:
-            _not_utf8(console, number, exc.start)
+            not_utf8(console, number, exc.start)
             yield None
 
 
-def _not_utf8(console: Console, number: int, at: int) -> None:
+def not_utf8(console: Console, number: int, at: int) -> None:
+    """Report an input line that is not valid UTF-8 (it is skipped)."""
     console.print(
         f"[red]error:[/] input line {number} is not valid UTF-8 (at {at}); skipped",
         highlight=False,
@@ -101,8 +93,12 @@ class TerminalChat:
         interactive: bool,
         out: Console,
         err: Console,
+        approvals: Approvals | None = None,
+        keyboard: Keyboard | None = None,
     ) -> None:
         self.chat = chat
+        self.approvals = approvals or Approvals(chat.memory)
+        self.keyboard = keyboard  # the interactive prompt; None: lines come from a pipe
         self.options = options
         self.interactive = interactive
         self.out = out
@@ -113,6 +109,7 @@ class TerminalChat:
             "/personas": self._cmd_personas,
             "/history": self._cmd_history,
             "/retry": self._cmd_retry,
+            "/approve": self._cmd_approve,
             "/set": self._cmd_set,
             "/reset": self._cmd_reset,
             "/help": self._cmd_help,
@@ -125,7 +122,7 @@ class TerminalChat:
 
     async def run(self) -> int:
         await self._start()
-        self._lines = read_lines(self.interactive, self.err if not self.interactive else self.out)
+        self._lines = self.keyboard.lines() if self.keyboard else read_lines(self.err)
         async for line in self._lines:
             if line is None:
                 self.failures += 1
@@ -145,12 +142,24 @@ class TerminalChat:
                 if asyncio.iscoroutine(result):
                     await result
                 continue
-            await self._guard(
-                self._stream(
-                    self.chat.send(self.channel, text, self._speaker(), self.options.sampling)
-                )
+            await self._reply(
+                self.chat.send(self.channel, text, self._speaker(), self.options.sampling)
             )
         return 1 if self.failures else 0
+
+    async def _reply(self, events: AsyncIterator[str | Reply]) -> None:
+        """Stream one reply; at the keyboard, Ctrl-C stops it and the chat goes on, with the
+        user's turn kept and nothing of the stopped reply stored (as when the server stops
+        mid-reply: /retry asks again)."""
+        if self.keyboard is None:
+            await self._guard(self._stream(events))
+            return
+        if await self.keyboard.reply(self._guard(self._stream(events))):
+            self._write("\n")
+            self.err.print(
+                "[dim]Reply stopped; your message is kept: /retry asks again. "
+                "Ctrl-C again or Ctrl-D leaves.[/]"
+            )
 
     async def _start(self) -> None:
         if self.options.persona:
@@ -303,13 +312,38 @@ class TerminalChat:
             return
         if last.role == "assistant":
             await self.chat.memory.delete_turn(last.id)
-        await self._guard(
-            self._stream(
-                self.chat.respond(
-                    self.channel, self.options.sampling, user_name=self.options.user_name
-                )
-            )
+        await self._reply(
+            self.chat.respond(self.channel, self.options.sampling, user_name=self.options.user_name)
         )
+
+    async def _cmd_approve(self, _: str) -> None:
+        """Approve the persona's last reply for training, as "Approve for training" does on
+        Discord: the reply and the turns before it become a training dialogue."""
+        persona = await self.chat.require_persona(self.channel)
+        recent = await self.chat.memory.recent_turns(self.channel, persona.key, limit=50)
+        reply = next((t for t in recent if t.role == "assistant"), None)
+        if reply is None or not any(t.role == "user" and t.id < reply.id for t in recent):
+            self._error("no reply to approve yet: approve a reply to something you said")
+            return
+        try:
+            dialogue, new = await self.approvals.approve(
+                reply, by=self._speaker().id, guild_id=None
+            )
+        except RolecastError as exc:
+            self._error(str(exc))
+            return
+        total = await self.chat.memory.count_dialogues(persona.key)
+        if new:
+            self.err.print(
+                f"Approved for training: this reply and the {len(dialogue.messages) - 1} turns "
+                f"before it. {persona.key} now has {total} approved dialogues "
+                f"(`rolecast retrain --persona {persona.key}` trains on them).",
+                markup=False,
+            )
+        else:
+            self.err.print(
+                f"Already approved. {persona.key} has {total} approved dialogues.", markup=False
+            )
 
     def _cmd_set(self, arg: str) -> None:
         key, sep, value = arg.partition("=")
@@ -378,7 +412,30 @@ async def run_chat(settings: BotSettings, options: ChatOptions) -> int:
         client = await stack.enter_async_context(ModelClient.from_settings(settings, url))
         chat = ChatService(memory, personas, client)
         stack.push_async_callback(chat.aclose)
-        session = TerminalChat(chat, options, interactive=interactive, out=out, err=err)
+        approvals = Approvals(
+            memory,
+            context_turns=settings.discord.dialogue_turns,
+            threshold=settings.discord.approval_threshold,
+        )
+        keyboard = None
+        if interactive:
+            keyboard = await stack.enter_async_context(
+                Keyboard(
+                    out,
+                    PROMPT,
+                    lambda: err.print("\n[dim]Ctrl-C again or Ctrl-D leaves.[/]"),
+                    lambda number, at: not_utf8(out, number, at),
+                )
+            )
+        session = TerminalChat(
+            chat,
+            options,
+            interactive=interactive,
+            out=out,
+            err=err,
+            approvals=approvals,
+            keyboard=keyboard,
+        )
         try:
             return await session.run()
         except ModelServerError as exc:

@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from bot.settings import BotSettings
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

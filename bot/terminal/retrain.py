@@ -1,4 +1,5 @@
-"""`rolecast retrain`: the same retrain job as `/retrain`, from a terminal, with a progress bar.
+"""`rolecast retrain`: the same retrain job as `/retrain`, from a terminal, with a progress bar;
+`--data FILE` trains on a dialogue file instead of the approved dialogues.
 
 Only typer, rich and the retrain loop's progress line at module level: the job itself imports
 the bot core inside the command.
@@ -19,13 +20,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
-from bot.retrain.progress import describe
+from bot.retrain.progress import describe, replay_note
 
 if TYPE_CHECKING:
     from bot.retrain.jobs import Job
     from bot.settings import BotSettings
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # a state line stays one line in a log
 
 
 class TerminalProgress:
@@ -51,6 +52,9 @@ class TerminalProgress:
             self.states[job.id] = job.state
             stamp = datetime.now().strftime("%H:%M:%S")
             reason = f" — {job.reason}" if job.terminal and job.reason else ""
+            if job.state == "training":  # the export step has said what it replayed
+                note = replay_note((job.metrics or {}).get("replay"))
+                reason = f" — {note}" if note else ""
             self.out.print(f"{stamp} job #{job.id} {job.persona}: {job.state}{escape(reason)}")
         if job.state != "training" or job.step is None:
             if job.id in self.tasks:
@@ -90,20 +94,30 @@ def retrain(
         None, help="Approved dialogues needed (default: the retrain.min_approved setting)."
     ),
     guild: str | None = typer.Option(None, help="Use only this Discord guild's dialogues."),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="Train on this dialogue file (ShareGPT or OpenAI JSONL) instead of the approved "
+        "dialogues; a row without a system prompt gets the persona's. The other personas' "
+        "approved dialogues are still replayed, and the file's held-out split gates the result.",
+    ),
     status: bool = typer.Option(False, "--status", help="List recent jobs and exit."),
     resume: bool = typer.Option(
         False, "--resume", help="Pick up unfinished jobs (after a crash) and run them to the end."
     ),
 ) -> None:
-    """Retrain a persona from its approved dialogues: export, train, gate, publish."""
+    """Retrain a persona from its approved dialogues (or a dialogue file): export, train, gate,
+    publish."""
     from bot.errors import RolecastError
     from bot.terminal.console import fail, load_settings
 
     settings = load_settings(db_path=db, server_url=server, adapters_dir=adapters_dir)
     if not status and not resume and not persona:
         raise fail("give --persona (or --status, --resume)")
+    if data is not None and (status or resume):
+        raise fail("--data starts a job: not with --status or --resume")
     try:
-        code = asyncio.run(_run(settings, persona, min_approved, guild, status, resume))
+        code = asyncio.run(_run(settings, persona, min_approved, guild, status, resume, data))
     except RolecastError as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
@@ -119,6 +133,7 @@ async def _run(
     guild: str | None,
     status: bool,
     resume: bool,
+    data: Path | None = None,
 ) -> int:
     from bot.core.memory import Memory
     from bot.core.personas import PersonaRegistry
@@ -146,7 +161,11 @@ async def _run(
                 try:
                     jobs = [
                         await service.start(
-                            persona, requested_by=user, min_approved=min_approved, guild_id=guild
+                            persona,
+                            requested_by=user,
+                            min_approved=min_approved,
+                            guild_id=guild,
+                            data=data,
                         )
                     ]
                 except JobActive as exc:

@@ -6,6 +6,7 @@ gibberish but every part between the keyboard and the weights is the real one.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -211,6 +212,25 @@ def test_commands_switch_reset_and_retry(server: EmbeddedServer, tmp_path: Path)
         ("assistant", "夏生先生"),
         ("assistant", "我对普通"),
     ]
+
+
+def test_approve_keeps_the_last_reply_for_training(server: EmbeddedServer, tmp_path: Path) -> None:
+    script = "/approve\n你好\n/approve\n/approve\n"
+    result = chat(
+        tmp_path, "--persona", "haruhi", stdin=script.encode(), server_url=server.base_url
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no reply to approve yet" in result.stderr  # the greeting alone answers nothing
+    assert re.search(
+        r"Approved for training: this reply and the 2 turns before it\. haruhi now has 1 "
+        r"approved dialogues \(`rolecast retrain --persona haruhi` trains on them\)\.",
+        result.stderr,
+    )
+    assert "Already approved. haruhi has 1 approved dialogues." in result.stderr
+    with sqlite3.connect(tmp_path / "rolecast.db") as conn:
+        rows = list(conn.execute("SELECT persona, source, approved_by, messages FROM dialogues"))
+    assert [(r[0], r[1], r[2]) for r in rows] == [("haruhi", "command", "terminal:User")]
+    assert [m["role"] for m in json.loads(rows[0][3])] == ["assistant", "user", "assistant"]
 
 
 @pytest.mark.slow

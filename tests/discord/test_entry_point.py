@@ -38,6 +38,20 @@ def test_check_prints_the_command_tree_without_connecting(tmp_path: Path):
     assert {o["name"] for o in names["memory"]["options"]} == {"show", "reset", "forget-me"}
     assert int(names["export"]["default_member_permissions"]) == 1 << 5  # Manage Server
     assert {p["key"] for p in report["personas"]} >= {"haruhi", "atri", "xin"}
+    # one line for a person on stderr, no traceback, no warning about voice libraries
+    assert result.stderr.splitlines() == [
+        f"ok: {len(report['personas'])} personas, {len(names)} commands, token set, "
+        "model server embedded"
+    ]
+
+
+def test_check_without_a_token_is_not_ok(tmp_path: Path):
+    result = rolecast(tmp_path, "bot", "--check")
+    assert result.returncode == 2
+    assert json.loads(result.stdout)["ok"] is False
+    assert result.stderr.splitlines() == [
+        "error: no Discord token: set ROLECAST_DISCORD_TOKEN (settings and cards are valid)"
+    ]
 
 
 def test_check_reports_a_broken_card(tmp_path: Path):
@@ -58,6 +72,33 @@ def test_bot_without_token_says_what_to_do(tmp_path: Path):
     assert result.returncode == 2
     assert "ROLECAST_DISCORD_TOKEN" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_unreachable_discord_is_one_line_before_the_model_server_starts(tmp_path: Path):
+    from bot.core.sidecar import free_port
+
+    # the real `rolecast bot`, with Discord's API at a loopback port where nothing listens
+    code = (
+        "import sys, discord.http\n"
+        f"discord.http.Route.BASE = 'http://127.0.0.1:{free_port()}/api/v10'\n"
+        "sys.argv = ['rolecast', 'bot']\n"
+        "from rolecast.cli import main\n"
+        "main()\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ROLECAST_")}
+    environ.update(
+        {"ROLECAST_HOME": str(tmp_path), "ROLECAST_CONFIG": str(tmp_path / "none.toml"),
+         "ROLECAST_DISCORD_TOKEN": "token-of-an-offline-bot"}
+    )  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 69
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: Cannot reach Discord (") and "check the network" in line
+    assert "token-of-an-offline-bot" not in result.stderr
+    assert not (tmp_path / "logs" / "server.log").exists()  # no model server was started
 
 
 @pytest.mark.parametrize("module", ["bot.discord.bot"])

@@ -51,6 +51,33 @@ def test_json_lines_report_every_step_and_the_result(
     assert not {p.name for p in out.iterdir()} & TOKENIZER_FILES
 
 
+def test_validation_shows_its_progress_and_is_not_run_twice_at_the_end(
+    tiny_llama_dir: Path, small_dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    result = train(
+        "--json", "--data", str(small_dataset), "--persona", "haruhi", "--base", str(tiny_llama_dir),
+        "--output", str(out), "--epochs", "2", "--max_length", "256", "--lora_r", "4",
+        "--validation_data", str(small_dataset),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    start = events[0]
+    # no --batch_tokens: sized to the free memory, within the recipe's cap, holding every dialogue
+    assert 0 < start["batch_tokens"] <= 8192 and start["lora_r"] == 4
+    validating = [e for e in events if e["type"] == "validating"]
+    passes = [e for e in validating if e["done"] == 0]
+    ends = [e for e in validating if e["done"] == e["total"]]
+    # one pass per epoch end; the manifest reuses the last one instead of a third pass
+    assert len(passes) == len(ends) == 2 and all(e["total"] >= 1 for e in ends)
+    losses = [e["validation_loss"] for e in events if e["type"] == "validation"]
+    manifest = events[-1]["manifest"]
+    assert manifest["metrics"]["validation_loss"] == losses[-1]
+    memory = manifest["settings"]["memory"]
+    assert memory["batch_tokens"] == manifest["settings"]["batch_tokens"] == start["batch_tokens"]
+    assert memory["free_bytes"] > 0 and memory["bytes_per_token"] > 0
+
+
 def test_an_error_is_a_json_line_too(tiny_llama_dir: Path, tmp_path: Path) -> None:
     ends = dialogue(1)
     ends["conversations"].append({"from": "human", "value": "然后呢？"})

@@ -125,7 +125,11 @@ def test_train_writes_a_vllm_loadable_adapter_and_manifest(
     saved = json.loads((out / "rolecast.json").read_text())
     assert saved == manifest
     assert saved["data"]["dialogues"] == 12 and len(saved["data"]["sha256"]) == 64
-    assert saved["tokens_per_s"] > 0 and saved["settings"]["lora_r"] == 16
+    assert saved["tokens_per_s"] > 0
+    # no --lora_r: the rank for a base under 1 B parameters, and the recipe's other defaults
+    assert saved["settings"]["lora_r"] == adapter_config["r"] == 256
+    assert saved["settings"]["base_parameters"] < 1e9
+    assert adapter_config["use_rslora"] and adapter_config["lora_alpha"] == 16
     assert saved["system_prompt"] == "你是凉宫春日。"
     log = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
@@ -193,6 +197,33 @@ def test_malformed_dataset_stops_training_before_the_model_loads(
     assert "row_1" in problems and "ends_on_user" in problems
     assert "row_2" in problems and "user_twice" in problems
     assert "row_0" not in problems
+
+
+def test_rank_follows_the_base_size_unless_given(
+    tiny_llama_dir: Path, small_dataset: Path, tmp_path: Path
+) -> None:
+    from finetune.config import default_rank
+
+    assert default_rank(134_515_008) == 256  # SmolLM2-135M
+    assert default_rank(999_999_999) == 256
+    assert default_rank(1_000_000_000) == 64
+    assert default_rank(8_030_261_248) == 64  # Llama-3.1-8B
+    out = tmp_path / "r8"
+    manifest = train(config(small_dataset, tiny_llama_dir, out, lora_r=8, max_steps=1))
+    assert manifest["settings"]["lora_r"] == 8
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_recipe_defaults() -> None:
+    cfg = TrainConfig(data="x", persona="p")
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.use_rslora, cfg.target_modules) == (
+        None,  # by base size
+        16,
+        True,
+        "all-linear",
+    )
+    assert (cfg.learning_rate, cfg.epochs, cfg.warmup_ratio) == (5e-4, 4.0, 0.05)
+    assert cfg.batch_tokens is None  # sized to the free memory
 
 
 def test_config_validation_names_the_flag() -> None:

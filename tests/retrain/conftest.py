@@ -24,10 +24,10 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 
 
-def shared_dialogues(data_dir: Path, n: int) -> list[tuple[str, str]]:
-    """(user line, reply) pairs from the shared haruhi dialogues, as members would write."""
+def shared_dialogues(data_dir: Path, n: int, persona: str = "haruhi") -> list[tuple[str, str]]:
+    """(user line, reply) pairs from a persona's shared dialogues, as members would write."""
     pairs = []
-    for line in (data_dir / "haruhi.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (data_dir / f"{persona}.jsonl").read_text(encoding="utf-8").splitlines():
         turns = json.loads(line)["conversations"]
         human = next((t["value"] for t in turns if t["from"] == "human"), None)
         gpt = next((t["value"] for t in turns if t["from"] == "gpt"), None)
@@ -39,21 +39,26 @@ def shared_dialogues(data_dir: Path, n: int) -> list[tuple[str, str]]:
 
 
 async def approve(
-    memory: Memory, pairs: list[tuple[str, str]], *, guild: str = "g1", channel: str = "c1"
+    memory: Memory,
+    pairs: list[tuple[str, str]],
+    *,
+    guild: str = "g1",
+    channel: str = "c1",
+    persona: str = "haruhi",
 ) -> None:
-    """Members chat with haruhi in a test channel and an admin approves each reply."""
+    """Members chat with a persona in a test channel and an admin approves each reply."""
     key = f"discord:{channel}"
-    await memory.set_persona(key, "haruhi")
+    await memory.set_persona(key, persona)
     await memory.set_channel_guild(key, guild)
     approvals = Approvals(memory, context_turns=2)
     for i, (user_text, reply) in enumerate(pairs):
         author = f"10{i % 3}"
         await memory.add_turn(
-            key, persona="haruhi", role="user", content=user_text,
+            key, persona=persona, role="user", content=user_text,
             author_id=author, author_name=f"member{i % 3}",
         )  # fmt: skip
         turn = await memory.add_turn(
-            key, persona="haruhi", role="assistant", content=reply, model="tiny"
+            key, persona=persona, role="assistant", content=reply, model="tiny"
         )
         await approvals.approve(turn, by="admin", guild_id=guild)
 

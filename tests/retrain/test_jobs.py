@@ -107,8 +107,14 @@ def test_gate_allows_a_drop_within_the_tolerance_only() -> None:
     }
     assert gate(scores, "baseline", 1.0)[0] is True
     ok, lines = gate(scores, "baseline", 0.4)
-    assert ok is False and lines[0].startswith("bleu-4: 9.50 vs 10.00 (-0.50) worse")
+    assert ok is False and lines[0] == "bleu-4: 9.50 vs 10.00 (-0.50, may lose 0.4) worse"
     assert gate(scores, "baseline", -0.5)[0] is False  # negative: it must win on both
+    # persona consistency: a new adapter that sounds less like the persona is held back
+    scores["baseline"]["own_probability"], scores["adapter"]["own_probability"] = 60.0, 52.0
+    assert gate(scores, "baseline", 1.0, ("own_probability", 10.0))[0] is True
+    ok, lines = gate(scores, "baseline", 1.0, ("own_probability", 5.0))
+    assert ok is False
+    assert lines[-1] == "own_probability: 52.00 vs 60.00 (-8.00, may lose 5) worse"
 
 
 async def test_client_follows_the_registry_pointer(tmp_path: Path) -> None:
@@ -151,5 +157,11 @@ async def test_training_is_told_the_length_cleaning_kept(memory: Memory, tmp_pat
         job = await service.store.create("haruhi", min_approved=5, requested_by="1")
         argv = service.train_command(job, resume=False)
         assert argv[1:4] == ["-m", "rolecast", "train"] and "--json" in argv
-        assert parse_train_args(argv[4:]).max_length == expected
+        trained = parse_train_args(argv[4:])
+        assert trained.max_length == expected
+        # the recipe's settings, as `rolecast train` defaults to them; the rank by base size
+        assert (trained.lora_r, trained.lora_alpha, trained.use_rslora) == (None, 16, True)
+        assert (trained.learning_rate, trained.epochs, trained.warmup_ratio) == (5e-4, 4, 0.05)
+        assert trained.batch_tokens is None  # sized to the free memory
+        assert trained.data.endswith("data/training.jsonl")  # the own split and the replayed
         await service.store.move(job, "failed", "only the command was built")

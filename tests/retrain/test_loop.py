@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -26,7 +28,13 @@ from bot.retrain.runner import RetrainService
 from bot.retrain.training import TrainingProcess
 from bot.settings import SamplingSettings
 from formats.registry import AdapterRegistry
-from tests.retrain.conftest import approve, retrain_settings, shared_dialogues, wait_until
+from tests.retrain.conftest import (
+    TRAIN_ARGS,
+    approve,
+    retrain_settings,
+    shared_dialogues,
+    wait_until,
+)
 
 
 def served(server: EmbeddedServer) -> set[str]:
@@ -62,6 +70,8 @@ async def test_retrain_survives_a_restart_publishes_and_the_next_reply_uses_it(
     tmp_path: Path,
 ) -> None:
     await approve(memory, shared_dialogues(data_dir, 10))
+    # another persona's approved dialogues in the same guild: replayed into training
+    await approve(memory, shared_dialogues(data_dir, 4, "xin"), channel="c2", persona="xin")
     settings = retrain_settings(tmp_path, adapters_root, server.url, tiny_model_dir)
     personas = PersonaRegistry(settings.user_personas).load()
     before = AdapterRegistry(adapters_root).current("haruhi")
@@ -128,6 +138,16 @@ async def test_retrain_survives_a_restart_publishes_and_the_next_reply_uses_it(
         before.served_name if before else "the base model"
     )
     assert job.metrics is not None and job.metrics["passed"] is True
+    # replayed, said, and a class of the persona-consistency check the gate made
+    assert job.metrics["replay"]["replayed"] == {"xin": 4}
+    steps_log = (workdir / "steps.log").read_text(encoding="utf-8")
+    assert "replayed 4 dialogues of other personas (xin 4)" in steps_log
+    consistency = job.metrics["consistency"]
+    assert consistency["classes"] == ["(other speakers)", "haruhi", "xin"]
+    assert consistency["metric"] == "own_probability"
+    assert all("own_probability" in s and "recognised" in s for s in job.metrics["scores"].values())
+    assert any(c.startswith("own_probability: ") for c in job.metrics["checks"])
+    assert "own_probability" in live.manifest.metrics
     assert job.new_version in served(server)
     assert (workdir / "adapter/loss.png").is_file() and (workdir / "eval/metrics.png").is_file()
 
@@ -174,9 +194,11 @@ async def test_a_rejecting_gate_changes_nothing(
     tmp_path: Path,
 ) -> None:
     await approve(memory, shared_dialogues(data_dir, 10))
-    # a negative tolerance: the new adapter would have to win by more than the scale allows
+    # BLEU-4 and ROUGE-L may drop as they like, but the persona consistency would have to win
+    # by more than its scale allows
     settings = retrain_settings(
-        tmp_path, adapters_root, server.url, tiny_model_dir, tolerance=-100.0,
+        tmp_path, adapters_root, server.url, tiny_model_dir, tolerance=100.0,
+        consistency_tolerance=-100.0,
         train_args=["--max_steps", "2", "--max_length", "1024", "--batch_tokens", "1024"],
     )  # fmt: skip
     personas = PersonaRegistry(settings.user_personas).load()
@@ -186,10 +208,58 @@ async def test_a_rejecting_gate_changes_nothing(
     job = await service.wait((await service.start("haruhi", requested_by="admin")).id)
 
     assert job.state == "rejected", job.reason
-    assert job.reason is not None and "worse than" in job.reason and "bleu-4" in job.reason
+    assert job.reason is not None and "worse than" in job.reason
+    assert "\nown_probability: " in job.reason and "\nbleu-4: " not in job.reason  # what failed
+    assert "own_probability" in job.reason.split("\n\n")[-1]  # the table shows it
     assert job.metrics is not None and job.metrics["passed"] is False
     live = AdapterRegistry(adapters_root).current("haruhi")
     expected_against = live.served_name if live else "the base model"
     assert job.metrics["against"] == expected_against and expected_against in job.metrics["scores"]
     assert AdapterRegistry(adapters_root).pointer("haruhi") == pointer and served(server) == models
     assert [v.version for v in AdapterRegistry(adapters_root).versions("haruhi")] == versions
+
+
+def test_retrain_from_a_dialogue_file_in_the_terminal(
+    server: EmbeddedServer,
+    adapters_root: Path,
+    tiny_model_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """`rolecast retrain --data FILE`: the loop without Discord and without approvals, from an
+    OpenAI JSONL file another tool wrote (no system prompts: the card's is used)."""
+    rows = [
+        {"id": f"file_{i}", "messages": [
+            {"role": "user", "content": user}, {"role": "assistant", "content": reply},
+        ]}
+        for i, (user, reply) in enumerate(shared_dialogues(data_dir, 10))
+    ]  # fmt: skip
+    data = tmp_path / "dialogues.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    before = AdapterRegistry(adapters_root).current("haruhi")
+    env = {
+        **os.environ,
+        "ROLECAST_HOME": str(tmp_path),
+        "ROLECAST_RETRAIN__BASE": str(tiny_model_dir),
+        "ROLECAST_RETRAIN__MIN_APPROVED": "8",
+        "ROLECAST_RETRAIN__MAX_LENGTH": "1024",
+        "ROLECAST_RETRAIN__VALIDATION": "0.25",
+        "ROLECAST_RETRAIN__EVAL_MAX_NEW_TOKENS": "8",
+        "ROLECAST_RETRAIN__POLL_S": "0.1",
+        "ROLECAST_RETRAIN__TRAIN_ARGS": json.dumps(["--max_steps", "2", *TRAIN_ARGS[2:]]),
+        # a random tiny model: what is tested is the loop, not whether it learnt
+        "ROLECAST_RETRAIN__TOLERANCE": "100",
+        "ROLECAST_RETRAIN__CONSISTENCY_TOLERANCE": "100",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "rolecast", "retrain", "--persona", "haruhi", "--data", str(data),
+         "--server", server.url, "--adapters-dir", str(adapters_root)],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    version = (before.version if before else 0) + 1
+    assert f"haruhi now speaks through haruhi@v{version}" in result.stdout, result.stdout
+    assert "no replay: no other persona has usable approved dialogues here" in result.stdout
+    live = AdapterRegistry(adapters_root).current("haruhi")
+    assert live is not None and live.served_name == f"haruhi@v{version}"
+    assert f"haruhi@v{version}" in served(server)

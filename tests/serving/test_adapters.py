@@ -66,6 +66,8 @@ def server(
             f"static-a={adapters['a']}",
             "--adapters-dir",
             str(registry.root),
+            "--max-lora-rank",  # below the default (256), as for an 8B base: "big" is refused
+            "64",
         ],
         log_path=tmp_path_factory.mktemp("adapter-server") / "server.log",
         startup_timeout=300,
@@ -162,6 +164,16 @@ def test_unservable_adapters_are_refused(
         server, "/v1/load_lora_adapter", {"lora_name": which, "lora_path": str(adapters[which])}
     )
     assert response.status_code == 400 and fragment in response.json()["error"]["message"]
+
+
+def test_the_default_rank_limit_admits_what_training_gives_the_default_model() -> None:
+    from finetune.config import default_rank
+    from formats.basemodel import DEFAULT
+    from serving.settings import ServeSettings
+
+    settings = ServeSettings()
+    assert settings.model == DEFAULT  # the default model, a base under 1 B parameters
+    assert settings.max_lora_rank >= default_rank(134_515_008) == 256
 
 
 def test_broken_adapter_dir_is_400_and_server_keeps_serving(

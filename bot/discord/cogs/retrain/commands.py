@@ -34,7 +34,7 @@ from bot.discord.bot import send_ephemeral
 from bot.discord.permissions import admin_only
 from bot.errors import RolecastError
 from bot.retrain.jobs import Job, JobActive
-from bot.retrain.progress import format_duration
+from bot.retrain.progress import format_duration, replay_note
 from bot.retrain.runner import RetrainService, author_names
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COLOURS = {"done": discord.Colour.green(), "rejected": discord.Colour.orange()}
+CONSISTENCY = ("recognised", "own_probability")  # the gate's persona-consistency figures
 
 
 def status_embed(job: Job, persona_name: str) -> discord.Embed:
@@ -62,10 +63,14 @@ def status_embed(job: Job, persona_name: str) -> discord.Embed:
             embed.add_field(name="Tokens/s", value=f"{job.tokens_per_s:,.0f}")
         if job.eta_s is not None and job.state == "training":
             embed.add_field(name="Time left", value=format_duration(job.eta_s))
+    note = replay_note((job.metrics or {}).get("replay"))
+    if note:
+        embed.add_field(name="Replay", value=note[:1024], inline=False)
     if job.metrics and job.metrics.get("scores"):
         scores = job.metrics["scores"]
         lines = [
             f"{name}: BLEU-4 {s['bleu-4']:.2f} · ROUGE-L {s['rouge-l']:.2f}"
+            + "".join(f" · {m} {s[m]:.1f}" for m in CONSISTENCY if m in s)
             for name, s in scores.items()
         ]
         embed.add_field(name="Gate", value="\n".join(lines)[:1024], inline=False)
