@@ -3,8 +3,9 @@
 The base is loaded in the dtype of the device (bf16 on a GPU, fp32 on a CPU) with the attention
 kernel the batches need (`finetune.attention`), its weights frozen; a plain LoRA (no DoRA, no
 `modules_to_save`, no bias: `formats.lora`'s servable rule) is attached to every linear layer
-but the head, or to the modules asked for; NEFTune noise is hooked onto the input embeddings
-when asked for.
+but the head, or to the modules asked for, and to a mixture-of-experts base's fused expert
+weights (`finetune.moe`); targets vLLM cannot serve on the base are refused unless asked for.
+NEFTune noise is hooked onto the input embeddings when asked for.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any
 
 import torch
 
-from finetune import models
-from finetune.attention import VARLEN, choose_attention
+from finetune import models, moe
+from finetune.attention import VARLEN, choose_attention, has_sinks
 from finetune.config import TrainConfig
+from finetune.errors import ConfigError
 from finetune.packing import Batch
+from formats import lora
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +41,42 @@ def lora_config(cfg: TrainConfig, model: Any) -> Any:
     """A plain LoRA config that vLLM can load: no DoRA, no modules_to_save, no bias.
 
     `all-linear` is resolved to short module names here (q_proj, ..., down_proj), so the
-    adapter config lists what it adapts the way vLLM and LLaMA-Factory expect to read it.
+    adapter config lists what it adapts the way vLLM and LLaMA-Factory expect to read it; fused
+    expert weights come from `--target_parameters` (`finetune.moe`).
     """
     from peft import LoraConfig
 
     targets = linear_module_names(model) if cfg.modules == "all-linear" else cfg.modules
+    parameters = moe.target_parameters(cfg.target_parameters, model.config.model_type)
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
+        lora_dropout=0.0 if parameters else cfg.lora_dropout,  # PEFT's parameter LoRA takes none
         use_rslora=cfg.use_rslora,
         target_modules=targets,
+        target_parameters=parameters or None,
         bias="none",
         use_dora=False,
         modules_to_save=None,
         task_type="CAUSAL_LM",
     )
+
+
+def check_servable(cfg: TrainConfig, model: Any, config: Any) -> None:
+    """Refuse LoRA targets vLLM cannot serve on this base (`formats.lora`'s rule) unless
+    `--allow_unservable`; with it, say what will not be servable."""
+    problems = lora.target_problems(
+        model.config.model_type, config.target_modules, config.target_parameters
+    )
+    if not problems:
+        return
+    if not cfg.allow_unservable:
+        raise ConfigError(
+            "vLLM could not serve this adapter: "
+            + "; ".join(problems)
+            + " (--allow_unservable true trains it anyway)"
+        )
+    log.warning("training an adapter vLLM cannot serve: %s", "; ".join(problems))
 
 
 def keep_input_dtype(model: Any) -> None:
@@ -121,15 +144,22 @@ def build_model(cfg: TrainConfig, gpu: bool) -> TrainModel:
     """Load the base for `cfg` and attach a fresh LoRA (its base weights frozen)."""
     from peft import get_peft_model
 
+    sinks = has_sinks(models.load_config(cfg.base))
+    plain = "eager" if sinks else "sdpa"  # gpt-oss's sinks have no sdpa path
     attn = (
-        choose_attention(cfg.attention)
+        choose_attention(cfg.attention, sinks)
         if cfg.packing
-        else ("sdpa" if cfg.attention in ("auto", "varlen") else cfg.attention)
+        else (plain if cfg.attention in ("auto", "varlen", "sdpa") else cfg.attention)
     )
     dtype = torch.bfloat16 if gpu else torch.float32
     model = models.load_model(cfg.base, dtype=dtype, attn_implementation=attn)
     model.config.use_cache = False
-    model = get_peft_model(model, lora_config(cfg, model))
+    config = lora_config(cfg, model)
+    check_servable(cfg, model, config)
+    if config.target_parameters and cfg.lora_dropout:
+        log.warning("LoRA on %s takes no dropout: lora_dropout 0", config.target_parameters)
+        cfg.lora_dropout = 0.0  # what the run used, as the manifest records it
+    model = get_peft_model(model, config)
     model.peft_config["default"].base_model_name_or_path = models.base_id(cfg.base)
     if gpu:
         keep_input_dtype(model)
