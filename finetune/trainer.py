@@ -87,7 +87,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     output = Path(cfg.output or f"runs/{cfg.persona}")
     refuse_to_overwrite(output, cfg.resume)
     gpu = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if gpu else "no")
+    # cpu=True without a GPU: several CPU processes (torchrun) then train together over gloo
+    accelerator = Accelerator(mixed_precision="bf16" if gpu else "no", cpu=not gpu)
     set_seed(cfg.seed)
 
     # The data is checked before any model weights are loaded: a bad file costs seconds.
