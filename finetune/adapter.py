@@ -160,6 +160,8 @@ def build_model(cfg: TrainConfig, gpu: bool) -> TrainModel:
         log.warning("LoRA on %s takes no dropout: lora_dropout 0", config.target_parameters)
         cfg.lora_dropout = 0.0  # what the run used, as the manifest records it
     model = get_peft_model(model, config)
+    if config.target_parameters and moe.use_activation_lora(model):
+        log.info("expert LoRA runs on the activations (finetune.moe)")
     model.peft_config["default"].base_model_name_or_path = models.base_id(cfg.base)
     if gpu:
         keep_input_dtype(model)

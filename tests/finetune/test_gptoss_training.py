@@ -102,6 +102,47 @@ def test_packed_rows_give_the_padded_loss_with_sinks_and_windows(
     assert abs(float(unseparated) - float(padded)) > 1e-4 * float(padded)
 
 
+def test_expert_lora_on_activations_matches_peft(tiny_gptoss_dir: Path) -> None:
+    """The trainer's LoRA on the experts' activations gives PEFT's loss and gradients (PEFT
+    rebuilds every expert weight instead), and leaves the frozen weights without gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune import moe
+
+    def build():  # type: ignore[no-untyped-def]
+        model = AutoModelForCausalLM.from_pretrained(tiny_gptoss_dir, dtype=torch.float32)
+        config = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "o_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            init_lora_weights=False,  # B is not zero: the experts' LoRA matters
+        )
+        torch.manual_seed(1)
+        return get_peft_model(model, config)
+
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+    peft_way, ours = build(), build()
+    assert moe.use_activation_lora(ours) == 2  # both layers' experts
+    losses = []
+    for model in (peft_way, ours):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    theirs = dict(peft_way.named_parameters())
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, theirs[name].grad, rtol=1e-4, atol=1e-6)
+        else:
+            assert param.grad is None
+    with ours.disable_adapter():  # the base model again
+        base = float(ours(input_ids=ids, labels=ids).loss)
+    with peft_way.disable_adapter():
+        assert base == pytest.approx(float(peft_way(input_ids=ids, labels=ids).loss), rel=1e-6)
+
+
 def gptoss_config(data: Path, base: Path, output: Path, **overrides: object) -> TrainConfig:
     settings: dict[str, object] = {
         "data": str(data),
