@@ -152,7 +152,10 @@ def build_model(cfg: TrainConfig, gpu: bool) -> TrainModel:
         else (plain if cfg.attention in ("auto", "varlen", "sdpa") else cfg.attention)
     )
     dtype = torch.bfloat16 if gpu else torch.float32
-    model = models.load_model(cfg.base, dtype=dtype, attn_implementation=attn)
+    # straight onto this process's GPU (accelerate has set it): a 20B base is not first copied
+    # through host memory, and MXFP4 experts are dequantized on the GPU
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else None
+    model = models.load_model(cfg.base, dtype=dtype, attn_implementation=attn, device=device)
     model.config.use_cache = False
     config = lora_config(cfg, model)
     check_servable(cfg, model, config)
