@@ -146,10 +146,13 @@ class TimedRetrainService(RetrainService):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.started: dict[str, float] = {}
+        check = self.commands.check  # the steps' commands (the gate shares this object)
 
-    async def _check(self, what: str, args: list[str], log_path: Path) -> str:
-        self.started.setdefault(what, time.time())
-        return await super()._check(what, args, log_path)
+        async def timed(what: str, args: list[str], log_path: Path) -> str:
+            self.started.setdefault(what, time.time())
+            return await check(what, args, log_path)
+
+        self.commands.check = timed  # type: ignore[method-assign]
 
 
 def phase_seconds(job: Job, started: dict[str, float], reply_done: float) -> dict[str, float]:

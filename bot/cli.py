@@ -22,7 +22,7 @@ from bot.terminal.console import err, fail, load_settings
 from bot.terminal.retrain import retrain
 
 persona_app = typer.Typer(
-    help="List, inspect, validate and import character cards.", no_args_is_help=True
+    help="List, inspect, validate, import and remove character cards.", no_args_is_help=True
 )
 
 
@@ -88,7 +88,10 @@ def persona_list() -> None:
     table = Table("key", "name", "source", "greeting")
     for p in registry.all():
         # Text objects: a card's text is shown as it is, never read as rich markup.
-        cells = (p.name, "shipped" if p.builtin else str(p.path), p.card.data.first_mes[:40])
+        source = "shipped" if p.builtin else str(p.path)
+        if p.guild_id is not None:
+            source = f"Discord server {p.guild_id}: {source}"
+        cells = (p.name, source, p.card.data.first_mes[:40])
         table.add_row(p.key, *(Text(for_terminal(c)) for c in cells))
     Console().print(table)
     for problem in registry.problems:
@@ -127,23 +130,78 @@ def persona_check(files: list[Path]) -> None:
 def persona_import(
     file: Path,
     key: str | None = typer.Option(None, help="Registry key (default: from the file name)."),
+    replace: bool = typer.Option(
+        False,
+        "--replace",
+        help="Replace the persona of the same key. A shipped persona replaced this way is "
+        "yours: it no longer speaks through the adapter that ships for the shipped one.",
+    ),
 ) -> None:
-    """Validate a card and add it to the personas directory."""
+    """Validate a card and add it to the personas directory, shared by every Discord server
+    (read-only there). An existing key is kept unless --replace is given."""
     from bot.core.cards import load_card
-    from bot.core.personas import PersonaRegistry
+    from bot.core.personas import PersonaRegistry, persona_key
 
     try:
         card = load_card(file)
+        short = persona_key(key or file.stem)
         registry = PersonaRegistry(load_settings().user_personas).load()
-        persona = registry.add(key or file.stem, card)
+        before = registry.get(short) if short in registry else None
+        persona = registry.add(short, card, replace=replace)
     except RolecastError as exc:
         raise fail(str(exc)) from None
+    replaced = None
+    if before is not None:
+        replaced = "shipped" if before.builtin else "imported"
     print(
         json.dumps(
-            {"key": persona.key, "name": persona.name, "path": str(persona.path)},
+            {
+                "key": persona.key,
+                "name": persona.name,
+                "path": str(persona.path),
+                "replaced": replaced,
+            },
             ensure_ascii=False,
         )
     )
+
+
+@persona_app.command("remove")
+def persona_remove(
+    key: str,
+    db: Path | None = typer.Option(None, help="SQLite file (default: <home>/rolecast.db)."),
+) -> None:
+    """Remove an imported card (shared, or a Discord server's by its g<server>-<key> key).
+    Channels that used it lose their persona, as /persona remove does; a shipped persona that
+    the card had replaced comes back instead. Shipped cards cannot be removed."""
+    from bot.core.memory import Memory
+    from bot.core.personas import PersonaRegistry
+
+    async def unset_channels(database: Path, persona: str) -> int:
+        async with Memory.open(database) as memory:
+            return await memory.clear_persona_everywhere(persona)
+
+    settings = load_settings(db_path=db)
+    try:
+        registry = PersonaRegistry(settings.user_personas).load()
+        persona = registry.get(key)
+        now = registry.remove(persona.key)
+    except RolecastError as exc:
+        raise fail(str(exc)) from None
+    unset = 0
+    if now is None and settings.database.exists():
+        unset = asyncio.run(unset_channels(settings.database, persona.key))
+    result = {
+        "key": persona.key,
+        "name": persona.name,
+        "removed": str(persona.path),
+        "guild": persona.guild_id,
+        # the key may still name a persona: the shipped one the card had replaced, whom the
+        # channels that had the key now hear
+        "now": None if now is None else "shipped" if now.builtin else str(now.path),
+        "channels_unset": unset,
+    }
+    print(json.dumps(result, ensure_ascii=False))
 
 
 def discord_bot(

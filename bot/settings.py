@@ -95,6 +95,12 @@ class RetrainSettings(BaseModel):
     train_args: list[str] = Field(
         default_factory=list, description="extra `rolecast train` flags, e.g. ['--epochs', '2']"
     )
+    python: str | None = Field(
+        None,
+        description="the interpreter that runs the loop's `-m rolecast ...` steps (clean, "
+        "split, train, eval, publish) and fills {python}; default: the bot's own. "
+        "`rolecast-remote` runs them on a trainer (deploy/OPERATIONS.md)",
+    )
     min_approved: int = Field(20, ge=2, description="approved dialogues a retrain needs")
     max_length: int = Field(2048, ge=16, description="longest dialogue kept, in tokens")
     validation: float = Field(0.1, gt=0.0, lt=1.0, description="held-out fraction for the gate")

@@ -20,26 +20,25 @@ see it in history, while the label is `<|return|>`, the token it must emit when 
 loss of turn *i* is then exactly the loss of rendering the conversation up to turn *i* alone
 (causal attention sees only the prefix), at the cost of one render.
 
-Message text is always plain text: the special-token strings in a message are tokenized as
-characters, never as control tokens; only the template's own markup is.
+Message text is always plain text, by the rule the server applies (`formats.rendering`): the
+special-token strings in a message are tokenized as characters, never as control tokens; only
+the template's own markup is, and a dialogue is encoded into the ids the server reads for it.
 """
 
 from __future__ import annotations
 
-import re
-import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from finetune.data import ASSISTANT, Message
 from finetune.errors import TemplateError
+from formats.rendering import ChatRenderer
 
 IGNORE_INDEX = -100
 START, END, RETURN, CALL = "<|start|>", "<|end|>", "<|return|>", "<|call|>"
 CHANNEL, MESSAGE = "<|channel|>", "<|message|>"
 MARKUP = (START, END, RETURN, CALL, CHANNEL, MESSAGE)
-_OPEN, _CLOSE = "\ue000", "\ue001"
 
 
 def is_harmony(tokenizer: Any) -> bool:
@@ -65,37 +64,17 @@ class Turn:
     body_end: int
 
 
-class _Renderer:
-    """Renders with message contents swapped for placeholders, so that the template's markup is
-    the only text that can hold control tokens (see `tokenize`)."""
-
-    def __init__(self, tokenizer: Any, messages: Sequence[Message]) -> None:
-        self.tokenizer = tokenizer
-        self.nonce = secrets.token_hex(6)
-        self.contents = [m["content"] for m in messages]
-        self.messages = [
-            {**m, "content": f"{_OPEN}{self.nonce}:{k}{_CLOSE}"} for k, m in enumerate(messages)
-        ]
-
-    def render(self, count: int, generation: bool = False) -> str:
-        text: str = self.tokenizer.apply_chat_template(
-            self.messages[:count], tokenize=False, add_generation_prompt=generation
-        )
-        return text
-
-    def restore(self, text: str) -> str:
-        placeholder = re.compile(f"{_OPEN}{self.nonce}:(\\d+){_CLOSE}")
-        return placeholder.sub(lambda m: self.contents[int(m.group(1))], text)
-
-
-def turns(renderer: _Renderer, full: str, messages: Sequence[Message]) -> list[Turn]:
-    """The trained span of every assistant turn in `full`, checked against the harmony rules."""
+def turns(
+    render: Callable[[int, bool], str], full: str, messages: Sequence[dict[str, str]]
+) -> list[Turn]:
+    """The trained span of every assistant turn in `full` (`render(n, generation)` renders the
+    first n messages), checked against the harmony rules."""
     found = []
     for i, message in enumerate(messages):
         if message["role"] != ASSISTANT:
             continue
-        before = renderer.render(i, generation=True)
-        through = renderer.render(i + 1)
+        before = render(i, True)
+        through = render(i + 1, False)
         if not (through.startswith(before) and full.startswith(before)):
             raise TemplateError(
                 "the harmony template renders the conversation before an assistant turn "
@@ -111,57 +90,45 @@ def turns(renderer: _Renderer, full: str, messages: Sequence[Message]) -> list[T
                 "the harmony template renders an assistant turn differently once later turns "
                 f"follow (other than closing it with {END})"
             )
-        if renderer.messages[i]["content"] not in body:
+        if message["content"] not in body:
             raise TemplateError("the chat template does not render the assistant text verbatim")
         found.append(Turn(len(before), len(before) + len(body)))
     return found
 
 
 def encode(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
-    """Token ids of the templated dialogue and its labels (see the module docstring)."""
-    renderer = _Renderer(tokenizer, messages)
-    full = renderer.render(len(messages))
-    spans = turns(renderer, full, messages)
+    """Token ids of the templated dialogue, as the server reads them (`formats.rendering`: the
+    special-token strings of message text are plain text), and its labels (see the module
+    docstring)."""
+    renderer = ChatRenderer(tokenizer)
+    hidden = renderer.hide([dict(m) for m in messages])
+
+    def render(count: int, generation: bool) -> str:
+        text: str = tokenizer.apply_chat_template(
+            hidden.messages[:count], tokenize=False, add_generation_prompt=generation
+        )
+        return text
+
+    full = render(len(messages), False)
+    spans = turns(render, full, hidden.messages)
+    if hidden.strings:
+        found = renderer.ids_and_starts(full, hidden)
+        if found is None:  # the template rewrote a placeholder: break the strings up instead
+            return encode(tokenizer, renderer.defuse([dict(m) for m in messages]))
+        ids, starts = found
+    else:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, starts = list(enc["input_ids"]), [begin for begin, _ in enc["offset_mapping"]]
     return_id = int(tokenizer.convert_tokens_to_ids(RETURN))
-    specials = {str(t): int(tokenizer.convert_tokens_to_ids(t)) for t in _special_tokens(tokenizer)}
-    pattern = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
-    ids: list[int] = []
-    labels: list[int] = []
-    position = 0
-
-    def inside(start: int) -> bool:
-        return any(t.start <= start < t.body_end for t in spans)
-
-    def plain(start: int, end: int) -> None:
-        if end <= start:
-            return
-        text = renderer.restore(full[start:end])
-        piece = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        ids.extend(piece)
-        labels.extend(piece if inside(start) else [IGNORE_INDEX] * len(piece))
-
-    for match in pattern.finditer(full):
-        plain(position, match.start())
-        token = specials[match.group(0)]
-        ids.append(token)
-        if any(t.body_end == match.start() for t in spans):
+    labels = []
+    for token, start in zip(ids, starts, strict=True):
+        if any(t.body_end == start for t in spans):
             labels.append(return_id)  # what the model emits here, whatever history shows
+        elif any(t.start <= start < t.body_end for t in spans):
+            labels.append(token)
         else:
-            labels.append(token if inside(match.start()) else IGNORE_INDEX)
-        position = match.end()
-    plain(position, len(full))
+            labels.append(IGNORE_INDEX)
     return ids, labels
-
-
-def _special_tokens(tokenizer: Any) -> list[str]:
-    tokens = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
-    tokens |= {
-        str(t.content)
-        for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
-        if getattr(t, "special", False)
-    }
-    tokens.discard("")
-    return sorted(tokens)
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ from formats.manifest import Manifest, SoupInfo, read_manifest, write_manifest
 
 CONFIG, WEIGHTS = lora.CONFIG, lora.WEIGHTS
 _A, _B = ".lora_A.weight", ".lora_B.weight"
-# Files an adapter directory carries besides its weights that a soup keeps from its first input.
-_KEEP = ("chat_template.jinja", "tokenizer_config.json", "README.md")
+# Files an adapter directory carries besides its weights that a soup keeps from its first input
+# (no tokenizer files: the tokenizer is the base model's, `formats.lora.TOKENIZER_FILES`).
+_KEEP = ("README.md",)
 
 
 def scaling(config: dict[str, Any]) -> float:

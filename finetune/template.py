@@ -6,6 +6,10 @@ starts to speak) and the conversation through turn *i* (where the template close
 The text between the two — the reply and the template's own end-of-turn marker — is what the
 model must learn to produce. Templates that mark turns with ``{% generation %}`` give the mask
 directly and are used that way.
+
+Message text is plain text, as the server reads it (`formats.rendering`, the rule both share): a
+dataset whose rows say `<|im_end|>` or `<|im_start|>system` trains on those characters, never on
+the control tokens, and a dialogue is encoded into the ids the server would read for it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from finetune import harmony
 from finetune.data import ASSISTANT, Message
 from finetune.errors import TemplateError
+from formats.rendering import ChatRenderer
 
 log = logging.getLogger(__name__)
 
@@ -74,31 +79,52 @@ def assistant_char_spans(
 
 
 def encode(tokenizer: Any, messages: Sequence[Message]) -> Encoded:
-    """Token ids of the templated dialogue and labels on the assistant turns only."""
+    """Token ids of the templated dialogue and labels on the assistant turns only. Special-token
+    strings inside the messages are encoded as plain text (see the module docstring)."""
     if harmony.is_harmony(tokenizer):  # turns close differently once others follow
         return Encoded(*harmony.encode(tokenizer, messages))
+    renderer = ChatRenderer(tokenizer)
+    hidden = renderer.hide([dict(m) for m in messages])
     template = getattr(tokenizer, "chat_template", None) or ""
     if "{% generation %}" in template or "{%- generation %}" in template:
+        # transformers tokenizes the rendered text whole here: break the strings up instead
+        safe = renderer.defuse([dict(m) for m in messages]) if hidden.strings else messages
         out = tokenizer.apply_chat_template(
-            list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            list(safe), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
         ids = list(out["input_ids"])
         mask = list(out["assistant_masks"])
         return Encoded(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)])
 
+    if hidden.strings:
+        text, spans = assistant_char_spans(tokenizer, hidden.messages)
+        found = renderer.ids_and_starts(text, hidden)
+        if found is None:  # the template rewrote a placeholder
+            return _labelled(tokenizer, renderer.defuse([dict(m) for m in messages]))
+        ids, starts = found
+        return Encoded(ids, _labels(ids, starts, spans))
+    return _labelled(tokenizer, messages)
+
+
+def _labelled(tokenizer: Any, messages: Sequence[Message]) -> Encoded:
     text, spans = assistant_char_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
+    return Encoded(ids, _labels(ids, [start for start, _ in enc["offset_mapping"]], spans))
+
+
+def _labels(ids: list[int], starts: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    """Each id where its token starts inside an assistant span, else IGNORE_INDEX."""
     labels = [IGNORE_INDEX] * len(ids)
     span_index = 0
-    for j, (start, _end) in enumerate(enc["offset_mapping"]):
+    for j, start in enumerate(starts):
         while span_index < len(spans) and start >= spans[span_index][1]:
             span_index += 1
         if span_index == len(spans):
             break
         if start >= spans[span_index][0]:
             labels[j] = ids[j]
-    return Encoded(ids, labels)
+    return labels
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
@@ -127,11 +153,11 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
 
 
 def count_tokens(tokenizer: Any, messages: Sequence[Message]) -> int:
-    """Length of the templated dialogue in tokens."""
-    return len(tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"])
+    """Length of the templated dialogue in tokens (as the server counts it)."""
+    return len(ChatRenderer(tokenizer).ids([dict(m) for m in messages]))
 
 
 def prompt_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
-    """Token ids of `messages` followed by the template's generation prompt (for inference)."""
-    text = render(tokenizer, messages, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of `messages` followed by the template's generation prompt (for inference),
+    as the server makes them."""
+    return ChatRenderer(tokenizer).ids([dict(m) for m in messages], add_generation_prompt=True)

@@ -158,7 +158,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str, Any]:
 
     written: dict[str, Any] = {}
     if main:
-        save_adapter(output, unwrapped, tokenizer)
+        save_adapter(output, unwrapped, cfg.allow_unservable)
         written = _write_manifest(cfg, output, data, built, loop, state, last_loss, started)
     accelerator.wait_for_everyone()
     accelerator.end_training()

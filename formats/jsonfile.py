@@ -9,15 +9,28 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+#: The largest JSON file read: these files (configs, manifests, pointers) are a few KiB.
+MAX_BYTES = 16 * 2**20
 
-def read_object(path: Path) -> dict[str, Any] | None:
+
+def read_object(path: Path, *, max_bytes: int = MAX_BYTES) -> dict[str, Any] | None:
     """The JSON object in `path`; None when the file is missing. Raises ValueError when it
-    holds something else than one JSON object."""
+    holds something else than one JSON object, is larger than `max_bytes`, nests too deep or
+    cannot be read (a directory, no permission)."""
+    path = Path(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(max_bytes + 1)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    data = json.loads(text)  # json.JSONDecodeError is a ValueError
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if len(raw) > max_bytes:
+        raise ValueError(f"{path} is larger than {max_bytes // 2**20} MiB")
+    try:
+        data = json.loads(raw.decode("utf-8"))  # json.JSONDecodeError is a ValueError
+    except RecursionError:
+        raise ValueError(f"{path} nests too deep") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} does not hold a JSON object")
     return data

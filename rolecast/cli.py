@@ -9,6 +9,7 @@ clients.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 
@@ -38,6 +39,41 @@ def _configure(
 register_bot(app)
 register_serving(app)
 register_finetune(app)
+
+
+@app.command("runner")
+def runner(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on"),
+    port: int = typer.Option(8200, help="Port to listen on"),
+    allow: str = typer.Option(
+        "data,train,eval,adapters", help="The rolecast commands it runs, comma-separated"
+    ),
+) -> None:
+    """Run the retrain loop's rolecast commands for a bot on another host (the trainer's side
+    of `rolecast-remote`; ROLECAST_RUNNER_TOKEN, when set, must come with each request)."""
+    import uvicorn
+
+    from rolecast.runner import build_app
+
+    allowed = tuple(a.strip() for a in allow.split(",") if a.strip())
+    token = os.environ.get("ROLECAST_RUNNER_TOKEN") or None
+    if token is None and not _loopback(host):
+        typer.secho(
+            f"error: the runner would run training commands for anyone who reaches {host}:{port}; "
+            "set ROLECAST_RUNNER_TOKEN to a long random secret (e.g. `openssl rand -hex 32`) "
+            "for the bot and the runner, or listen on 127.0.0.1",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(2)
+    uvicorn.run(build_app(token=token, allowed=allowed), host=host, port=port, log_level="warning")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def main() -> None:

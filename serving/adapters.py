@@ -104,7 +104,10 @@ class Adapters:
             PeftConfig.from_pretrained(path)
         except Exception as exc:
             raise BadRequestError(f"Loading lora {name} failed: {exc}", param="lora_path") from exc
-        problems = lora.problems(adapter_dir, max_rank=self.max_lora_rank)
+        # the base's dimensions, so a mismatched adapter is refused with its shapes named
+        config: Any = getattr(self._base, "config", None)
+        base_config = config.to_dict() if hasattr(config, "to_dict") else None
+        problems = lora.problems(adapter_dir, max_rank=self.max_lora_rank, base_config=base_config)
         problems += mixed_batch_problems(lora.read_config(adapter_dir))
         if problems:
             raise BadRequestError(

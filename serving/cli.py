@@ -49,7 +49,18 @@ def serve(
     ),
     max_num_seqs: int | None = typer.Option(None, help="Requests per batch (default: 16)"),
     max_waiting: int | None = typer.Option(None, help="Queue before HTTP 429 (default: 64)"),
-    max_lora_rank: int | None = typer.Option(None, help="Largest LoRA rank (default: 64)"),
+    max_lora_rank: int | None = typer.Option(
+        None, help="Largest LoRA rank loaded or published (default: 256)"
+    ),
+    gpu_memory_utilization: float | None = typer.Option(
+        None, help="vLLM: share of GPU memory to take (default: vLLM's, 0.9)"
+    ),
+    enforce_eager: bool | None = typer.Option(
+        None,
+        "--enforce-eager/--no-enforce-eager",
+        help="vLLM: no torch.compile or CUDA graphs: starts sooner, streams far slower "
+        "(default: off)",
+    ),
     lora_modules: list[str] = typer.Option(
         [], "--lora-modules", help="NAME=PATH of an adapter to load at start (repeatable)"
     ),
@@ -71,7 +82,10 @@ def serve(
         False, "--print-command", help="With --engine vllm: print the command, do not run it"
     ),
     prepare_only: bool = typer.Option(
-        False, "--prepare-only", help="Convert/cache the model, then exit without serving"
+        False,
+        "--prepare-only",
+        help="Convert/cache the model (the default model's checkpoint, also for --engine vllm), "
+        "print its path, then exit without serving",
     ),
 ) -> None:
     """Serve the OpenAI-compatible API (as vLLM does) with the embedded engine."""
@@ -91,6 +105,8 @@ def serve(
         "max_num_seqs": max_num_seqs,
         "max_waiting": max_waiting,
         "max_lora_rank": max_lora_rank,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "enforce_eager": enforce_eager,
         "engine": engine,
         "shipped_adapter": shipped_adapter,
     }
@@ -102,19 +118,33 @@ def serve(
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
     if settings.engine == "vllm":
-        run_vllm(settings, paths, print_only=print_command)
+        if prepare_only and print_command:
+            raise typer.BadParameter("--prepare-only and --print-command exclude each other")
+        run_vllm(settings, paths, print_only=print_command, prepare_only=prepare_only)
         return
     if print_command:
         raise typer.BadParameter("--print-command goes with --engine vllm")
     run_server(settings, paths, prepare_only=prepare_only)
 
 
-def run_vllm(settings: Any, paths: RolecastPaths, *, print_only: bool) -> None:
+def run_vllm(
+    settings: Any, paths: RolecastPaths, *, print_only: bool, prepare_only: bool = False
+) -> None:
     from formats.registry import AdapterRegistry
+    from serving.errors import ModelLoadError
     from serving.vllm_launcher import build_vllm_command, exec_vllm, format_command, vllm_model_path
 
-    model_path = vllm_model_path(settings, prepare=not print_only, cache_dir=paths.cache_dir)
-    argv, env = build_vllm_command(settings, AdapterRegistry(paths.adapters), model_path)
+    try:
+        model_path = vllm_model_path(settings, prepare=not print_only, cache_dir=paths.cache_dir)
+    except ModelLoadError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if prepare_only:
+        typer.echo(f"model ready: {model_path}")
+        return
+    argv, env = build_vllm_command(
+        settings, AdapterRegistry(paths.adapters), model_path, cache_dir=paths.cache_dir
+    )
     if print_only:
         typer.echo(format_command(argv, env))
         return
@@ -209,6 +239,7 @@ def _publisher(
         servers,
         max_rank=ServeSettings().max_lora_rank,
         base_model=base_model,
+        cache_dir=paths.cache_dir,
     )
     return publisher, notes
 
@@ -263,17 +294,28 @@ def adapters_list(
     if not personas:
         typer.echo(f"no adapters in {registry.root}")
     for persona in personas:
+        # one persona's broken files are reported and skipped, never the end of the listing
         try:
             current = registry.current(persona)
         except FormatError as exc:
             typer.echo(f"error: {exc}", err=True)
             current = None
-        for v in registry.versions(persona):
+        try:
+            versions = registry.versions(persona)
+        except FormatError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            continue
+        for v in versions:
             mark = "*" if current and current.version == v.version else " "
             metrics = v.manifest.metrics
             shown = " ".join(f"{k}={val}" for k, val in sorted(metrics.items()))
             created = v.manifest.created or "?"
-            typer.echo(f"{mark} {v.served_name:<24} rank={v.rank:<4} {created}  {shown}".rstrip())
+            try:
+                rank = str(v.rank)
+            except FormatError as exc:
+                rank = "?"
+                typer.echo(f"error: {v.served_name}: {exc}", err=True)
+            typer.echo(f"{mark} {v.served_name:<24} rank={rank:<4} {created}  {shown}".rstrip())
 
 
 @adapters_app.command("publish")

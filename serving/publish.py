@@ -4,6 +4,12 @@ failing a request: load the new served name, switch the persona's pointer in the
 
 With no server to tell, only the registry's files change; a server loads the current versions
 when it starts. Which servers to tell is the CLI's choice (`serving.cli`, `serving.discovery`).
+
+Nothing is added to the registry before the adapter passed the servable-LoRA rule
+(`formats.lora.problems`), its weights included: the safetensors header is read and every
+tensor's name, rank, dtype and shape checked against the adapter's config and the base model's
+`config.json` (`base_config`), so corrupt or mismatched weights are refused with their reasons
+before a version number is spent on them.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from formats import basemodel, lora
-from formats.errors import RegistryError
+from formats.errors import FormatError, RegistryError
+from formats.jsonfile import read_object
 from formats.registry import AdapterRegistry, AdapterVersion
 
 log = logging.getLogger(__name__)
@@ -61,7 +69,18 @@ class ServerClient:
             response.raise_for_status()
         except httpx.HTTPError as exc:
             raise RegistryError(f"the model server at {self.root} did not answer: {exc}") from exc
-        return list(response.json()["data"])
+        try:
+            cards = response.json()["data"]
+            if not (isinstance(cards, list) and all(isinstance(c, dict) for c in cards)):
+                raise TypeError("data is not a list of objects")
+            if not all(isinstance(c.get("id"), str) for c in cards):
+                raise TypeError("a model has no id")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RegistryError(
+                f"the model server at {self.root} answered /v1/models with something else than "
+                f"a model list ({exc})"
+            ) from None
+        return cards
 
     def base_model(self) -> str:
         for card in self.models():
@@ -79,10 +98,10 @@ class ServerClient:
             raise RegistryError(f"the model server at {self.root} did not answer: {exc}") from exc
         if response.status_code != 200:
             try:
-                message = response.json()["error"]["message"]
+                message = str(response.json()["error"]["message"])
             except Exception:
                 message = response.text
-            raise RegistryError(f"the server at {self.root} refused to {what}: {message}")
+            raise RegistryError(f"the server at {self.root} refused to {what}: {message[:500]}")
 
     def load(self, name: str, path: Path) -> None:
         self._post(
@@ -127,26 +146,51 @@ class Publisher:
         max_rank: int,
         base_model: str | None = None,
         drain_timeout: float = 300.0,
+        cache_dir: Path | None = None,
     ) -> None:
         self.registry = registry
         self.servers = list(servers)
         self.max_rank = max_rank
         self.base_model = base_model
         self.drain_timeout = drain_timeout
+        self.cache_dir = cache_dir
+
+    def _current(self, persona: str) -> AdapterVersion | None:
+        """The live version, or None with a warning when the persona's pointer is broken (the
+        publish then repairs it)."""
+        try:
+            return self.registry.current(persona)
+        except RegistryError as exc:
+            log.warning("%s; publishing replaces it", exc)
+            return None
 
     def publish(self, persona: str, source: Path) -> PublishResult:
+        self.registry.check_writable(persona)
+        old = self._current(persona)
         base = self.base_model
         if base is None and self.servers:
             base = self.servers[0].base_model()
-        if base is None and (current := self.registry.current(persona)) is not None:
-            base = current.manifest.base_model
-        problems = lora.problems(source, max_rank=self.max_rank, base_model=base)
+        if base is None and old is not None:
+            base = old.manifest.base_model
+        try:
+            claimed = lora.trained_base(source)
+        except FormatError:
+            claimed = None  # lora.problems says why
+        config = base_config(base or claimed, self.cache_dir)
+        if config is None:
+            log.warning(
+                "the base model's config.json was not found (%s): the weights are checked "
+                "against the adapter's own config only",
+                base or claimed or "no base model named",
+            )
+        problems = lora.problems(
+            source, max_rank=self.max_rank, base_model=base, base_config=config
+        )
         if problems:
             raise RegistryError(
                 f"cannot publish {source} for {persona}:\n"
                 + "\n".join(f"  - {p}" for p in problems)
             )
-        old = self.registry.current(persona)
         new = self.registry.add_version(persona, source)
         loaded: list[ServerClient] = []
         try:
@@ -226,3 +270,31 @@ class Publisher:
             server.unload(old.served_name)
             unloaded = True
         return unloaded
+
+
+def base_config(model: str | None, cache_dir: Path | None = None) -> dict[str, Any] | None:
+    """The `config.json` of a base model named as a server or a manifest names it: the default
+    model's converted checkpoint, a local directory, or a hub id already in the local Hugging
+    Face cache (nothing is downloaded). None when it is not found or cannot be read."""
+    if not model:
+        return None
+    if basemodel.is_default(model) or lora.same_base(model, basemodel.HUB_ID):
+        folder: Path | None = basemodel.checkpoint_dir(cache_dir)
+    else:
+        folder = Path(model).expanduser()
+    path: Path | None = folder / "config.json" if folder is not None else None
+    if path is None or not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:  # not a hub id, or no hub library: nothing more to find
+            cached = None
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None:
+        return None
+    try:
+        return read_object(path)
+    except ValueError as exc:
+        log.warning("the base model's config.json cannot be read: %s", exc)
+        return None

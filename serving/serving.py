@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+from formats.rendering import ChatRenderer
 from serving.engine import Engine, RequestOutput
 from serving.errors import BadRequestError, ModelNotFoundError, ServingError
 from serving.models import LoadedModel
@@ -33,7 +34,6 @@ from serving.protocol import (
     UsageInfo,
     random_id,
 )
-from serving.rendering import ChatRenderer
 from serving.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class ServingChat:
         template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """The prompt's token ids, formatted only by the tokenizer's chat template. Message
-        text never becomes a control token (see `serving.rendering`)."""
+        text never becomes a control token (see `formats.rendering`)."""
         try:
             return self.renderer.ids(
                 [m.for_template() for m in messages],

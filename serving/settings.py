@@ -50,7 +50,10 @@ class ServeSettings(BaseSettings):
         description="Context length; default: the model's max_position_embeddings.",
     )
     max_num_seqs: int = Field(
-        default=16, ge=1, description="Requests generated together in one batch."
+        default=16,
+        ge=1,
+        description="Requests generated together in one batch (vLLM: passed only when given; "
+        "otherwise vLLM's own default).",
     )
     max_waiting: int = Field(
         default=64,
@@ -60,7 +63,13 @@ class ServeSettings(BaseSettings):
     engine: Literal["embedded", "vllm"] = Field(
         default="embedded", description="embedded: this package's server; vllm: exec `vllm serve`."
     )
-    max_lora_rank: int = Field(default=64, ge=1, description="Largest LoRA rank the server loads.")
+    max_lora_rank: int = Field(
+        default=256,
+        ge=1,
+        description="Largest LoRA rank the server loads and a publish accepts (256: the rank of "
+        "the README's training recipe); vLLM starts with room for it and for every version in "
+        "the registry.",
+    )
     max_loras: int | None = Field(
         default=None,
         ge=1,
@@ -70,6 +79,18 @@ class ServeSettings(BaseSettings):
         default=None,
         ge=1,
         description="vLLM: adapters cached in CPU memory; default: 2 x max_loras.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="vLLM: share of the GPU's memory it takes (weights, LoRA slots, KV cache); "
+        "default: vLLM's (0.9). Lower it when training shares the GPU.",
+    )
+    enforce_eager: bool = Field(
+        default=False,
+        description="vLLM: skip torch.compile and CUDA graphs: a first start is shorter, "
+        "streaming much slower (deploy/OPERATIONS.md).",
     )
     lora_modules: dict[str, str] = Field(
         default_factory=dict, description="Adapters loaded at start: served name -> directory."

@@ -1,24 +1,54 @@
 """`rolecast serve --engine vllm`: the `vllm serve` command line built from Rolecast's settings
-and the adapter registry, so production runs the same adapters under the same names."""
+and the adapter registry, so production runs the same adapters under the same names.
+
+Beside the command line, two variables: `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`, so publishing can
+load and unload adapters while vLLM runs, and `VLLM_CACHE_ROOT` under Rolecast's cache directory
+(`<cache>/vllm`, unless the environment names one), where vLLM keeps its torch.compile artifacts
+(and the Inductor and Triton caches it points into that folder): a restart on the same machine
+reads them back instead of compiling again.
+
+vLLM refuses to start when one `--lora-modules` entry cannot be loaded, so the registry is read
+defensively: a persona whose pointer is broken, or whose current version fails the
+servable-LoRA rule, is left out with the reason logged (its persona speaks through the base
+model, as on the embedded server), and a version whose config cannot be read does not count
+towards `--max-lora-rank`.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from formats import basemodel, lora
-from formats.lora import allowed_rank
+from formats.errors import FormatError
+from formats.lora import VLLM_LORA_RANKS, allowed_rank
 from formats.registry import AdapterRegistry
 from serving.settings import ServeSettings
 
+#: Where vLLM keeps its compile cache, under Rolecast's cache directory.
+VLLM_CACHE = "vllm"
+
+log = logging.getLogger(__name__)
+
 
 def build_vllm_command(
-    settings: ServeSettings, registry: AdapterRegistry | None, model_path: str
+    settings: ServeSettings,
+    registry: AdapterRegistry | None,
+    model_path: str,
+    *,
+    cache_dir: Path | None = None,
+    environ: Mapping[str, str] = os.environ,
 ) -> tuple[list[str], dict[str, str]]:
-    """The argv and the extra environment of `vllm serve` for these settings."""
+    """The argv and the extra environment of `vllm serve` for these settings.
+
+    `cache_dir`: Rolecast's cache directory, where vLLM's compile cache goes unless `environ`
+    already names one (`VLLM_CACHE_ROOT`).
+    """
     base_name = settings.resolved_served_name()
     argv = [
         "vllm",
@@ -36,23 +66,35 @@ def build_vllm_command(
     if settings.dtype != "auto":
         argv += ["--dtype", settings.dtype]
     argv += model_flags(model_type(model_path))
+    if settings.gpu_memory_utilization is not None:
+        argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    if "max_num_seqs" in settings.model_fields_set:  # else vLLM's own, not the embedded 16
+        argv += ["--max-num-seqs", str(settings.max_num_seqs)]
+    if settings.enforce_eager:
+        argv.append("--enforce-eager")
 
-    modules: dict[str, str] = settings.startup_modules()
-    ranks: list[int] = [lora.rank(lora.read_config(Path(p))) for p in modules.values()]
+    modules: dict[str, str] = {}
+    ranks: list[int] = []
+    for name, path in settings.startup_modules().items():
+        problems = lora.problems(Path(path), max_rank=VLLM_LORA_RANKS[-1])
+        if problems:
+            log.error("not serving %s: %s", name, "; ".join(problems))
+            continue
+        modules[name] = path
+        ranks.append(lora.rank(lora.read_config(Path(path))))
     if registry is not None:
-        for persona in registry.personas():
-            # every version may be rolled back to, so the rank limit covers them all
-            ranks += [v.rank for v in registry.versions(persona)]
-            if (current := registry.current(persona)) is not None:
-                modules.setdefault(current.served_name, str(current.path))
+        for name, path, persona_ranks in registry_modules(registry):
+            modules.setdefault(name, path)
+            ranks += persona_ranks
+    ranks = [r for r in ranks if r <= VLLM_LORA_RANKS[-1]]
     max_loras = settings.max_loras or max(1, len(modules)) + 1  # +1: old and new in a publish
     argv += [
         "--enable-lora",
         "--max-loras",
         str(max_loras),
         "--max-lora-rank",
-        # with nothing published yet, leave room for what the publisher will accept
-        str(allowed_rank(max(ranks) if ranks else settings.max_lora_rank)),
+        # room for every version (each may be rolled back to) and for what a publish accepts
+        str(allowed_rank(max([*ranks, settings.max_lora_rank]))),
         "--max-cpu-loras",
         str(settings.max_cpu_loras or 2 * max_loras),
     ]
@@ -62,7 +104,37 @@ def build_vllm_command(
             json.dumps({"name": name, "path": path, "base_model_name": base_name})
             for name, path in sorted(modules.items())
         ]
-    return argv, {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    if cache_dir is not None and not environ.get("VLLM_CACHE_ROOT"):
+        env["VLLM_CACHE_ROOT"] = str(cache_dir / VLLM_CACHE)
+    return argv, env
+
+
+def registry_modules(registry: AdapterRegistry) -> list[tuple[str, str, list[int]]]:
+    """Each persona's current version that vLLM can load, as (served name, path, the ranks of
+    all its versions, which a rollback may bring back); what is left out is logged."""
+    found = []
+    for persona in registry.personas():
+        try:
+            versions = registry.versions(persona)
+            current = registry.current(persona)
+        except FormatError as exc:
+            log.error("not serving %s: %s", persona, exc)
+            continue
+        ranks = []
+        for version in versions:
+            try:
+                ranks.append(version.rank)
+            except FormatError as exc:
+                log.warning("%s left out of --max-lora-rank: %s", version.served_name, exc)
+        if current is None:
+            continue
+        problems = lora.problems(current.path, max_rank=VLLM_LORA_RANKS[-1])
+        if problems:
+            log.error("not serving %s: %s", current.served_name, "; ".join(problems))
+            continue
+        found.append((current.served_name, str(current.path), ranks))
+    return found
 
 
 def model_type(model_path: str) -> str | None:

@@ -5,7 +5,8 @@ Two ways in: an explicit approval ("Approve for training") and reactions. Rating
 person per reply (+1/-1); a reply whose thumbs-up outnumber its thumbs-down by `threshold`
 becomes a dialogue, and stops being one (if reactions alone made it) when that no longer holds.
 The dialogue is a snapshot, so a later memory reset does not lose training data; forget-me
-deletes the snapshots its caller wrote in (see `Memory.forget_author`).
+deletes the snapshots its caller wrote in, approved, or that quote them (see
+`Memory.forget_author`).
 """
 
 from __future__ import annotations

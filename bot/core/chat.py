@@ -79,7 +79,7 @@ class ChatService:
         if persona is None:
             raise RolecastError(
                 "No persona is active here. Choose one first "
-                f"(known: {', '.join(self.personas.keys())})."
+                f"(known: {', '.join(self.personas.shared_keys())})."
             )
         return persona
 

@@ -7,8 +7,11 @@ passed to whatever needs it. Turns are never dropped to make a prompt fit; only 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -19,6 +22,7 @@ from typing import Literal
 import aiosqlite
 
 from bot.core import sql
+from bot.core.quotes import Quotes
 from bot.core.text import clean_text
 
 log = logging.getLogger(__name__)
@@ -100,11 +104,16 @@ class Dialogue:
 
 @dataclass(frozen=True)
 class Forgotten:
-    """What forget-me deleted."""
+    """What forget-me deleted from the database (`bot.core.forget` adds the files)."""
 
-    turns: int
-    dialogues: int
+    turns: int  # the member's messages
+    dialogues: int  # approved dialogues they wrote in, approved, or that quote them
     ratings: int
+    replies: int = 0  # persona replies that answered or quoted them
+    mentions: int = 0  # other turns and dialogues whose mentions of their id were redacted
+    jobs: int = 0  # retrain jobs they requested (the request is kept, their id is not)
+    texts: tuple[str, ...] = ()  # what they wrote, to find in files
+    row_ids: frozenset[str] = frozenset()  # the deleted dialogues' ids in training files
 
 
 class Memory:
@@ -405,8 +414,11 @@ class Memory:
         ) as cursor:
             return [Dialogue.from_row(row) async for row in cursor]
 
-    async def count_dialogues(self, persona: str) -> int:
-        async with self.db.execute(sql.COUNT_PERSONA_DIALOGUES, (persona,)) as cursor:
+    async def count_dialogues(self, persona: str, *, guild_id: str | None = None) -> int:
+        """Approved dialogues of a persona (in one guild when given)."""
+        async with self.db.execute(
+            sql.COUNT_PERSONA_DIALOGUES, (persona, guild_id, guild_id)
+        ) as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
@@ -418,18 +430,121 @@ class Memory:
         return cursor.rowcount > 0
 
     async def forget_author(self, guild_id: str, author_id: str) -> Forgotten:
-        """Delete a person's turns, ratings and the approved dialogues they wrote in, within
-        one guild. Summaries of that guild's channels are dropped too (they may quote them)
-        and are rebuilt from the remaining turns."""
-        ratings = await self.db.execute(sql.DELETE_USER_FEEDBACK_IN_GUILD, (author_id, guild_id))
-        dialogues = await self.db.execute(
-            sql.DELETE_AUTHOR_DIALOGUES_IN_GUILD, (guild_id, author_id)
+        """Delete, within one guild, everything that holds what a person said or their id:
+        their turns and ratings; the persona replies that answered them (the first reply after
+        each of their turns, written from their words) or quote them (`bot.core.quotes`); the
+        approved dialogues they wrote in, approved, or that quote them; their id in other turns'
+        mentions (redacted) and in the retrain jobs they asked for (unlinked). The guild's
+        summaries go too (they may quote them) and are rebuilt from the remaining turns.
+        Deleted text is overwritten (`secure_delete`); `compact` then clears it from the file
+        and the write-ahead log."""
+        db = self.db
+        mine = [
+            Turn.from_row(r)
+            for r in await db.execute_fetchall(
+                sql.SELECT_AUTHOR_TURNS_IN_GUILD, (author_id, guild_id)
+            )
+        ]
+        quotes = Quotes(t.content for t in mine)
+        replies = {
+            int(r[0])
+            for r in await db.execute_fetchall(
+                sql.SELECT_REPLIES_TO_AUTHOR_IN_GUILD, (author_id, guild_id)
+            )
+            if r[0] is not None
+        }
+        if quotes:
+            after = 0
+            while True:
+                page = list(
+                    await db.execute_fetchall(
+                        sql.SELECT_GUILD_ASSISTANT_TURNS_PAGE, (after, guild_id, 500)
+                    )
+                )
+                if not page:
+                    break
+                after = int(page[-1][0])
+                found = await asyncio.to_thread(
+                    lambda rows: [int(r[0]) for r in rows if quotes.found_in(str(r[1]))], page
+                )
+                replies.update(found)
+        doomed = {
+            int(r[0])
+            for r in await db.execute_fetchall(
+                sql.SELECT_AUTHOR_DIALOGUE_IDS_IN_GUILD, (guild_id, author_id, author_id)
+            )
+        }
+        dialogues = [
+            Dialogue.from_row(r)
+            for r in await db.execute_fetchall(sql.SELECT_GUILD_DIALOGUES, (guild_id,))
+        ]
+        mention = re.compile(rf"<@!?{re.escape(author_id)}>|(?<!\d){re.escape(author_id)}(?!\d)")
+        redact: dict[int, list[dict[str, str | None]]] = {}
+        for dialogue in dialogues:
+            contents = [str(m.get("content") or "") for m in dialogue.messages]
+            if (
+                dialogue.turn_id in replies
+                or any(m.get("author_id") == author_id for m in dialogue.messages)
+                or any(quotes.found_in(c) for c in contents)
+            ):
+                doomed.add(dialogue.id)
+            elif any(mention.search(c) for c in contents):
+                redact[dialogue.id] = [
+                    {**m, "content": mention.sub("@someone", str(m.get("content") or ""))}
+                    for m in dialogue.messages
+                ]
+        ratings = await db.execute(sql.DELETE_USER_FEEDBACK_IN_GUILD, (author_id, guild_id))
+        await db.executemany(sql.DELETE_DIALOGUE, [(i,) for i in doomed])
+        gone = [t.id for t in mine] + sorted(replies)
+        await db.executemany(sql.DELETE_TURN, [(i,) for i in gone])
+        mentioned = [
+            (changed, int(r[0]))
+            for r in await db.execute_fetchall(
+                sql.SELECT_GUILD_TURNS_MENTIONING, (author_id, guild_id)
+            )
+            if (changed := mention.sub("@someone", str(r[1]))) != r[1]
+        ]
+        await db.executemany(sql.UPDATE_TURN_CONTENT, mentioned)
+        await db.executemany(
+            sql.UPDATE_DIALOGUE_MESSAGES,
+            [(json.dumps(m, ensure_ascii=False), i) for i, m in redact.items()],
         )
-        turns = await self.db.execute(sql.DELETE_AUTHOR_TURNS_IN_GUILD, (author_id, guild_id))
-        if turns.rowcount:
-            await self.db.execute(sql.DELETE_GUILD_SUMMARIES, (guild_id,))
+        jobs = await db.execute(sql.UNLINK_RETRAIN_REQUESTER_IN_GUILD, (author_id, guild_id))
+        if gone or doomed:
+            await db.execute(sql.DELETE_GUILD_SUMMARIES, (guild_id,))
+        await db.commit()
+        persona_of = {d.id: d.persona for d in dialogues}
+        return Forgotten(
+            turns=len(mine),
+            dialogues=len(doomed),
+            ratings=ratings.rowcount,
+            replies=len(replies),
+            mentions=len(mentioned) + len(redact),
+            jobs=jobs.rowcount,
+            texts=tuple(t.content for t in mine),
+            row_ids=frozenset(f"{persona_of[i]}_{i}" for i in doomed if i in persona_of),
+        )
+
+    async def retrain_workdirs(self) -> list[Path]:
+        """The work directories retrain jobs recorded (forget-me searches them)."""
+        rows = await self.db.execute_fetchall(sql.SELECT_RETRAIN_WORKDIRS)
+        return [Path(str(r[0])) for r in rows]
+
+    async def compact(self) -> bool:
+        """Rebuild the database file without free pages and fold the write-ahead log into it,
+        emptying the log: no earlier version of a page, with text since deleted, stays on
+        disk. False when another process kept the file busy (it is done next time)."""
         await self.db.commit()
-        return Forgotten(turns.rowcount, dialogues.rowcount, ratings.rowcount)
+        try:
+            await self.db.execute(sql.VACUUM)
+        except sqlite3.OperationalError as exc:
+            log.warning("could not vacuum the database: %s", exc)
+        async with self.db.execute(sql.CHECKPOINT_TRUNCATE) as cursor:
+            row = await cursor.fetchone()
+        busy = bool(row and row[0])
+        if busy:
+            log.warning("the write-ahead log could not be emptied: another connection reads it")
+        return not busy
 
     # -- rolling summaries ----------------------------------------------------------------
 

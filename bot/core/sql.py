@@ -167,7 +167,13 @@ PRAGMAS = (
     "PRAGMA synchronous=NORMAL",
     "PRAGMA foreign_keys=ON",
     "PRAGMA busy_timeout=5000",
+    # Deleted rows are overwritten with zeros, not left in free space (forget-me, resets).
+    "PRAGMA secure_delete=ON",
 )
+# After forget-me: rebuild the file without free pages, then fold the write-ahead log into it
+# and empty the log, so no earlier version of a page (with deleted text) stays on disk.
+VACUUM = "VACUUM"
+CHECKPOINT_TRUNCATE = "PRAGMA wal_checkpoint(TRUNCATE)"
 
 CREATE_MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)
@@ -267,23 +273,50 @@ SELECT_PERSONA_DIALOGUES = f"""
 SELECT {DIALOGUE_COLUMNS} FROM dialogues WHERE persona = ? AND (? IS NULL OR guild_id = ?)
 ORDER BY id
 """
-COUNT_PERSONA_DIALOGUES = "SELECT COUNT(*) FROM dialogues WHERE persona = ?"
+COUNT_PERSONA_DIALOGUES = """
+SELECT COUNT(*) FROM dialogues WHERE persona = ? AND (? IS NULL OR guild_id = ?)
+"""
 DELETE_DIALOGUE_BY_TURN = "DELETE FROM dialogues WHERE turn_id = ? AND source = ?"
 
-# forget-me: a person's turns, ratings and the dialogues they wrote in, within one guild
-DELETE_AUTHOR_TURNS_IN_GUILD = """
-DELETE FROM turns WHERE author_id = ?
+# forget-me: everything that holds what a person said, or their id, within one guild
+SELECT_AUTHOR_TURNS_IN_GUILD = f"""
+SELECT {TURN_COLUMNS} FROM turns WHERE author_id = ?
 AND channel_id IN (SELECT id FROM channels WHERE guild_id = ?)
 """
-DELETE_AUTHOR_DIALOGUES_IN_GUILD = """
-DELETE FROM dialogues WHERE guild_id = ?
-AND id IN (SELECT dialogue_id FROM dialogue_authors WHERE author_id = ?)
+# For each of a person's turns, the persona reply that answered it (the first after it).
+SELECT_REPLIES_TO_AUTHOR_IN_GUILD = """
+SELECT DISTINCT (SELECT MIN(a.id) FROM turns a
+                 WHERE a.channel_id = u.channel_id AND a.persona = u.persona
+                 AND a.role = 'assistant' AND a.id > u.id)
+FROM turns u WHERE u.author_id = ?
+AND u.channel_id IN (SELECT id FROM channels WHERE guild_id = ?)
 """
+SELECT_GUILD_ASSISTANT_TURNS_PAGE = """
+SELECT id, content FROM turns WHERE role = 'assistant' AND id > ?
+AND channel_id IN (SELECT id FROM channels WHERE guild_id = ?)
+ORDER BY id LIMIT ?
+"""
+SELECT_GUILD_TURNS_MENTIONING = """
+SELECT id, content FROM turns WHERE instr(content, ?) > 0
+AND channel_id IN (SELECT id FROM channels WHERE guild_id = ?)
+"""
+UPDATE_TURN_CONTENT = "UPDATE turns SET content = ? WHERE id = ?"
+SELECT_GUILD_DIALOGUES = f"SELECT {DIALOGUE_COLUMNS} FROM dialogues WHERE guild_id = ? ORDER BY id"
+SELECT_AUTHOR_DIALOGUE_IDS_IN_GUILD = """
+SELECT d.id FROM dialogues d WHERE d.guild_id = ?
+AND (d.approved_by = ? OR d.id IN (SELECT dialogue_id FROM dialogue_authors WHERE author_id = ?))
+"""
+UPDATE_DIALOGUE_MESSAGES = "UPDATE dialogues SET messages = ? WHERE id = ?"
+DELETE_DIALOGUE = "DELETE FROM dialogues WHERE id = ?"
 DELETE_USER_FEEDBACK_IN_GUILD = """
 DELETE FROM feedback WHERE user_id = ?
 AND turn_id IN (SELECT t.id FROM turns t JOIN channels c ON c.id = t.channel_id
                 WHERE c.guild_id = ?)
 """
+UNLINK_RETRAIN_REQUESTER_IN_GUILD = """
+UPDATE retrain_jobs SET requested_by = NULL WHERE requested_by = ? AND guild_id IS ?
+"""
+SELECT_RETRAIN_WORKDIRS = "SELECT workdir FROM retrain_jobs WHERE workdir IS NOT NULL"
 DELETE_GUILD_SUMMARIES = """
 DELETE FROM summaries WHERE channel_id IN (SELECT id FROM channels WHERE guild_id = ?)
 """

@@ -173,18 +173,28 @@ class RolecastBot(commands.Bot):
 
     # -- helpers the cogs share ------------------------------------------------------------
 
-    def persona_choices(self, current: str) -> list[app_commands.Choice[str]]:
-        """Autocomplete for a persona argument: key or name contains what was typed."""
+    def persona_choices(
+        self, current: str, guild_id: int | str | None
+    ) -> list[app_commands.Choice[str]]:
+        """Autocomplete for a persona argument: the personas this server sees (the shared ones
+        and its own) whose key or name contains what was typed."""
         needle = current.strip().lower()
         choices = []
-        for p in self.personas.all():
-            if not needle or needle in p.key or needle in p.name.lower():
+        for p in self.personas.visible(str(guild_id) if guild_id is not None else None):
+            key = p.short_key
+            if not needle or needle in key or needle in p.name.lower():
                 # The key stays readable when a long name is cut.
-                label = f"{limits.one_line(p.name, limits.CHOICE_CHARS - len(p.key) - 3)} ({p.key})"
-                choices.append(limits.choice(label, p.key))
+                label = f"{limits.one_line(p.name, limits.CHOICE_CHARS - len(key) - 3)} ({key})"
+                choices.append(limits.choice(label, key))
                 if len(choices) == limits.CHOICES:
                     break
         return choices
+
+    def persona_for(self, interaction: discord.Interaction[Any], name: str) -> Persona:
+        """The persona a command's caller means by `name`: the shared ones and those of the
+        caller's server only (`PersonaRegistry.resolve`)."""
+        guild = interaction.guild_id
+        return self.personas.resolve(name, str(guild) if guild is not None else None)
 
     def sampling_for(self, channel: ChannelSettings) -> SamplingSettings:
         """The configured sampling with the channel's overrides applied."""
@@ -196,9 +206,6 @@ class RolecastBot(commands.Bot):
 
     def identity(self, persona: Persona) -> Identity:
         return Identity(persona.name, avatar_url(persona))
-
-    def persona_keys(self) -> list[str]:
-        return self.personas.keys()
 
 
 def avatar_url(persona: Persona) -> str | None:
@@ -267,6 +274,7 @@ async def command_tree(settings: BotSettings) -> dict[str, object]:
                 "key": p.key,
                 "name": p.name,
                 "source": "shipped" if p.builtin else clean_text(str(p.path)),
+                "guild": p.guild_id,
             }
             for p in personas.all()
         ],

@@ -3,8 +3,8 @@
 Discord refuses a whole request when one part breaks a limit, so a persona with a long name or
 a card with a long description would otherwise silence a reply or a command. Every place that
 sends text goes through these: message content (2,000 characters, also for ephemeral and
-follow-up messages), webhook usernames (1-80 characters, never containing "clyde" or
-"discord", never exactly "everyone" or "here"), embeds (title 256, description 4,096, 25
+follow-up messages), webhook usernames (1-80 characters, never containing "clyde",
+"discord", "@", "#", ":" or "```", never exactly "everyone" or "here"), embeds (title 256, description 4,096, 25
 fields of name 256 / value 1,024, footer 2,048, author 256, 6,000 in all) and application
 command choices (25 per answer, names and values of 1-100 characters).
 """
@@ -39,6 +39,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 # Substrings Discord refuses in webhook names; a hair space inside them keeps the name legible.
 _REFUSED_WORDS = re.compile(r"(c)(lyde)|(d)(iscord)|(`)(``)", re.IGNORECASE)
 _REFUSED_NAMES = re.compile(r"^(e)(veryone)$|^(h)(ere)$", re.IGNORECASE)
+# Characters Discord refuses in usernames (they would read as mentions, channels or emoji):
+# their full-width forms look the same and are accepted.
+_REFUSED_CHARS = str.maketrans({"@": "\uff20", "#": "\uff03", ":": "\uff1a"})
 
 
 def shorten(text: str, limit: int) -> str:
@@ -63,7 +66,7 @@ def _split_word(match: re.Match[str]) -> str:
 
 def webhook_username(name: str, fallback: str = "Persona") -> str:
     """A webhook username Discord accepts, as close to `name` as it allows."""
-    text = " ".join(_CONTROL.sub(" ", clean_text(name)).split())
+    text = " ".join(_CONTROL.sub(" ", clean_text(name)).split()).translate(_REFUSED_CHARS)
     text = _REFUSED_WORDS.sub(_split_word, text)
     text = _REFUSED_NAMES.sub(_split_word, text)
     text = shorten(text, WEBHOOK_NAME_CHARS).strip()

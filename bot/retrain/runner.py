@@ -50,7 +50,7 @@ class RetrainService:
         server_url: str | None,
         listener: Listener | None = None,
         names_for: NamesFor | None = None,
-        python: str = sys.executable,
+        python: str | None = None,
     ) -> None:
         self.memory = memory
         self.personas = personas
@@ -59,6 +59,7 @@ class RetrainService:
         self.server_url = server_url
         self.listener = listener
         self.names_for = names_for
+        python = python or self.config.python or sys.executable
         self.python = python
         self.store = JobStore(memory.db)
         self.registry = AdapterRegistry(settings.adapters)

@@ -140,7 +140,8 @@ async def test_import_json_png_and_bad_cards_then_remove(rig: Rig, tmp_path: Pat
     ident, resolved = attachment(good)
     await rig.command("persona import", {"card": ident}, permissions=ADMIN, resolved=resolved)
     assert "Imported **Sir Reginald** as `knight`" in rig.last_response()
-    assert (rig.home / "personas" / "knight.json").exists()
+    # the server's own persona, in the server's folder
+    assert (rig.home / "personas" / "guilds" / str(rig.guild.id) / "knight.json").exists()
 
     png = tmp_path / "Lady Ada.png"
     card["data"]["name"] = "Lady Ada"  # type: ignore[index]
@@ -164,7 +165,7 @@ async def test_import_json_png_and_bad_cards_then_remove(rig: Rig, tmp_path: Pat
     assert "1 channel(s) no longer have a persona" in rig.last_response()
     assert "knight" not in rig.bot.personas
     await rig.command("persona remove", {"name": "haruhi"}, permissions=ADMIN)
-    assert "ships with Rolecast" in rig.last_response()
+    assert "shared by every server and cannot be removed from Discord" in rig.last_response()
 
 
 async def test_memory_show_reset_with_confirmation(rig: Rig):
@@ -259,7 +260,10 @@ async def test_approvals_reactions_export_and_forget_me(rig: Rig):
 
     # forget-me: bob's turns, ratings and the dialogues he took part in are gone.
     await rig.command("memory forget-me", member=rig.bob)
-    assert "deleted 1 of your messages, 1 approved dialogues" in rig.last_response()
+    assert rig.last_response().startswith(
+        "Deleted 1 of your messages, 1 persona replies that answered or quoted you, "
+        "1 approved training dialogues that held your words or your approval"
+    )
     left = await rig.memory.recent_turns(rig.key, "haruhi", limit=50)
     assert all(t.author_id != str(rig.bob.id) for t in left)
     assert await rig.memory.count_dialogues("haruhi") == 1
@@ -272,6 +276,6 @@ async def test_status_shows_health_adapters_and_queue(rig: Rig, server_state: Se
     embed = json.loads(rig.api.texts()[-1])
     fields = {f["name"]: f["value"] for f in embed["fields"]}
     assert fields["Model server"].startswith("up")
-    assert "`haruhi` → haruhi@v2" in fields["Personas"]
+    assert "`haruhi` → haruhi@v2 · 0 approved here" in fields["Personas"]
     assert "`atri` → instant-base" in fields["Personas"]
     assert fields["Queue"].startswith("0 replies")

@@ -19,6 +19,7 @@ from finetune.errors import ConfigError
 from finetune.loop import batch_loss
 from finetune.packing import collate_packed, collate_padded
 from finetune.trainer import encode_dialogues, train
+from formats import lora
 from tests.finetune.ft_helpers import dialogue, write_jsonl
 
 
@@ -201,6 +202,10 @@ def test_training_adapts_attention_and_experts_and_vllm_reads_the_layout(
         for ab in "AB"
     }
     assert hidden  # the shapes above are the base's
+    # the servable rule reads the expert tensors against the base's dimensions
+    assert lora.problems(out, base_config=base) == []
+    tampered = dict(base, num_local_experts=2 * experts)
+    assert any("stacks" in p for p in lora.problems(out, base_config=tampered))
 
 
 def test_targets_vllm_cannot_serve_are_refused_unless_asked_for(

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from formats.lora import TOKENIZER_FILES
 from tests.finetune.ft_helpers import dialogue, write_jsonl
 
 
@@ -46,6 +47,8 @@ def test_json_lines_report_every_step_and_the_result(
     assert final["adapter"] == str(out)
     assert final["manifest"] == json.loads((out / "rolecast.json").read_text())
     assert final["manifest"]["metrics"]["steps"] == 3
+    # the tokenizer is the base model's: none beside the adapter for vLLM to take per LoRA
+    assert not {p.name for p in out.iterdir()} & TOKENIZER_FILES
 
 
 def test_an_error_is_a_json_line_too(tiny_llama_dir: Path, tmp_path: Path) -> None:

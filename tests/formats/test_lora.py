@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from formats import lora
+from tests.adapters import lora_tensors, safetensors_bytes
 
 
 def adapter(
@@ -21,7 +22,9 @@ def adapter(
     }
     (path / "adapter_config.json").write_text(json.dumps({**base, **config}))
     if weights:
-        (path / "adapter_model.safetensors").write_bytes(b"")
+        rank = config.get("r", 8)
+        tensors = lora_tensors(rank if isinstance(rank, int) and rank > 0 else 8)
+        (path / "adapter_model.safetensors").write_bytes(safetensors_bytes(tensors))
     if manifest is not None:
         (path / "rolecast.json").write_text(json.dumps(manifest))
     return path
@@ -48,7 +51,7 @@ def test_every_reason_is_given(tmp_path: Path) -> None:
     assert found == [
         "peft_type is IA3; only LORA adapters can be served",
         "LoRA rank 128 is greater than max_lora_rank 64",
-        "modules_to_save is set (['lm_head']); vLLM cannot serve full copies of modules: "
+        'modules_to_save is set (["lm_head"]); vLLM cannot serve full copies of modules: '
         "train without modules_to_save",
         "use_dora is true; vLLM does not serve DoRA adapters",
         "adapter_model.safetensors is missing",

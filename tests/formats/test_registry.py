@@ -11,16 +11,11 @@ import pytest
 
 from formats.errors import RegistryError
 from formats.registry import AdapterRegistry, Pointer, parse_served_name, served_name
+from tests.adapters import fake_lora
 
 
 def fake_adapter(path: Path, rank: int = 8, **manifest: object) -> Path:
-    path.mkdir(parents=True)
-    config = {"peft_type": "LORA", "r": rank, "base_model_name_or_path": "org/base"}
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    (path / "adapter_model.safetensors").write_bytes(b"")
-    if manifest:
-        (path / "rolecast.json").write_text(json.dumps(manifest))
-    return path
+    return fake_lora(path, r=rank, manifest=manifest or None)
 
 
 def test_pointer_round_trips_through_its_file(tmp_path: Path) -> None:
@@ -91,3 +86,23 @@ def test_served_names() -> None:
     assert parse_served_name("my-persona@v12") == ("my-persona", 12)
     for other in ("SmolLM2-135M-Instruct", "haruhi@v0", "haruhi@vx", "@v1"):
         assert parse_served_name(other) is None
+
+
+def test_a_version_takes_neither_tokenizer_files_nor_checkpoints(tmp_path: Path) -> None:
+    source = fake_adapter(tmp_path / "run", rank=8, persona="haruhi")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (source / name).write_text("{}")
+    (source / "checkpoints" / "step-2").mkdir(parents=True)
+    (source / "checkpoints" / "step-2" / "state.json").write_text("{}")
+    (source / "loss.png").write_bytes(b"png")
+
+    version = AdapterRegistry(tmp_path / "registry").add_version("haruhi", source)
+
+    names = {p.name for p in version.path.iterdir()}
+    assert names == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "rolecast.json",
+        "loss.png",
+    }
+    assert (source / "tokenizer.json").is_file()  # the source is left as it was

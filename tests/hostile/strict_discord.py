@@ -43,7 +43,7 @@ def username_problems(name: object) -> list[str]:
     if not USERNAME[0] <= len(text.strip()) <= USERNAME[1] or len(text) > USERNAME[1]:
         problems.append(f"username of {len(text)} characters")
     lowered = text.lower()
-    for word in ("clyde", "discord"):
+    for word in ("clyde", "discord", "@", "#", ":", "```"):
         if word in lowered:
             problems.append(f"username contains {word!r}")
     if lowered.strip() in ("everyone", "here"):

@@ -176,7 +176,10 @@ async def test_long_names_and_replies_fit_discord(
     assert texts[-1].endswith("*[cut at the token limit]*")
 
 
-@pytest.mark.parametrize("name", ["clyde", "Discord", "everyone", "here", "x", "a" * 200])
+@pytest.mark.parametrize(
+    "name",
+    ["clyde", "Discord", "everyone", "here", "x", "a" * 200, "@everyone", "Re:Zero", "#1", "a```b"],
+)
 async def test_webhook_names_discord_would_refuse_are_made_acceptable(name: str, rig: Rig) -> None:
     await add_persona(rig, "odd", long_card(name, first_mes="Greetings."))
     await rig.command("persona set", {"name": "odd"})

@@ -24,7 +24,7 @@ from bot.core.personas import PersonaRegistry
 from bot.core.sidecar import EmbeddedServer
 from bot.core.text import defuse_control_tokens
 from bot.settings import SamplingSettings
-from serving.rendering import ChatRenderer
+from formats.rendering import ChatRenderer
 from tests.hostile.properties import PROFILES, run_property
 from tests.hostile.strategies import NASTY
 

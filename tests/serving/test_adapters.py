@@ -15,7 +15,7 @@ from bot.core.sidecar import EmbeddedServer
 from formats.errors import RegistryError
 from formats.registry import AdapterRegistry
 from serving.publish import Publisher, ServerClient
-from tests.adapters import make_adapter
+from tests.adapters import broken_registry, fake_lora, lora_tensors, make_adapter
 
 MESSAGES = [{"role": "user", "content": "Who are you?"}]
 
@@ -33,16 +33,25 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def server(
-    tiny_model_dir: Path, adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> EmbeddedServer:
-    # a registry with one good current version and one whose weights are garbage
+def startup_registry(
+    adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[AdapterRegistry, dict[str, str]]:
+    """A registry with one good current version and one persona for every way its files
+    can be broken (persona -> what is broken)."""
     registry = AdapterRegistry(tmp_path_factory.mktemp("startup-registry"))
     good = registry.add_version("atri", adapters["c"])
     registry.set_current("atri", good.version)
-    broken = registry.add_version("broken", adapters["c"])
-    (broken.path / "adapter_model.safetensors").write_bytes(b"garbage")
-    registry.set_current("broken", broken.version)
+    return registry, broken_registry(registry.root, adapters["c"])
+
+
+@pytest.fixture(scope="module")
+def server(
+    tiny_model_dir: Path,
+    adapters: dict[str, Path],
+    startup_registry: tuple[AdapterRegistry, dict[str, str]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> EmbeddedServer:
+    registry, _ = startup_registry
     srv = EmbeddedServer(
         serve_args=[
             "--model",
@@ -51,6 +60,8 @@ def server(
             "tiny",
             "--max-model-len",
             "512",
+            "--max-lora-rank",
+            "64",  # below the default (256), so that "big" (r128) is refused
             "--lora-modules",
             f"static-a={adapters['a']}",
             "--adapters-dir",
@@ -85,10 +96,23 @@ def post(server: EmbeddedServer, path: str, body: dict[str, object]) -> httpx.Re
 
 def test_startup_adapters_listed_with_parent(client: openai.OpenAI) -> None:
     cards = {m.id: m.model_dump() for m in client.models.list().data}
-    # --lora-modules and the registry's current versions; the broken one is left out
+    # --lora-modules and the registry's current versions; the broken ones are left out
     assert set(cards) == {"tiny", "static-a", "atri@v1"}
     assert cards["static-a"]["parent"] == "tiny" and cards["static-a"]["root"]
     assert cards["tiny"]["parent"] is None
+
+
+def test_every_broken_persona_is_left_out_with_its_reason(
+    server: EmbeddedServer, startup_registry: tuple[AdapterRegistry, dict[str, str]]
+) -> None:
+    assert server.log_path is not None
+    log = server.log_path.read_text(encoding="utf-8", errors="replace")
+    assert "Traceback" not in log
+    _, broken = startup_registry
+    for persona in broken:
+        # each is named where the server says what it did not load, with the reason
+        said = f"not serving {persona}" in log or f"not serving adapter {persona}@v1" in log
+        assert said, persona
 
 
 def test_adapter_changes_output_and_base_stays(client: openai.OpenAI) -> None:
@@ -155,6 +179,19 @@ def test_broken_adapter_dir_is_400_and_server_keeps_serving(
         assert response.json()["error"]["type"] == "BadRequestError"
     assert "bad" not in {m.id for m in client.models.list().data}
     assert greedy(client, "static-a")  # still serving
+
+
+def test_an_adapter_for_another_base_is_refused_with_its_shapes(
+    server: EmbeddedServer, client: openai.OpenAI, tmp_path: Path
+) -> None:
+    wide = {"q_proj": (96, 96), "v_proj": (96, 32)}
+    other = fake_lora(tmp_path / "other", tensors=lora_tensors(8, dims=wide))
+    response = post(
+        server, "/v1/load_lora_adapter", {"lora_name": "other", "lora_path": str(other)}
+    )
+    assert response.status_code == 400, response.text
+    assert "takes 96 inputs; the base model's has 64" in response.json()["error"]["message"]
+    assert "other" not in {m.id for m in client.models.list().data}
 
 
 async def test_mixed_adapter_batch_matches_each_alone(

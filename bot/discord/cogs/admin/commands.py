@@ -163,7 +163,7 @@ class AdminCommands(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         guild = interaction.guild
         assert guild is not None
-        found = self.bot.personas.get(persona)
+        found = self.bot.persona_for(interaction, persona)
         dialogues = await self.bot.memory.dialogues(found.key, guild_id=str(guild.id))
         authors = {
             str(m["author_id"]): str(m["author_name"])
@@ -171,7 +171,7 @@ class AdminCommands(commands.Cog):
             for m in d.messages
             if m.get("author_id") and m.get("author_name")
         }
-        result = export_dialogues(found.key, found.card, dialogues, _names(guild, authors))
+        result = export_dialogues(found.short_key, found.card, dialogues, _names(guild, authors))
         if not result.records:
             await send_ephemeral(
                 interaction,
@@ -208,4 +208,4 @@ class AdminCommands(commands.Cog):
     async def export_autocomplete(
         self, interaction: discord.Interaction[RolecastBot], current: str
     ) -> list[app_commands.Choice[str]]:
-        return self.bot.persona_choices(current)
+        return self.bot.persona_choices(current, interaction.guild_id)

@@ -144,6 +144,8 @@ class ChatListener(commands.Cog):
         if not triggered:
             return None
         persona = self.bot.chat.persona_by_key(settings.persona)
+        if persona is not None and persona.guild_id not in (None, str(message.guild.id)):
+            persona = None  # another server's persona is never heard here
         if persona is None:
             if mentioned:
                 await self._notice(

@@ -39,6 +39,11 @@ class Feedback(commands.Cog):
     ) -> None:
         await interaction.response.defer(ephemeral=True)
         turn = await self.bot.memory.turn_by_message(str(message.id))
+        guild = str(interaction.guild_id)
+        if turn is not None:
+            where = (await self.bot.memory.channel_settings(turn.channel_id)).guild_id
+            if where is not None and where != guild:
+                turn = None  # another server's reply: not this server's to approve
         if turn is None or turn.role != "assistant":
             await send_ephemeral(
                 interaction, "That message is not a persona reply that Rolecast remembers."
@@ -46,16 +51,18 @@ class Feedback(commands.Cog):
             return
         # (An interrupted reply is refused with a RolecastError: the tree says why.)
         dialogue, new = await self.bot.approvals.approve(
-            turn, by=str(interaction.user.id), guild_id=str(interaction.guild_id)
+            turn, by=str(interaction.user.id), guild_id=guild
         )
-        total = await self.bot.memory.count_dialogues(turn.persona)
+        total = await self.bot.memory.count_dialogues(turn.persona, guild_id=guild)
+        persona = self.bot.chat.persona_by_key(turn.persona)
+        shown = persona.short_key if persona is not None else turn.persona
         if new:
             text = (
                 f"Approved for training: this reply and the {len(dialogue.messages) - 1} turns "
-                f"before it. {turn.persona} now has {total} approved dialogues."
+                f"before it. {shown} now has {total} approved dialogues in this server."
             )
         else:
-            text = f"Already approved. {turn.persona} has {total} approved dialogues."
+            text = f"Already approved. {shown} has {total} approved dialogues in this server."
         await send_ephemeral(interaction, text)
 
     async def _rating(self, payload: discord.RawReactionActionEvent, *, added: bool) -> None:

@@ -10,6 +10,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.core.client import ending_note
+from bot.core.forget import forget_member
 from bot.core.memory import Turn
 from bot.discord import limits
 from bot.discord.bot import NO_MENTIONS, channel_key, send_ephemeral
@@ -139,18 +140,10 @@ class MemoryCommands(commands.GroupCog, group_name="memory"):
     async def forget_me(self, interaction: discord.Interaction[RolecastBot]) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         assert interaction.guild_id is not None
-        gone = await self.bot.memory.forget_author(
-            str(interaction.guild_id), str(interaction.user.id)
+        report = await forget_member(
+            self.bot.memory,
+            str(interaction.guild_id),
+            str(interaction.user.id),
+            workdirs=[self.bot.settings.retrain_dir],
         )
-        log.info(
-            "forget-me in guild %s: %d turns, %d dialogues, %d ratings",
-            interaction.guild_id,
-            gone.turns,
-            gone.dialogues,
-            gone.ratings,
-        )
-        await send_ephemeral(
-            interaction,
-            f"Done: deleted {gone.turns} of your messages, {gone.dialogues} approved dialogues "
-            f"you took part in and {gone.ratings} of your ratings from this server's memory.",
-        )
+        await send_ephemeral(interaction, report.summary())

@@ -1,4 +1,9 @@
-"""`/persona set|list|info` for members, `/persona import|remove` for admins."""
+"""`/persona set|list|info` for members, `/persona import|remove` for admins.
+
+A server sees the shared personas (shipped, or imported by the operator) and its own: what an
+admin imports belongs to that server (`bot.core.personas`), and only that server's admins can
+replace or remove it. The shared ones are read-only from Discord.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from discord.ext import commands
 
 from bot.core.cards import MAX_CARD_BYTES, parse_card
 from bot.core.chat import describe_model
-from bot.core.personas import Persona, persona_key
+from bot.core.personas import Persona, guild_key, persona_key
 from bot.discord import limits
 from bot.discord.bot import channel_key, send_ephemeral
 from bot.discord.permissions import admin_only, guild_only
@@ -38,8 +43,8 @@ def shown_name(name: str) -> str:
 def info_embed(persona: Persona, served: str) -> discord.Embed:
     """What `/persona info` shows of a card, within Discord's embed limits."""
     data = persona.card.data
-    title = limits.one_line(persona.name, limits.EMBED_TITLE_CHARS - len(persona.key) - 3)
-    embed = discord.Embed(title=f"{title} ({persona.key})")
+    title = limits.one_line(persona.name, limits.EMBED_TITLE_CHARS - len(persona.short_key) - 3)
+    embed = discord.Embed(title=f"{title} ({persona.short_key})")
     embed.description = _short(data.description or data.system_prompt or "—", 1000)
     if data.personality.strip():
         embed.add_field(name="Personality", value=_short(data.personality, 500), inline=False)
@@ -66,7 +71,7 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
     async def persona_autocomplete(
         self, interaction: discord.Interaction[RolecastBot], current: str
     ) -> list[app_commands.Choice[str]]:
-        return self.bot.persona_choices(current)
+        return self.bot.persona_choices(current, interaction.guild_id)
 
     @app_commands.command(name="set", description="Make a persona this channel's character.")
     @app_commands.describe(name="The persona (start typing to search)")
@@ -76,9 +81,9 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
         channel = interaction.channel
         key = channel_key(channel) if channel is not None else ""
         user_name = interaction.user.display_name
-        greeting = await self.bot.chat.set_persona(key, name, user_name=user_name)
+        persona = self.bot.persona_for(interaction, name)
+        greeting = await self.bot.chat.set_persona(key, persona.key, user_name=user_name)
         await self.bot.memory.set_channel_guild(key, str(interaction.guild_id))
-        persona = self.bot.personas.get(name)
         try:
             served = (
                 f" It answers through {describe_model(await self.bot.chat.served_by(persona))}."
@@ -87,8 +92,8 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
             served = ""  # the server is down: the first message says so
         await send_ephemeral(
             interaction,
-            f"**{shown_name(persona.name)}** ({persona.key}) is now the persona of this channel."
-            + served,
+            f"**{shown_name(persona.name)}** ({persona.short_key}) is now the persona of this "
+            "channel." + served,
         )
         if greeting is not None and isinstance(
             channel, discord.TextChannel | discord.Thread | discord.VoiceChannel
@@ -101,9 +106,16 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
 
     @app_commands.command(name="list", description="The personas you can choose.")
     async def list_personas(self, interaction: discord.Interaction[RolecastBot]) -> None:
+        guild = str(interaction.guild_id) if interaction.guild_id is not None else None
+
+        def origin(p: Persona) -> str:
+            if p.builtin:
+                return ""
+            return " — this server's" if p.guild_id is not None else " — shared"
+
         lines = [
-            f"• **{shown_name(p.name)}** (`{p.key}`){'' if p.builtin else ' — imported'}"
-            for p in self.bot.personas.all()
+            f"• **{shown_name(p.name)}** (`{p.short_key}`){origin(p)}"
+            for p in self.bot.personas.visible(guild)
         ]
         await send_ephemeral(interaction, "\n".join(lines) or "No personas yet.")
 
@@ -111,7 +123,7 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
     @app_commands.describe(name="The persona")
     async def info(self, interaction: discord.Interaction[RolecastBot], name: str) -> None:
         await interaction.response.defer(ephemeral=True)
-        persona = self.bot.personas.get(name)
+        persona = self.bot.persona_for(interaction, name)
         try:
             served = describe_model(await self.bot.chat.served_by(persona))
         except RolecastError:
@@ -125,7 +137,9 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
         name="import", description="Add a Character Card V2/V3 (JSON or PNG). Admins only."
     )
     @app_commands.describe(
-        card="The card file (.json or .png)", key="Short name to use (default: from the file)"
+        card="The card file (.json or .png)",
+        key="Short name to use (default: from the file)",
+        replace="Replace this server's persona of the same key",
     )
     @app_commands.default_permissions(manage_guild=True)
     @admin_only
@@ -134,6 +148,7 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
         interaction: discord.Interaction[RolecastBot],
         card: discord.Attachment,
         key: str | None = None,
+        replace: bool = False,
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         if card.size > MAX_CARD_BYTES:
@@ -154,14 +169,18 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
                 f"**{shown_name(card.filename)}** is not a usable character card:\n{problems}",
             )
             return
+        assert interaction.guild_id is not None  # admin_only refuses direct messages
+        guild = str(interaction.guild_id)
         new_key = persona_key(key or PurePath(card.filename).stem)
-        replaced = new_key in self.bot.personas
-        persona = self.bot.personas.add(new_key, parsed)
+        replaced = guild_key(guild, new_key) in self.bot.personas
+        # the server's own persona: another server's of the same key is another persona
+        persona = self.bot.personas.add(new_key, parsed, guild_id=guild, replace=replace)
         log.info("persona %s imported by %s", persona.key, interaction.user.id)
         await send_ephemeral(
             interaction,
             f"{'Replaced' if replaced else 'Imported'} **{shown_name(persona.name)}** as "
-            f"`{persona.key}` ({parsed.spec}). Use /persona set to bring it into a channel.",
+            f"`{persona.short_key}` ({parsed.spec}) for this server. Use /persona set to bring "
+            "it into a channel.",
         )
 
     @app_commands.command(name="remove", description="Delete an imported persona. Admins only.")
@@ -170,14 +189,23 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
     @admin_only
     async def remove(self, interaction: discord.Interaction[RolecastBot], name: str) -> None:
         await interaction.response.defer(ephemeral=True)
-        persona = self.bot.personas.get(name)
+        persona = self.bot.persona_for(interaction, name)
+        if persona.shared:
+            raise RolecastError(
+                f"**{shown_name(persona.name)}** (`{persona.short_key}`) is shared by every "
+                "server and cannot be removed from Discord: the bot's operator removes it "
+                "(`rolecast persona remove`)."
+            )
         self.bot.personas.remove(persona.key)
+        # The registry key is this server's own (`g<server>-<key>`): only this server's
+        # channels (and a terminal session the operator opened with it) can have it.
         channels = await self.bot.memory.clear_persona_everywhere(persona.key)
         log.info("persona %s removed by %s", persona.key, interaction.user.id)
         await send_ephemeral(
             interaction,
-            f"Removed **{shown_name(persona.name)}** (`{persona.key}`); {channels} channel(s) no "
-            "longer have a persona. Its conversations and approved dialogues are kept.",
+            f"Removed **{shown_name(persona.name)}** (`{persona.short_key}`); {channels} "
+            "channel(s) no longer have a persona. Its conversations and approved dialogues are "
+            "kept.",
         )
 
     remove.autocomplete("name")(persona_autocomplete)

@@ -5,6 +5,12 @@ loss, tokens/s, time left; at most every `retrain.status_interval_s`), then atta
 curve and the eval chart. It is a channel message, not the interaction's response, because an
 interaction token expires after 15 minutes and a job may run longer or outlive a restart: the
 job row keeps the channel and message ids, and a restarted bot edits the same message.
+
+What one server does here never changes what another hears: a server retrains and rolls back
+only the personas it imported (`bot.core.personas`), on its own approved dialogues. The shared
+personas (shipped, or imported by the operator) speak the same in every server, so their
+adapters are the operator's to retrain and roll back (`rolecast retrain`, `rolecast adapters
+rollback`); a server may look at their versions with `/adapters`.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from discord.ext import commands
 
 from bot.core.export import Names
 from bot.core.memory import Dialogue
+from bot.core.personas import Persona
 from bot.discord import limits
 from bot.discord.bot import send_ephemeral
 from bot.discord.permissions import admin_only
+from bot.errors import RolecastError
 from bot.retrain.jobs import Job, JobActive
 from bot.retrain.progress import format_duration
 from bot.retrain.runner import RetrainService, author_names
@@ -76,6 +84,20 @@ def guild_names(guild: discord.Guild | None, dialogues: Sequence[Dialogue]) -> N
         roles={str(r.id): r.name for r in guild.roles},
         channels={str(c.id): c.name for c in guild.channels},
     )
+
+
+def owned(persona: Persona, what: str) -> Persona:
+    """`persona`, when the calling server owns it; else why it cannot `what` it."""
+    if persona.shared:
+        shown = discord.utils.escape_markdown(limits.one_line(persona.name, 100))
+        raise RolecastError(
+            f"**{shown}** (`{persona.short_key}`) is shared by every server this bot is in, so "
+            f"a server cannot {what} it: that would change what the other servers hear. The "
+            f"bot's operator does (`rolecast retrain --persona {persona.key}`, `rolecast "
+            "adapters rollback`). Import a card of your own (/persona import) to train a "
+            "persona of this server."
+        )
+    return persona
 
 
 class RetrainCommands(commands.Cog):
@@ -162,7 +184,7 @@ class RetrainCommands(commands.Cog):
         min_approved: app_commands.Range[int, 2, 100_000] | None = None,
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        found = self.bot.personas.get(persona)
+        found = owned(self.bot.persona_for(interaction, persona), "retrain")
         active = await self.service.store.active(found.key)
         if active is not None:
             await send_ephemeral(interaction, str(JobActive(active)) + ".")
@@ -196,10 +218,12 @@ class RetrainCommands(commands.Cog):
         name="adapters", description="A persona's adapter versions and which is live."
     )
     @app_commands.describe(persona="The persona")
+    @app_commands.default_permissions(manage_guild=True)
     @app_commands.guild_only()
+    @admin_only
     async def adapters(self, interaction: discord.Interaction[RolecastBot], persona: str) -> None:
         await interaction.response.defer(ephemeral=True)
-        found = self.bot.personas.get(persona)
+        found = self.bot.persona_for(interaction, persona)
         versions, live = self.service.versions(found.key)
         if not versions:
             await send_ephemeral(
@@ -226,7 +250,7 @@ class RetrainCommands(commands.Cog):
     @admin_only
     async def rollback(self, interaction: discord.Interaction[RolecastBot], persona: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        found = self.bot.personas.get(persona)
+        found = owned(self.bot.persona_for(interaction, persona), "roll back")
         answer = await self.service.rollback(found.key)
         log.warning("%s rolled back by %s: %s", found.key, interaction.user.id, answer)
         await send_ephemeral(interaction, answer)
@@ -237,4 +261,4 @@ class RetrainCommands(commands.Cog):
     async def persona_autocomplete(
         self, interaction: discord.Interaction[RolecastBot], current: str
     ) -> list[app_commands.Choice[str]]:
-        return self.bot.persona_choices(current)
+        return self.bot.persona_choices(current, interaction.guild_id)
