@@ -4,8 +4,9 @@ The base is loaded in the dtype of the device (bf16 on a GPU, fp32 on a CPU) wit
 kernel the batches need (`finetune.attention`), its weights frozen; a plain LoRA (no DoRA, no
 `modules_to_save`, no bias: `formats.lora`'s servable rule) is attached to every linear layer
 but the head, or to the modules asked for, at the rank asked for or the one the base's size
-calls for (`finetune.config.default_rank`); NEFTune noise is hooked onto the input embeddings
-when asked for.
+calls for (`finetune.config.default_rank`), and to a mixture-of-experts base's fused expert
+weights (`finetune.moe`); targets vLLM cannot serve on the base are refused unless asked for.
+NEFTune noise is hooked onto the input embeddings when asked for.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any
 
 import torch
 
-from finetune import models
-from finetune.attention import VARLEN, choose_attention
+from finetune import models, moe
+from finetune.attention import VARLEN, choose_attention, has_sinks
 from finetune.config import TrainConfig, default_rank
+from finetune.errors import ConfigError
 from finetune.packing import Batch
+from formats import lora
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +42,20 @@ def lora_config(cfg: TrainConfig, model: Any) -> Any:
     """A plain LoRA config that vLLM can load: no DoRA, no modules_to_save, no bias.
 
     `all-linear` is resolved to short module names here (q_proj, ..., down_proj), so the
-    adapter config lists what it adapts the way vLLM and LLaMA-Factory expect to read it.
+    adapter config lists what it adapts the way vLLM and LLaMA-Factory expect to read it; fused
+    expert weights come from `--target_parameters` (`finetune.moe`).
     """
     from peft import LoraConfig
 
     targets = linear_module_names(model) if cfg.modules == "all-linear" else cfg.modules
+    parameters = moe.target_parameters(cfg.target_parameters, model.config.model_type)
     return LoraConfig(
         r=lora_rank(cfg, model),
         lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
+        lora_dropout=0.0 if parameters else cfg.lora_dropout,  # PEFT's parameter LoRA takes none
         use_rslora=cfg.use_rslora,
         target_modules=targets,
+        target_parameters=parameters or None,
         bias="none",
         use_dora=False,
         modules_to_save=None,
@@ -61,6 +67,23 @@ def lora_rank(cfg: TrainConfig, model: Any) -> int:
     """`--lora_r` when given, else the rank for the size of `model` (the base, before the LoRA
     is attached)."""
     return cfg.lora_r if cfg.lora_r is not None else default_rank(model.num_parameters())
+
+
+def check_servable(cfg: TrainConfig, model: Any, config: Any) -> None:
+    """Refuse LoRA targets vLLM cannot serve on this base (`formats.lora`'s rule) unless
+    `--allow_unservable`; with it, say what will not be servable."""
+    problems = lora.target_problems(
+        model.config.model_type, config.target_modules, config.target_parameters
+    )
+    if not problems:
+        return
+    if not cfg.allow_unservable:
+        raise ConfigError(
+            "vLLM could not serve this adapter: "
+            + "; ".join(problems)
+            + " (--allow_unservable true trains it anyway)"
+        )
+    log.warning("training an adapter vLLM cannot serve: %s", "; ".join(problems))
 
 
 def keep_input_dtype(model: Any) -> None:
@@ -130,19 +153,31 @@ def build_model(cfg: TrainConfig, gpu: bool) -> TrainModel:
     """Load the base for `cfg` and attach a fresh LoRA (its base weights frozen)."""
     from peft import get_peft_model
 
+    sinks = has_sinks(models.load_config(cfg.base))
+    plain = "eager" if sinks else "sdpa"  # gpt-oss's sinks have no sdpa path
     attn = (
-        choose_attention(cfg.attention)
+        choose_attention(cfg.attention, sinks)
         if cfg.packing
-        else ("sdpa" if cfg.attention in ("auto", "varlen") else cfg.attention)
+        else (plain if cfg.attention in ("auto", "varlen", "sdpa") else cfg.attention)
     )
     dtype = torch.bfloat16 if gpu else torch.float32
-    model = models.load_model(cfg.base, dtype=dtype, attn_implementation=attn)
+    # straight onto this process's GPU (accelerate has set it): a 20B base is not first copied
+    # through host memory, and MXFP4 experts are dequantized on the GPU
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else None
+    model = models.load_model(cfg.base, dtype=dtype, attn_implementation=attn, device=device)
     model.config.use_cache = False
     parameters = int(model.num_parameters())
     rank = lora_rank(cfg, model)
     if cfg.lora_r is None:
         log.info("LoRA rank %d for a base of %.2f B parameters", rank, parameters / 1e9)
-    model = get_peft_model(model, lora_config(cfg, model))
+    config = lora_config(cfg, model)
+    check_servable(cfg, model, config)
+    if config.target_parameters and cfg.lora_dropout:
+        log.warning("LoRA on %s takes no dropout: lora_dropout 0", config.target_parameters)
+        cfg.lora_dropout = 0.0  # what the run used, as the manifest records it
+    model = get_peft_model(model, config)
+    if config.target_parameters and moe.use_activation_lora(model):
+        log.info("expert LoRA runs on the activations (finetune.moe)")
     model.peft_config["default"].base_model_name_or_path = models.base_id(cfg.base)
     if gpu:
         keep_input_dtype(model)

@@ -12,6 +12,7 @@ A checkpoint's `state.json` is written last, so a checkpoint with one is complet
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from collections import Counter
@@ -26,6 +27,8 @@ from finetune.data import Dialogue
 from finetune.errors import ConfigError
 from formats import lora
 from formats.manifest import MANIFEST
+
+log = logging.getLogger(__name__)
 
 LOSS_LOG = "loss.jsonl"
 LOSS_PNG = "loss.png"
@@ -117,13 +120,16 @@ def truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
 
 
-def save_adapter(output: Path, model: Any) -> None:
-    """Write the trained adapter; refuse one no server could load. No tokenizer files: the
-    tokenizer is the base model's, and vLLM would take files beside the adapter for a per-LoRA
-    tokenizer (`formats.lora.TOKENIZER_FILES`)."""
+def save_adapter(output: Path, model: Any, allow_unservable: bool = False) -> None:
+    """Write the trained adapter; refuse one no server could load, unless it was asked for
+    (`--allow_unservable`: then say why). No tokenizer files: the tokenizer is the base
+    model's, and vLLM would take files beside the adapter for a per-LoRA tokenizer
+    (`formats.lora.TOKENIZER_FILES`)."""
     model.save_pretrained(output)
     problems = lora.problems(output)
-    if problems:
+    if problems and allow_unservable:
+        log.warning("the adapter cannot be served: %s", "; ".join(problems))
+    elif problems:
         raise ConfigError("the adapter cannot be served: " + "; ".join(problems))
 
 

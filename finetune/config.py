@@ -86,6 +86,19 @@ class TrainConfig:
             "help": "Comma-separated module names to adapt, or `all-linear` (every linear but the head)."
         },
     )
+    target_parameters: str = field(
+        default="auto",
+        metadata={
+            "help": "Comma-separated parameters to adapt (fused MoE expert weights), `auto` (a "
+            "mixture-of-experts base's experts: gpt-oss's gate_up_proj and down_proj) or `none`."
+        },
+    )
+    allow_unservable: bool = field(
+        default=False,
+        metadata={
+            "help": "Train targets that vLLM cannot serve for this base model (refused otherwise)."
+        },
+    )
     learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate (AdamW)."})
     lr_schedule: str = field(
         default="cosine", metadata={"help": f"Schedule: {', '.join(SCHEDULES)}."}

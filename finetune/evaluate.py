@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from finetune import models
+from finetune import harmony, models
 from finetune.consistency import Learnt
 from finetune.data import ASSISTANT, SYSTEM, Dialogue, Message, read_rows, trim_trailing_user
 from finetune.errors import ConfigError, DataError, ModelNotFoundError
@@ -165,6 +165,14 @@ def cut_at_stop(ids: Sequence[int], stops: Sequence[int]) -> list[int]:
     return out
 
 
+def reply_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """A generated reply as text: for a harmony model, its final channel alone."""
+    if harmony.is_harmony(tokenizer):
+        return harmony.split_channels(tokenizer, ids).final
+    text: str = tokenizer.decode(list(ids), skip_special_tokens=True)
+    return text
+
+
 @torch.no_grad()
 def candidates(
     model: Any,
@@ -206,7 +214,7 @@ def candidates(
         )
         for row, i in enumerate(chunk):  # the n sequences of a prompt are consecutive rows
             replies[i] = [
-                tokenizer.decode(cut_at_stop(seq[width:].tolist(), stops), skip_special_tokens=True)
+                reply_text(tokenizer, cut_at_stop(seq[width:].tolist(), stops))
                 for seq in out[row * n : (row + 1) * n]
             ]
         if on_done is not None:

@@ -51,12 +51,34 @@ def load_tokenizer(base: str) -> Any:
     return tokenizer
 
 
-def load_model(base: str, dtype: Any, attn_implementation: str = "sdpa", device: Any = None) -> Any:
-    from transformers import AutoModelForCausalLM
+def load_config(base: str) -> Any:
+    """The base model's config (its `model_type`, sizes, quantization), without its weights."""
+    from transformers import AutoConfig
 
     try:
+        return AutoConfig.from_pretrained(resolve(base))
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot load the config of {base!r}: {exc}") from exc
+
+
+def load_model(base: str, dtype: Any, attn_implementation: str = "sdpa", device: Any = None) -> Any:
+    """The base model in `dtype`; quantized experts (gpt-oss's MXFP4) come dequantized, and a
+    model with attention sinks, which has no sdpa path, gets eager attention for sdpa."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.attention import has_sinks
+    from finetune.moe import quantization_kwargs
+
+    config = load_config(base)
+    if attn_implementation == "sdpa" and has_sinks(config):
+        attn_implementation = "eager"
+    try:
         return AutoModelForCausalLM.from_pretrained(
-            resolve(base), dtype=dtype, attn_implementation=attn_implementation, device_map=device
+            resolve(base),
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            device_map=device,
+            **quantization_kwargs(config),
         )
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load base model {base!r}: {exc}") from exc

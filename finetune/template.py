@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from finetune import harmony
 from finetune.data import ASSISTANT, Message
 from finetune.errors import TemplateError
 from formats.rendering import ChatRenderer
@@ -30,7 +31,9 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class Encoded:
-    """One dialogue as token ids, with labels equal to the ids on assistant tokens, else -100."""
+    """One dialogue as token ids, with labels equal to the ids on assistant tokens, else -100
+    (harmony templates label an earlier turn's closing token with the one generation emits:
+    `finetune.harmony`)."""
 
     input_ids: list[int]
     labels: list[int]
@@ -78,6 +81,8 @@ def assistant_char_spans(
 def encode(tokenizer: Any, messages: Sequence[Message]) -> Encoded:
     """Token ids of the templated dialogue and labels on the assistant turns only. Special-token
     strings inside the messages are encoded as plain text (see the module docstring)."""
+    if harmony.is_harmony(tokenizer):  # turns close differently once others follow
+        return Encoded(*harmony.encode(tokenizer, messages))
     renderer = ChatRenderer(tokenizer)
     hidden = renderer.hide([dict(m) for m in messages])
     template = getattr(tokenizer, "chat_template", None) or ""

@@ -9,6 +9,14 @@
 - `finetune.loop` trains it, reporting through `finetune.progress` (a bar, or JSON lines for
   `rolecast train --json`);
 - `finetune.checkpoints` saves checkpoints to resume from, then the adapter and its manifest.
+
+Several GPUs: `accelerate launch --multi_gpu --num_processes N -m rolecast train ...` (or
+torchrun) runs this same function in N processes, data-parallel (DDP): each process holds the
+whole frozen base and its own packed micro-batches, and only the LoRA gradients (megabytes) are
+all-reduced. That is the right split for LoRA on gpt-oss-20b: its 21B bf16 weights (42 GB) fit
+on one H100/H200 beside the activations, so FSDP's sharding would save memory that is not
+needed and pay for it with an all-gather of the frozen weights in every layer's forward and
+backward (twice 42 GB a step); FSDP becomes worth it only on GPUs too small for the base.
 """
 
 from __future__ import annotations
@@ -90,7 +98,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     output = Path(cfg.output or f"runs/{cfg.persona}")
     refuse_to_overwrite(output, cfg.resume)
     gpu = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if gpu else "no")
+    # cpu=True without a GPU: several CPU processes (torchrun) then train together over gloo
+    accelerator = Accelerator(mixed_precision="bf16" if gpu else "no", cpu=not gpu)
     set_seed(cfg.seed)
 
     # The data is checked before any model weights are loaded: a bad file costs seconds.
@@ -162,7 +171,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str, Any]:
 
     written: dict[str, Any] = {}
     if main:
-        save_adapter(output, unwrapped)
+        save_adapter(output, unwrapped, cfg.allow_unservable)
         written = _write_manifest(
             cfg, output, data, built, plan, loop, state, last_loss, validation_loss, started
         )

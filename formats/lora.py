@@ -16,6 +16,7 @@ a float or a negative number is a reason given, never an exception.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,7 @@ def config_problems(config: dict[str, Any], *, max_rank: int | None = None) -> l
         )
     if config.get("use_dora"):
         problems.append("use_dora is true; vLLM does not serve DoRA adapters")
+    problems += parameter_target_problems(config.get("target_parameters"))
     return problems
 
 
@@ -219,5 +221,105 @@ def weights_problems(
     base = weights.BaseDims.from_config(base_config) if base_config else None
     return [
         f"{WEIGHTS}: {p}"
-        for p in weights.tensor_problems(tensors, ranks=allowed, targets=targets(config), base=base)
+        for p in weights.tensor_problems(
+            tensors,
+            ranks=allowed,
+            targets=targets(config),
+            base=base,
+            parameters=parameter_targets(config),
+        )
     ]
+
+
+# --- which modules and parameters vLLM serves, per model type ---------------------------------
+#
+# Read from vLLM 0.26.0's code (model_executor/models/gpt_oss.py, lora/model_manager.py,
+# lora/lora_model.py, lora/worker_manager.py, lora/utils.py). For gpt-oss, vLLM wraps every
+# linear layer (the fused qkv_proj, which takes q_proj/k_proj/v_proj adapters, o_proj, and the
+# router) and the fused MoE layer; the model sets `is_3d_moe_weight`, so expert adapters are read
+# in PEFT's `target_parameters` layout and must adapt both fused weights: the inner PEFT wrapper
+# (`experts.base_layer.lora_*`) is taken as gate_up_proj and the outer (`experts.lora_*`) as
+# down_proj, and an adapter with one of them fails an assertion. gpt-oss has no embedding LoRA
+# modules, so lm_head and embed_tokens adapters are refused. The router is wrappable in vLLM's
+# code but transformers' gpt-oss router is no linear layer, and no run has shown it served: it is
+# left out until one does.
+
+
+@dataclass(frozen=True)
+class ServableTargets:
+    """What vLLM serves of a model type: module names (None: any linear layer) and the
+    `target_parameters` lists it reads, in order."""
+
+    modules: frozenset[str] | None
+    parameters: tuple[tuple[str, ...], ...]
+
+
+GPT_OSS_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+SERVABLE_TARGETS: dict[str, ServableTargets] = {
+    "gpt_oss": ServableTargets(
+        modules=frozenset({"q_proj", "k_proj", "v_proj", "o_proj"}),
+        parameters=((), GPT_OSS_EXPERTS),
+    ),
+}
+#: Every parameter-target list some model type serves (for adapters whose base is not known).
+SERVABLE_PARAMETER_TARGETS = frozenset(
+    targets for rule in SERVABLE_TARGETS.values() for targets in rule.parameters
+)
+
+
+def parameter_targets(config: dict[str, Any]) -> list[str] | None:
+    """`target_parameters` when it is a list of names (None: not given, or not such a list)."""
+    found = config.get("target_parameters")
+    if isinstance(found, list) and found and all(isinstance(t, str) for t in found):
+        return found
+    return None
+
+
+def parameter_target_problems(target_parameters: Any) -> list[str]:
+    """What in an adapter's `target_parameters` no vLLM model serves (empty: nothing)."""
+    if target_parameters in (None, []):
+        return []
+    if not (
+        isinstance(target_parameters, list) and all(isinstance(t, str) for t in target_parameters)
+    ):
+        return [f"target_parameters is {_shown(target_parameters)}; a list of parameter names"]
+    targets = tuple(target_parameters)
+    if not targets or targets in SERVABLE_PARAMETER_TARGETS:
+        return []
+    served = " or ".join(str(list(t)) for t in sorted(SERVABLE_PARAMETER_TARGETS) if t)
+    return [
+        f"target_parameters {list(targets)} are not served by vLLM: it reads fused expert "
+        f"LoRA as {served}, in that order"
+    ]
+
+
+def target_problems(
+    model_type: str | None, target_modules: Any, target_parameters: Any
+) -> list[str]:
+    """What of a LoRA's targets vLLM cannot serve on a base of `model_type` (empty: nothing)."""
+    rule = SERVABLE_TARGETS.get(model_type or "")
+    modules = sorted(
+        {target_modules} if isinstance(target_modules, str) else set(target_modules or ())
+    )
+    params = tuple(target_parameters or ())
+    if rule is None:
+        if params:
+            return [
+                f"target_parameters {list(params)}: vLLM serves fused expert LoRA only for "
+                f"{', '.join(sorted(SERVABLE_TARGETS))} bases, not {model_type!r}"
+            ]
+        return []
+    problems = []
+    if rule.modules is not None:
+        extra = [m for m in modules if m not in rule.modules]
+        if extra:
+            problems.append(
+                f"vLLM serves LoRA on {model_type} only for {', '.join(sorted(rule.modules))} "
+                f"among modules, not {', '.join(extra)}"
+            )
+    if params not in rule.parameters:
+        allowed = " or ".join(str(list(p)) if p else "none" for p in rule.parameters)
+        problems.append(
+            f"vLLM serves target_parameters {allowed} on {model_type}, not {list(params)}"
+        )
+    return problems

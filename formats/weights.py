@@ -134,6 +134,7 @@ class BaseDims:
     head_dim: int | None
     layers: int | None
     vocab: int | None
+    experts: int | None = None  # a mixture-of-experts base's experts per layer
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> BaseDims | None:
@@ -160,6 +161,7 @@ class BaseDims:
             head_dim=head_dim,
             layers=size("num_hidden_layers"),
             vocab=size("vocab_size"),
+            experts=size("num_local_experts"),
         )
 
     def features(self, module: str) -> tuple[int | None, int | None]:
@@ -186,9 +188,11 @@ def tensor_problems(
     ranks: set[int],
     targets: list[str] | None = None,
     base: BaseDims | None = None,
+    parameters: list[str] | None = None,
 ) -> list[str]:
     """What in an adapter's tensors does not fit its config (`ranks`: the ranks it allows,
-    `targets`: its `target_modules` when a list) and the base model (`base`)."""
+    `targets`: its `target_modules` when a list, `parameters`: its `target_parameters`) and the
+    base model (`base`)."""
     problems: list[str] = []
     pairs: dict[str, dict[str, TensorInfo]] = {}
     for name, info in sorted(tensors.items()):
@@ -211,7 +215,76 @@ def tensor_problems(
         if len(problems) > 20:
             problems.append("… (more left out)")
             break
-        problems += _module_problems(module, found, ranks, targets, base)
+        parameter = parameter_of(module, parameters or [])
+        if parameter is not None:
+            problems += _parameter_problems(module, parameter, found, ranks, base)
+        else:
+            problems += _module_problems(module, found, ranks, targets, base)
+    return problems
+
+
+# PEFT's LoRA on a parameter (`target_parameters`, gpt-oss's fused experts) wraps the module that
+# holds it, once per targeted parameter, the first innermost: with k parameters of one module,
+# the i-th one's tensors are `<module>` + `.base_layer` x (k-1-i) + `.lora_A.weight`, with one
+# rank-r LoRA per expert stacked: lora_A [r x experts, in], lora_B [out, r x experts].
+#: (in, out) of the fused expert parameters whose names are known, from the base's dimensions.
+_EXPERT_FEATURES = {
+    "gate_up_proj": lambda b: (b.hidden, 2 * b.intermediate if b.intermediate else None),
+    "down_proj": lambda b: (b.intermediate, b.hidden),
+}
+
+
+def parameter_of(module: str, parameters: list[str]) -> str | None:
+    """The `target_parameters` entry whose LoRA a module path holds, or None."""
+    owners: dict[str, list[str]] = {}
+    for parameter in parameters:
+        if isinstance(parameter, str) and "." in parameter:
+            owners.setdefault(parameter.rsplit(".", 1)[0], []).append(parameter)
+    for owner, names in owners.items():
+        for i, parameter in enumerate(names):
+            path = owner + ".base_layer" * (len(names) - 1 - i)
+            if module == path or module.endswith("." + path):
+                return parameter
+    return None
+
+
+def _parameter_problems(
+    module: str,
+    parameter: str,
+    found: dict[str, TensorInfo],
+    ranks: set[int],
+    base: BaseDims | None,
+) -> list[str]:
+    shown = _shown(module)
+    a, b = found.get("lora_A"), found.get("lora_B")
+    if a is None or b is None or len(found) != 2:
+        return [f"module {shown} does not have one lora_A and one lora_B"]
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        return []  # reported with the tensor
+    stacked_a, stacked_b = a.shape[0], b.shape[1]
+    experts = base.experts if base is not None else None
+    if experts:
+        fits = stacked_a in {r * experts for r in ranks}
+    else:
+        fits = any(stacked_a % r == 0 for r in ranks)
+    problems = []
+    if stacked_a != stacked_b:
+        problems.append(f"module {shown}: lora_A has {stacked_a} rows, lora_B {stacked_b} columns")
+    elif not fits:
+        allowed = ", ".join(map(str, sorted(ranks)))
+        what = f"{experts} experts x rank {allowed}" if experts else f"a multiple of rank {allowed}"
+        problems.append(f"module {shown} ({parameter}) stacks {stacked_a} ranks, not {what}")
+    feature = _EXPERT_FEATURES.get(parameter.rsplit(".", 1)[-1])
+    if base is not None and feature is not None:
+        expected_in, expected_out = feature(base)
+        if expected_in is not None and a.shape[1] != expected_in:
+            problems.append(
+                f"module {shown} ({parameter}) takes {a.shape[1]} inputs; the base's takes {expected_in}"
+            )
+        if expected_out is not None and b.shape[0] != expected_out:
+            problems.append(
+                f"module {shown} ({parameter}) gives {b.shape[0]} outputs; the base's gives {expected_out}"
+            )
     return problems
 
 

@@ -27,6 +27,19 @@ log = logging.getLogger(__name__)
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
+def mixed_batch_problems(config: dict[str, Any]) -> list[str]:
+    """What keeps an adapter out of this server's mixed-adapter batches: PEFT applies LoRA on
+    parameters (gpt-oss's fused experts, `target_parameters`) to the whole batch, with no
+    per-row adapter, so such adapters are served by vLLM only."""
+    targets = config.get("target_parameters")
+    if not targets:
+        return []
+    return [
+        f"it adapts parameters ({', '.join(targets)}), which PEFT cannot apply per row of a "
+        "mixed-adapter batch: serve it with vLLM (`rolecast serve --engine vllm`)"
+    ]
+
+
 class Adapters:
     """The loaded adapters of one base model, and the model a forward pass runs."""
 
@@ -95,6 +108,7 @@ class Adapters:
         config: Any = getattr(self._base, "config", None)
         base_config = config.to_dict() if hasattr(config, "to_dict") else None
         problems = lora.problems(adapter_dir, max_rank=self.max_lora_rank, base_config=base_config)
+        problems += mixed_batch_problems(lora.read_config(adapter_dir))
         if problems:
             raise BadRequestError(
                 f"Loading lora {name} failed: {'; '.join(problems)}", param="lora_path"

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from serving.detokenize import IncrementalText
+from serving.harmony import HarmonyText
 from serving.metrics import EngineMetrics
 from serving.models import LoadedModel
 from serving.request import Request, RequestOutput
@@ -35,7 +36,7 @@ class _Seq:
 
     request: Request
     row: RowState
-    text: IncrementalText
+    text: IncrementalText | HarmonyText
     output_ids: list[int] = field(default_factory=list)
     first_token_at: float | None = None
 
@@ -110,7 +111,9 @@ class RunningBatch:
                     seen_ids=torch.tensor(r.prompt_ids, dtype=torch.long, device=self._device),
                     generator=make_generator(r.params.seed, self._device),
                 ),
-                text=IncrementalText(self.loaded.tokenizer, r.params.stop),
+                text=(HarmonyText if self.loaded.harmony else IncrementalText)(
+                    self.loaded.tokenizer, r.params.stop
+                ),
             )
             for r in live
         ]
@@ -202,14 +205,16 @@ class RunningBatch:
                 elif n_out >= params.max_tokens or len(request.prompt_ids) + n_out >= max_len:
                     reason = "length"
                     text += seq.text.flush()
+            reasoning = seq.text.take_reasoning() if isinstance(seq.text, HarmonyText) else ""
             if reason is None:
-                if text:
-                    request.emit(RequestOutput(text=text))
+                if text or reasoning:
+                    request.emit(RequestOutput(text=text, reasoning=reasoning))
                 continue
             finished.append(index)
             request.emit(
                 RequestOutput(
                     text=text,
+                    reasoning=reasoning,
                     finished=True,
                     finish_reason=reason,
                     stop_reason=seq.text.stopped_by,

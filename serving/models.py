@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from formats import basemodel
 from formats.errors import BaseModelError
 from serving.errors import ModelLoadError
+from serving.harmony import is_harmony
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +81,7 @@ class LoadedModel:
     dtype: torch.dtype
     max_model_len: int
     eos_token_ids: frozenset[int]
+    harmony: bool = False  # replies come in harmony channels (gpt-oss): `serving.harmony`
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -141,4 +143,5 @@ def load_model(
         dtype=torch_dtype,
         max_model_len=int(limit),
         eos_token_ids=_eos_ids(hf_model, tokenizer),
+        harmony=is_harmony(getattr(hf_model.config, "model_type", None), tokenizer),
     )

@@ -132,6 +132,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True  # vLLM's: send a reasoning model's analysis as `reasoning`
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
@@ -168,6 +169,7 @@ class UsageInfo(OpenAIBaseModel):
 class ChatResponseMessage(OpenAIBaseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatCompletionResponseChoice(OpenAIBaseModel):
@@ -190,6 +192,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = None  # vLLM's name (0.26) for a reasoning model's analysis
 
 
 class ChatCompletionResponseStreamChoice(OpenAIBaseModel):

@@ -20,6 +20,7 @@ class RequestOutput:
 
     text: str
     finished: bool = False
+    reasoning: str = ""  # a harmony model's analysis channel (`serving.harmony`), never the reply
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_tokens: int = 0

@@ -184,12 +184,14 @@ class ServingChat:
         model, adapter, prompt_ids, params = self.prepare(request)
         request_id = random_id("chatcmpl")
         parts: list[str] = []
+        reasoning: list[str] = []
         last: RequestOutput | None = None
         async with aclosing(
             self.engine.generate(prompt_ids, params, adapter=adapter, request_id=request_id)
         ) as outputs:
             async for out in outputs:
                 parts.append(out.text)
+                reasoning.append(out.reasoning)
                 last = out
         assert last is not None and last.finished
         usage = UsageInfo(
@@ -199,7 +201,11 @@ class ServingChat:
         )
         choice = ChatCompletionResponseChoice(
             index=0,
-            message=ChatResponseMessage(role="assistant", content="".join(parts)),
+            message=ChatResponseMessage(
+                role="assistant",
+                content="".join(parts),
+                reasoning=("".join(reasoning) or None) if request.include_reasoning else None,
+            ),
             finish_reason=last.finish_reason,
             stop_reason=last.stop_reason,
         )
@@ -252,6 +258,9 @@ class ServingChat:
                 completion = 0
                 async for out in outputs:
                     completion = out.completion_tokens
+                    if out.reasoning and request.include_reasoning:
+                        delta = DeltaMessage(reasoning=out.reasoning)
+                        yield chunk(_choice(delta), completion)
                     if out.finished:
                         delta = DeltaMessage(content=out.text)
                         yield chunk(_choice(delta, out.finish_reason, out.stop_reason), completion)

@@ -65,6 +65,7 @@ def build_vllm_command(
         argv += ["--max-model-len", str(settings.max_model_len)]
     if settings.dtype != "auto":
         argv += ["--dtype", settings.dtype]
+    argv += model_flags(model_type(model_path))
     if settings.gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     if "max_num_seqs" in settings.model_fields_set:  # else vLLM's own, not the embedded 16
@@ -134,6 +135,35 @@ def registry_modules(registry: AdapterRegistry) -> list[tuple[str, str, list[int
             continue
         found.append((current.served_name, str(current.path), ranks))
     return found
+
+
+def model_type(model_path: str) -> str | None:
+    """The base model's `model_type`: from its config.json for a local directory, else from a
+    hub id's name (gpt-oss)."""
+    config = Path(model_path).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            value = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, OSError, AttributeError):
+            return None
+        return str(value) if value else None
+    return "gpt_oss" if "gpt-oss" in model_path.lower() else None
+
+
+def model_flags(model_type: str | None) -> list[str]:
+    """Flags a base model type needs in vLLM 0.26.
+
+    gpt-oss: vLLM renders its prompts with openai-harmony (not the chat template) and, without
+    a reasoning parser, streams every channel's text as `content`, the analysis included; with
+    `--reasoning-parser openai_gptoss` the analysis goes to `reasoning`, which the bot never
+    shows, and the reply alone to `content`. LoRA on its attention and fused experts needs no
+    flag beyond `--enable-lora` (the MXFP4 experts then run on a LoRA-capable MoE kernel).
+    openai-harmony reads the o200k vocabulary at run time: an offline host sets
+    `TIKTOKEN_ENCODINGS_BASE` to a folder holding `o200k_base.tiktoken`.
+    """
+    if model_type == "gpt_oss":
+        return ["--reasoning-parser", "openai_gptoss"]
+    return []
 
 
 def vllm_model_path(

@@ -107,3 +107,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_d
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def _gptoss_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, mxfp4: bool) -> Path:
+    from finetune import standin
+
+    texts = list(standin.corpus_texts([data_dir / "xin.jsonl"]))[:400]
+    out = tmp_path_factory.mktemp("tiny-gptoss-mxfp4" if mxfp4 else "tiny-gptoss")
+    return standin.write_model_dir(out, shape="tiny", texts=texts, merges=300, mxfp4=mxfp4)
+
+
+@pytest.fixture(scope="session")
+def tiny_gptoss_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """gpt-oss's architecture at toy size (sinks, alternating sliding window, 4 experts) with
+    the stand-in harmony tokenizer (`finetune.standin`)."""
+    return _gptoss_dir(tmp_path_factory, data_dir, mxfp4=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_gptoss_mxfp4_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """The same, its experts written as MXFP4 blocks and scales like the real checkpoint."""
+    return _gptoss_dir(tmp_path_factory, data_dir, mxfp4=True)

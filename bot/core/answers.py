@@ -202,6 +202,8 @@ class SSEDecoder:
 
 
 class _Delta(BaseModel):
+    # Only `content` is the reply: a reasoning model's `reasoning` (`reasoning_content` in
+    # older vLLM) and every other field are ignored, so analysis text never reaches a user.
     model_config = ConfigDict(extra="ignore")
 
     content: str | None = None

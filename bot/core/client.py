@@ -375,6 +375,9 @@ class ModelClient:
             "top_p": sampling.top_p,
             "max_tokens": sampling.max_tokens,
             "repetition_penalty": sampling.repetition_penalty,  # vLLM's extra sampling field
+            # a reasoning model's analysis (gpt-oss) is never shown: vLLM and the embedded
+            # server leave it out of the stream; the answer reader ignores it anyway
+            "include_reasoning": False,
         }
         if sampling.seed is not None:
             body["seed"] = sampling.seed

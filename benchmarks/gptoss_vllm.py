@@ -1,0 +1,270 @@
+"""vLLM serving a Rolecast gpt-oss adapter (LoRA on attention and on the fused experts): does it
+load, does it give what PEFT gives, and how fast is it at 32 and 128 streams. Prints one JSON
+object per line.
+
+The server is started with the command `rolecast serve --engine vllm` builds for a gpt-oss
+base (`serving.vllm_launcher`: `--enable-lora`, `--reasoning-parser openai_gptoss`, the adapter
+as a `--lora-modules` entry), plus `--max-model-len`, `--gpu-memory-utilization` and, for the
+throughput run, `--load-format dummy` (random weights in place of reading the checkpoint).
+
+Prompts are rendered with the model's chat template (harmony) and sent as token ids to
+`/v1/completions`: vLLM's chat endpoint renders gpt-oss prompts with openai-harmony, whose
+o200k vocabulary a stand-in model does not have (and an offline host cannot download); token
+ids are also what makes the comparison with PEFT exact.
+
+- `--check`: real weights; for each prompt, greedy tokens from vLLM (base and adapter) against
+  transformers + PEFT in bf16 on the same GPU (identical tokens; the first divergence and the
+  top-2 gap there), and the teacher-forced |delta logprob| of vLLM's tokens under PEFT;
+- throughput: `--streams` concurrent requests of `--max-tokens` tokens each (`ignore_eos`),
+  half on the adapter and half on the base, and all on the adapter.
+
+    python benchmarks/gptoss_vllm.py --model /tmp/gpt-oss-20b --adapter runs/bench \\
+        --data data/haruhi.jsonl --check                   # equivalence, real weights
+    python benchmarks/gptoss_vllm.py --model /tmp/gpt-oss-20b --adapter runs/bench \\
+        --data data/haruhi.jsonl --load-format dummy       # throughput at 32 and 128 streams
+    python benchmarks/gptoss_vllm.py ... --print-command   # the vLLM command only
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from formats import lora  # noqa: E402
+from serving.settings import ServeSettings  # noqa: E402
+from serving.vllm_launcher import build_vllm_command, format_command  # noqa: E402
+
+ADAPTER = "persona@v1"
+BASE = "gpt-oss"
+
+
+def emit(**record: Any) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def vllm_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    settings = ServeSettings(
+        model=args.model,
+        served_model_name=BASE,
+        port=args.port,
+        host="127.0.0.1",
+        max_model_len=args.max_model_len,
+        lora_modules={ADAPTER: str(args.adapter)},
+        max_lora_rank=lora.allowed_rank(lora.rank(lora.read_config(Path(args.adapter)))),
+    )
+    argv, env = build_vllm_command(settings, None, args.model)
+    argv += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    if args.load_format != "auto":
+        argv += ["--load-format", args.load_format]
+    if args.enforce_eager:
+        argv.append("--enforce-eager")
+    return argv, {**env, "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+
+
+def prompts(model: str, data: str, count: int, max_len: int) -> list[list[int]]:
+    """Token ids of dialogue contexts (up to a user turn), rendered by the model's template."""
+    from transformers import AutoTokenizer
+
+    from finetune.data import ASSISTANT, load_dialogues
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    out: list[list[int]] = []
+    for dialogue in load_dialogues(data, None, 10**9):
+        messages = dialogue.messages
+        last = max(i for i, m in enumerate(messages) if m["role"] == ASSISTANT)
+        ids = tokenizer.apply_chat_template(
+            messages[:last], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        if len(ids) <= max_len:
+            out.append(list(ids))
+        if len(out) == count:
+            break
+    return out
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"vLLM exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError("vLLM did not become ready")
+
+
+async def complete(
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    prompt: list[int],
+    max_tokens: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    response = await client.post(f"{url}/v1/completions", json=body, timeout=600)
+    response.raise_for_status()
+    return response.json()  # type: ignore[no-any-return]
+
+
+def check_equivalence(args: argparse.Namespace, url: str, ids: list[list[int]]) -> None:
+    """Greedy tokens and teacher-forced log-probabilities: vLLM against transformers + PEFT."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune.moe import quantization_kwargs
+
+    async def vllm_side() -> list[tuple[str, list[int], list[float]]]:
+        async with httpx.AsyncClient() as client:
+            jobs = [
+                complete(client, url, name, p, args.check_tokens, logprobs=1, return_token_ids=True)
+                for name in (BASE, ADAPTER)
+                for p in ids
+            ]
+            answers = await asyncio.gather(*jobs)
+        out = []
+        for k, answer in enumerate(answers):
+            choice = answer["choices"][0]
+            tokens = choice.get("token_ids") or []
+            logprobs = choice["logprobs"]["token_logprobs"]
+            out.append((BASE if k < len(ids) else ADAPTER, list(tokens), list(logprobs)))
+        return out
+
+    served = asyncio.run(vllm_side())
+    from transformers import AutoConfig
+
+    base = AutoModelForCausalLM.from_pretrained(
+        args.model,
+        dtype=torch.bfloat16,
+        attn_implementation="eager",
+        device_map="cuda",
+        **quantization_kwargs(AutoConfig.from_pretrained(args.model)),
+    )
+    model = PeftModel.from_pretrained(base, str(args.adapter), adapter_name="persona").eval()
+    for k, (name, tokens, logprobs) in enumerate(served):
+        prompt = ids[k % len(ids)]
+        context = model.disable_adapter() if name == BASE else torch.autocast("cuda", enabled=False)
+        with torch.no_grad(), context:
+            full = torch.tensor([prompt + tokens], device="cuda")
+            logits = model(input_ids=full).logits[0, len(prompt) - 1 : -1].float()
+            lp = torch.log_softmax(logits, -1)
+            forced = lp.gather(1, full[0, len(prompt) :, None])[:, 0].tolist()
+            greedy = logits.argmax(-1).tolist()
+            first = next(
+                (i for i, (a, b) in enumerate(zip(greedy, tokens, strict=False)) if a != b), None
+            )
+            gap = None
+            if first is not None:
+                top2 = lp[first].topk(2).values
+                gap = round(float(top2[0] - top2[1]), 4)
+        deltas = [abs(a - b) for a, b in zip(forced, logprobs, strict=False) if b is not None]
+        emit(
+            check="vllm_vs_peft",
+            model=name,
+            prompt_tokens=len(prompt),
+            tokens=len(tokens),
+            identical=first is None,
+            first_divergence=first,
+            top2_gap_there=gap,
+            max_abs_dlogprob=round(max(deltas), 4) if deltas else None,
+            mean_abs_dlogprob=round(sum(deltas) / len(deltas), 5) if deltas else None,
+        )
+
+
+def throughput(args: argparse.Namespace, url: str, ids: list[list[int]]) -> None:
+    async def run(streams: int, models: list[str]) -> dict[str, Any]:
+        limits = httpx.Limits(max_connections=streams + 8)
+        async with httpx.AsyncClient(limits=limits) as client:
+            started = time.monotonic()
+            jobs = [
+                complete(
+                    client,
+                    url,
+                    models[i % len(models)],
+                    ids[i % len(ids)],
+                    args.max_tokens,
+                    ignore_eos=True,
+                )
+                for i in range(streams)
+            ]
+            answers = await asyncio.gather(*jobs)
+            seconds = time.monotonic() - started
+        generated = sum(a["usage"]["completion_tokens"] for a in answers)
+        return {
+            "streams": streams,
+            "models": models,
+            "output_tokens": generated,
+            "seconds": round(seconds, 2),
+            "output_tokens_per_s": round(generated / seconds, 1),
+        }
+
+    asyncio.run(run(8, [ADAPTER]))  # warm-up: compile paths, load the adapter
+    for streams in args.streams:
+        emit(measure="throughput", **asyncio.run(run(streams, [ADAPTER, BASE])))
+        emit(measure="throughput", **asyncio.run(run(streams, [ADAPTER])))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a gpt-oss model directory")
+    parser.add_argument("--adapter", required=True, type=Path, help="a Rolecast adapter dir")
+    parser.add_argument("--data", required=True, help="ShareGPT JSONL for the prompts")
+    parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.45)
+    parser.add_argument("--load-format", default="auto", help="auto, or dummy (random weights)")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--check", action="store_true", help="compare with PEFT (real weights)")
+    parser.add_argument("--check-prompts", type=int, default=8)
+    parser.add_argument("--check-tokens", type=int, default=32)
+    parser.add_argument("--streams", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--print-command", action="store_true")
+    args = parser.parse_args()
+
+    problems = lora.problems(args.adapter)
+    argv, env = vllm_command(args)
+    emit(command=format_command(argv, env), adapter_problems=problems)
+    if args.print_command:
+        return
+    if args.check and args.load_format == "dummy":
+        raise SystemExit("--check needs the real weights: drop --load-format dummy")
+    ids = prompts(args.model, args.data, max(args.check_prompts, 64), args.max_model_len // 2)
+    url = f"http://127.0.0.1:{args.port}"
+    log = open(Path(os.environ.get("VLLM_LOG", "vllm.log")), "wb")
+    process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=log)
+    try:
+        emit(ready_s=round(wait_ready(url, process, timeout=1200), 1))
+        models = httpx.get(f"{url}/v1/models").json()["data"]
+        emit(served=[m["id"] for m in models])
+        if args.check:
+            check_equivalence(args, url, ids[: args.check_prompts])
+        else:
+            throughput(args, url, ids)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+if __name__ == "__main__":
+    main()
