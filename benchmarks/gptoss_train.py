@@ -33,13 +33,15 @@ import argparse
 import gc
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train_throughput import run  # the same timed loop as the Llama benchmark
 
 from finetune.adapter import build_model
 from finetune.attention import FLASH, REFERENCE, VARLEN, sink_attention, varlen_available
@@ -59,11 +61,6 @@ DEVICE = "cuda" if GPU else "cpu"
 
 def emit(**record: Any) -> None:
     print(json.dumps(record), flush=True)
-
-
-def sync() -> None:
-    if GPU:
-        torch.cuda.synchronize()
 
 
 def free() -> None:
@@ -120,40 +117,6 @@ def check_packed_equals_padded(model: Any, samples: list[Encoded], pad_id: int) 
 def take(samples: list[Encoded], start: int, count: int) -> list[Encoded]:
     """`count` dialogues from `start`, going round the list again if it is short."""
     return [samples[(start + i) % len(samples)] for i in range(count)]
-
-
-def run(model: Any, batches: list[Any], step_fn: Any, warmup: int) -> dict[str, Any]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    sync()
-    if GPU:
-        torch.cuda.reset_peak_memory_stats()
-    tokens = padded = 0
-    start = time.perf_counter()
-    for i, batch in enumerate(batches):
-        if i == warmup:
-            sync()
-            start = time.perf_counter()
-            tokens = padded = 0
-        batch = batch.to(DEVICE)
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=GPU):
-            loss = step_fn(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += batch.n_tokens
-        padded += batch.input_ids.numel()
-    sync()
-    seconds = time.perf_counter() - start
-    return {
-        "steps": len(batches) - warmup,
-        "seconds": round(seconds, 3),
-        "real_tokens": tokens,
-        "padded_tokens": padded,
-        "tokens_per_s": round(tokens / seconds, 1),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if GPU else None,
-    }
 
 
 def baseline(args: argparse.Namespace, samples: list[Encoded], pad_id: int) -> dict[str, Any]:
