@@ -112,6 +112,10 @@ ADMIN_CALLS: dict[str, Callable[[TwoGuilds, Side], tuple[dict[str, Any], dict[st
     "retrain": lambda two, side: ({"persona": "knight"}, {}),
     "adapters": lambda two, side: ({"persona": "knight"}, {}),
     "rollback": lambda two, side: ({"persona": "knight"}, {}),
+    "scene add": lambda two, side: ({"persona": "knight"}, {}),
+    "scene remove": lambda two, side: ({"persona": "knight"}, {}),
+    "scene turns": lambda two, side: ({"policy": "keywords", "chain_limit": 3}, {}),
+    "scene sampling": lambda two, side: ({"persona": "knight", "temperature": 0.3}, {}),
 }
 
 
