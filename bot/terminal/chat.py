@@ -27,6 +27,7 @@ from bot.core.sidecar import embedded_server
 from bot.core.text import first_surrogate, for_terminal
 from bot.errors import ModelServerError, RolecastError
 from bot.settings import BotSettings, SamplingSettings
+from bot.terminal.scene import SCENE_HELP, TerminalScene
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class ChatOptions:
     session: str = "default"
     user_name: str = "User"
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    cast: tuple[str, ...] = ()  # several personas: the session is a scene of them
 
     @property
     def channel_id(self) -> str:
@@ -118,6 +120,8 @@ class TerminalChat:
             "/help": self._cmd_help,
         }
         self._lines: AsyncIterator[str | None] | None = None
+        self.scene = TerminalScene(self)
+        self._commands.update(self.scene.commands())
 
     @property
     def channel(self) -> str:
@@ -145,6 +149,9 @@ class TerminalChat:
                 if asyncio.iscoroutine(result):
                     await result
                 continue
+            if (scene := await self.scene.current()) is not None:
+                await self._guard(self.scene.say(scene, text))
+                continue
             await self._guard(
                 self._stream(
                     self.chat.send(self.channel, text, self._speaker(), self.options.sampling)
@@ -153,6 +160,11 @@ class TerminalChat:
         return 1 if self.failures else 0
 
     async def _start(self) -> None:
+        if len(self.options.cast) > 1 or (
+            not self.options.persona and await self.scene.current() is not None
+        ):
+            await self.scene.start(self.options.cast if len(self.options.cast) > 1 else ())
+            return
         if self.options.persona:
             greeting = await self.chat.set_persona(
                 self.channel, self.options.persona, user_name=self.options.user_name
@@ -226,6 +238,10 @@ class TerminalChat:
             return
         if note:
             self.out.print(f"[dim]\\[{note}][/]")
+        self._figures(reply)
+
+    def _figures(self, reply: Reply) -> None:
+        """The dim line of figures after a reply."""
         c = reply.completion
         figures = []
         if c.ttft_s is not None:
@@ -297,6 +313,9 @@ class TerminalChat:
             self._show_turn(turn)
 
     async def _cmd_retry(self, _: str) -> None:
+        if (scene := await self.scene.current()) is not None:
+            await self._guard(self.scene.retry(scene))
+            return
         last = await self.chat.last_turn(self.channel)
         if last is None:
             self._error("nothing to retry yet")
@@ -341,6 +360,11 @@ class TerminalChat:
             return
         deleted = await self.chat.reset(self.channel)
         self.err.print(f"[dim]Deleted {deleted} turns.[/]")
+        if await self.scene.current() is not None:
+            for hello in await self.chat.greetings(self.channel, user_name=self.options.user_name):
+                if self.interactive:
+                    self._show_turn(hello)
+            return
         persona = await self.chat.require_persona(self.channel)
         greeting = await self.chat.set_persona(
             self.channel, persona.key, user_name=self.options.user_name
@@ -350,6 +374,7 @@ class TerminalChat:
 
     def _cmd_help(self, _: str) -> None:
         self.out.print(HELP, highlight=False, markup=False)
+        self.out.print(SCENE_HELP, highlight=False, markup=False)
 
 
 async def run_chat(settings: BotSettings, options: ChatOptions) -> int:
@@ -361,8 +386,9 @@ async def run_chat(settings: BotSettings, options: ChatOptions) -> int:
     personas = PersonaRegistry(settings.user_personas).load()
     for problem in personas.problems:
         err.print(f"[yellow]warning:[/] {escape(str(problem))}")
-    if options.persona is not None:
-        personas.get(options.persona)  # an unknown name fails before the server starts
+    for key in (options.persona, *options.cast):
+        if key is not None:
+            personas.get(key)  # an unknown name fails before the server starts
 
     async with AsyncExitStack() as stack:
         url = settings.server_url
