@@ -41,20 +41,25 @@ _MIN_NAME = 2  # shorter names only count after "@"
 _MIN_FIRST_NAME = 3  # "Haruhi" of "Haruhi Suzumiya"; not "Al" of "Al Capone"
 
 
+# Scripts without spaces between words: CJK (with kana) and Hangul syllables.
+_UNSPACED = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff"
+# A letter or digit of a script that separates words with spaces (Latin, Cyrillic, ...).
+_SPACED_WORD = rf"[^\W_{_UNSPACED}]"
+
+
 def _spaced(char: str) -> bool:
-    """A word character of a script that separates words with spaces (Latin, Cyrillic, ...):
-    names there must stand as whole words. CJK and kana have no spaces, so no boundaries."""
-    return char.isalnum() and not (
-        "\u2e80" <= char <= "\u9fff" or "\uac00" <= char <= "\ud7af" or "\uf900" <= char <= "\ufaff"
-    )
+    """Whether a name that starts or ends with `char` must stand as a whole word there."""
+    return re.fullmatch(_SPACED_WORD, char) is not None
 
 
 def _alternative(word: str, *, at_only: bool = False) -> str:
+    """A name as a pattern: a whole word in spaced scripts (`Al` is not in `Alice`, `ATRI` is
+    in `和ATRI，`), any text in the others (`春日` is in `春日你好`)."""
     escaped = re.escape(word)
     if _spaced(word[0]):
-        escaped = rf"(?<![^\W_]){escaped}"
+        escaped = rf"(?<!{_SPACED_WORD}){escaped}"
     if _spaced(word[-1]):
-        escaped = rf"{escaped}(?![^\W_])"
+        escaped = rf"{escaped}(?!{_SPACED_WORD})"
     return rf"@{escaped}" if at_only else rf"@?{escaped}"
 
 
