@@ -72,6 +72,9 @@ class ChatService:
         self.personas = personas
         self.client = client
         self.prompts = prompts or PromptBuilder(memory, client)
+        # channel -> the persona whose reply was stored last (where a scene's turn goes round
+        # from); read from the database once per channel, then kept as replies are stored
+        self._spoke: dict[str, str] = {}
 
     async def aclose(self) -> None:
         """Finish background work; call before closing the client and the database."""
@@ -112,9 +115,11 @@ class ChatService:
         if await self.memory.recent_turns(channel_id, persona.key, limit=1):
             return None
         greeting = substitute(persona.card.data.first_mes, char=persona.name, user=user_name)
-        return await self.memory.add_turn(
+        turn = await self.memory.add_turn(
             channel_id, persona=persona.key, role="assistant", content=greeting
         )
+        self._spoke[channel_id] = persona.key
+        return turn
 
     # -- scenes ------------------------------------------------------------------------------
 
@@ -178,7 +183,9 @@ class ChatService:
                 await self.memory.set_next_persona(channel_id, None)
                 answering = [handed]
             else:
-                last = await self.memory.last_speaker(channel_id, scene.keys)
+                last = self._spoke.get(channel_id)
+                if last is None:
+                    last = await self.memory.last_speaker(channel_id, scene.keys)
                 answering = [scene.pick(text, last_speaker=last)]
         if not answering:
             return None
@@ -211,7 +218,7 @@ class ChatService:
             model: str | None = await self.served_by(persona)
         except RolecastError:
             model = None
-        return await self.memory.add_turn(
+        turn = await self.memory.add_turn(
             channel_id,
             persona=persona.key,
             role="assistant",
@@ -222,6 +229,8 @@ class ChatService:
             complete=False,
             prompted_by=prompted_by,
         )
+        self._spoke[channel_id] = persona.key
+        return turn
 
     async def send(
         self,
@@ -324,6 +333,7 @@ class ChatService:
             complete=completion.complete,
             prompted_by=prompted_by,
         )
+        self._spoke[channel_id] = persona.key
         if cost is None:
             learn = exact and text == completion.text
             self.prompts.count_soon(model, turn, completion if learn else None)
@@ -349,6 +359,7 @@ class ChatService:
 
     async def reset(self, channel_id: str) -> int:
         """Forget the channel's conversation (every persona's). Returns the turns deleted."""
+        self._spoke.pop(channel_id, None)
         return await self.memory.clear_channel(channel_id)
 
 

@@ -122,6 +122,9 @@ class Director:
         return replies
 
     async def _answer_together(self, turn: Turn, answering: Sequence[Persona]) -> list[Reply]:
+        if len(answering) == 1:  # the usual case: no other reply to wait for
+            reply = await self._write(_Line(answering[0], self.stage.perform(answering[0])), turn)
+            return [reply] if reply is not None else []
         previous: asyncio.Event | None = None
         tasks = []
         for persona in answering:

@@ -324,13 +324,19 @@ class PromptBuilder:
         return counts.named[name]
 
     async def _named_cost(
-        self, model: str, turn: Turn, message: Message, name: str, new_counts: list[tuple[int, int]]
+        self,
+        model: str,
+        turn: Turn,
+        persona: str,
+        names: Mapping[str, str],
+        new_counts: list[tuple[int, int]],
     ) -> int:
-        """The cost of another persona's reply as a named turn (`message`)."""
+        """The cost of another persona's reply as a named turn in `persona`'s prompt."""
         own = turn.token_count
         if own is None:
             own = await self.message_cost(model, turn_message(turn, speaker_names=False))
             new_counts.append((turn.id, own))
+        name = names.get(turn.persona, turn.persona)
         delta = await self._named_delta(model, name)
         if delta is not None:
             return max(own + delta, 1)
@@ -339,6 +345,7 @@ class PromptBuilder:
         if cost is None:
             if len(self._named_costs) >= _NAMED_COSTS_KEPT:
                 self._named_costs.clear()
+            message = scene_message(turn, persona, names, speaker_names=self.speaker_names)
             cost = self._named_costs[key] = await self.message_cost(model, message)
         return cost
 
@@ -449,9 +456,14 @@ class PromptBuilder:
             if turn.id <= after_id:
                 break  # the summary covers this turn and every older one
             if scene and turn.role == "assistant" and turn.persona != persona:
-                message = scene_message(turn, persona, names, speaker_names=self.speaker_names)
+                # another persona's reply: its own cost and its name's, both known in the
+                # steady state (no await); measured or counted here otherwise
                 name = names.get(turn.persona, turn.persona)
-                cost = await self._named_cost(model, turn, message, name, new_counts)
+                delta = counts.named.get(name)
+                if turn.token_count is not None and delta is not None:
+                    cost = max(turn.token_count + delta, 1)
+                else:
+                    cost = await self._named_cost(model, turn, persona, names, new_counts)
             else:
                 cost = turn.token_count
             if cost is None:

@@ -77,8 +77,13 @@ def _pattern(words: tuple[str, ...]) -> re.Pattern[str] | None:
 
 def names_of(persona: Persona) -> tuple[str, ...]:
     """What a member is called by: its name, its first name, its key (as members type it)."""
-    name = " ".join(persona.name.split())
-    words = [name, persona.short_key]
+    return _names(persona.name, persona.short_key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _names(full: str, key: str) -> tuple[str, ...]:
+    name = " ".join(full.split())
+    words = [name, key]
     parts = name.split(" ")
     if len(parts) > 1 and len(parts[0]) >= _MIN_FIRST_NAME:
         words.append(parts[0])

@@ -403,3 +403,37 @@ async def test_without_webhooks_each_persona_still_speaks_under_its_name(
         "**ATRI**\nplain but named",
         "**凉宫春日**\nme too",
     ]
+
+
+async def test_each_persona_keeps_its_own_summary_of_the_shared_history(
+    rig: Rig, server_state: ServerState
+) -> None:
+    await scene(rig, "haruhi", "atri")
+    # a small budget: 2048 context - 1900 reply tokens leaves ~145 tokens of history
+    await rig.memory.set_channel_sampling(rig.key, {"max_tokens": 1900})
+
+    def reply(body: dict[str, Any]) -> str:
+        if "keep the memory" in body["messages"][0]["content"]:
+            return "summary of what was said"
+        return f"{speaking(body)} remembers the blue door"
+
+    server_state.reply = reply
+    for i in range(6):
+        who = "ATRI" if i % 2 else "凉宫春日"
+        await rig.say(f"{who}, message {i} about the blue door in the old club room")
+    asks = [r for r in server_state.requests if "keep the memory" in r["messages"][0]["content"]]
+    assert asks
+    # the transcript names each speaker: the member, and each persona by its own name
+    transcript = "\n".join(a["messages"][1]["content"] for a in asks)
+    assert "alice_0_nick: 凉宫春日, message 0" in transcript
+    assert "ATRI: 夏生先生" in transcript  # ATRI's greeting, under ATRI's name
+    for key in ("haruhi", "atri"):
+        summary = await rig.memory.summary(rig.key, key)
+        assert summary is not None and summary.content == "summary of what was said"
+    await rig.say("ATRI, what do you remember?")
+    system = server_state.requests[-1]["messages"][0]["content"]
+    assert "Summary of the conversation so far:" in system
+    await rig.command("memory show")
+    shown = "\n".join(rig.api.texts()[-2:])
+    assert "The scene here (**凉宫春日**, **ATRI**) remembers" in shown
+    assert "as ATRI remembers them" in shown and "as 凉宫春日 remembers them" in shown
