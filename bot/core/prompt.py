@@ -396,7 +396,9 @@ class PromptBuilder:
         Raises InputTooLongError when the card and the newest turn alone exceed the budget.
         """
         if self._counting:
-            await asyncio.gather(*self._counting, return_exceptions=True)
+            # shielded: a reply cancelled while waiting (a scene's chain, interrupted) leaves
+            # the counts running for the next prompt
+            await asyncio.shield(asyncio.gather(*self._counting, return_exceptions=True))
         scene = cast is not None and len(cast) > 1
         names: Mapping[str, str] = cast if cast is not None and scene else {}
         history: str | tuple[str, ...] = tuple(names) if scene else persona
