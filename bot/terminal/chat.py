@@ -160,10 +160,9 @@ class TerminalChat:
         return 1 if self.failures else 0
 
     async def _start(self) -> None:
-        if len(self.options.cast) > 1 or (
-            not self.options.persona and await self.scene.current() is not None
-        ):
-            await self.scene.start(self.options.cast if len(self.options.cast) > 1 else ())
+        cast = tuple(dict.fromkeys(self.options.cast))
+        if len(cast) > 1 or (not self.options.persona and await self.scene.current() is not None):
+            await self.scene.start(cast if len(cast) > 1 else ())
             return
         if self.options.persona:
             greeting = await self.chat.set_persona(
