@@ -8,7 +8,10 @@ Prints JSON lines:
   client); the client's request building and SSE parsing count as the bot's. Also its parts:
   storing the user's turn, assembling the prompt, the model round trip through the client; the
   CPU time the bot's process spends per message, which other load on the machine barely moves;
-  and the `/tokenize` calls and SQLite commits the bot makes per message.
+  and the `/tokenize` calls and SQLite commits the bot makes per message. Twice: in a channel
+  with one persona, and in a scene of three (haruhi, atri, xin) where each message names
+  nobody and one persona answers it in turn, its prompt holding the other two's replies as
+  named turns (`"cast": 3`).
 - `assembly`: `PromptBuilder.build` for a channel holding 1,000 vs 100,000 stored turns
   (token counts cached as in steady state): p50/p99 and the ratio. Target: flat within 20%.
 
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -87,7 +91,9 @@ async def timed(fn: Callable[[], Awaitable[Any]], into: list[float]) -> Any:
     return result
 
 
-async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
+async def per_message(
+    url: str, home: Path, messages: int, cast: tuple[str, ...] = ("haruhi",)
+) -> dict[str, Any]:
     import discord
     import discord.ext.test as dpytest
     import pytest
@@ -103,7 +109,10 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
     )
     personas = PersonaRegistry(None).load()
     monkeypatch = pytest.MonkeyPatch()
-    async with Memory.open(home / "bot.db") as memory, ModelClient(url) as client:
+    async with (
+        Memory.open(home / f"bot-{len(cast)}.db") as memory,
+        ModelClient(url) as client,
+    ):
         bot = RolecastBot(
             memory=memory,
             client=client,
@@ -131,7 +140,8 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
         assert bot.user is not None
         bot._connection.application_id = bot.user.id
         await bot.setup_hook()
-        FakeDiscordAPI(bot).install(monkeypatch)
+        api = FakeDiscordAPI(bot)
+        api.install(monkeypatch)
         config = dpytest.get_config()
         guild, channel, alice = config.guilds[0], config.channels[0], config.members[0]
         role = dpytest.backend.make_role(
@@ -143,7 +153,7 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
         )
         await dpytest.add_role(guild.me, role)
         key = channel_key(channel)
-        await memory.set_persona(key, "haruhi")
+        await memory.set_cast(key, cast)  # one persona, or a scene
         # Steady state: a ~1,900-token history budget (8,192 context - 6,300 reply tokens), so
         # after the warm-up every prompt holds the same number of turns however long the run.
         await memory.set_channel_sampling(key, {"max_tokens": 6300})
@@ -203,6 +213,8 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
                 calls.update(dict.fromkeys(calls, 0))
         await bot.chat.prompts.aclose()  # counts still running in the background
         per_call = {name: round(n / messages, 3) for name, n in calls.items()}
+        # who answered (in a scene: each in turn, one reply per message)
+        replies_by = Counter(post.username for post in api.posts_in(channel.id))
         for part in (store, assemble, model, handler):
             del part[: len(part) - messages]
         monkeypatch.undo()
@@ -213,6 +225,7 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
     floor_p50 = statistics.median(floor)
     return {
         "bench": "per_message",
+        "cast": len(cast),
         "messages": messages,
         "prompt_messages": len(last_prompt[1]),
         "whole_incl_test_gateway": quantiles(total),
@@ -225,6 +238,7 @@ async def per_message(url: str, home: Path, messages: int) -> dict[str, Any]:
             [h - floor_p50 for h in handler]
         ),
         "calls_per_message": per_call,
+        "replies_by": dict(replies_by),
         "store_user_turn": quantiles(store),
         "assemble_prompt": quantiles(assemble),
         "model_round_trip_through_client": quantiles(model),
@@ -331,6 +345,8 @@ async def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             home = Path(tmp)
             print(json.dumps({**await per_message(url, home, args.messages), **machine}))
+            scene = await per_message(url, home, args.messages, ("haruhi", "atri", "xin"))
+            print(json.dumps({**scene, **machine}))
             print(
                 json.dumps({**await assembly(url, home, [1_000, 100_000], args.repeats), **machine})
             )

@@ -27,11 +27,12 @@ persona_app = typer.Typer(
 
 
 def chat(
-    persona: str | None = typer.Option(
+    persona: list[str] | None = typer.Option(
         None,
         "--persona",
         "-p",
-        help="Persona key (haruhi, atri, xin, ...); default: the session's last.",
+        help="Persona key (haruhi, atri, xin, ...); several make a scene; default: the "
+        "session's last.",
     ),
     session: str = typer.Option(
         "default", help="Session name: its history is kept as 'terminal:<name>'."
@@ -68,7 +69,13 @@ def chat(
                 **{k: v for k, v in overrides.items() if v is not None},
             }
         )
-        options = ChatOptions(persona=persona, session=session, user_name=user, sampling=sampling)
+        options = ChatOptions(
+            persona=persona[0] if persona else None,
+            session=session,
+            user_name=user,
+            sampling=sampling,
+            cast=tuple(persona or ()),
+        )
         code = asyncio.run(run_chat(settings, options))
     except ValueError as exc:
         raise fail(str(exc)) from None

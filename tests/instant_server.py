@@ -55,6 +55,7 @@ class ServerState:
     base_model: str = "instant-base"
     adapters: list[str] = field(default_factory=list)  # served LoRA names, e.g. "haruhi@v1"
     max_model_len: int = 2048
+    max_model_lens: dict[str, int] = field(default_factory=dict)  # per served model, if other
     reply: Replier = echo_reply
     token_delay_s: float = 0.0
     fail_status: int | None = None  # answer chat requests with this HTTP status
@@ -109,8 +110,9 @@ def build_app(state: ServerState) -> Starlette:
             count = state.counter(body["messages"], bool(body.get("add_generation_prompt")))
         else:
             count = len(str(body.get("prompt", "")).split())
+        context = state.max_model_lens.get(str(body.get("model")), state.max_model_len)
         return JSONResponse(
-            {"count": count, "max_model_len": state.max_model_len, "tokens": list(range(count))}
+            {"count": count, "max_model_len": context, "tokens": list(range(count))}
         )
 
     async def chat(request: Request) -> Response:

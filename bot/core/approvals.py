@@ -7,6 +7,10 @@ becomes a dialogue, and stops being one (if reactions alone made it) when that n
 The dialogue is a snapshot, so a later memory reset does not lose training data; forget-me
 deletes the snapshots its caller wrote in, approved, or that quote them (see
 `Memory.forget_author`).
+
+In a scene, the snapshot is the approved persona's: its own replies stay its replies, and the
+other personas' replies are turns of the conversation under their names (`"persona"` marks
+them), as its prompt showed them; the export trains it on its own replies only.
 """
 
 from __future__ import annotations
@@ -15,31 +19,64 @@ import logging
 from typing import Literal
 
 from bot.core.memory import Dialogue, Memory, Turn
+from bot.core.personas import PersonaRegistry
 from bot.errors import RolecastError
 
 log = logging.getLogger(__name__)
 
 
 class Approvals:
-    def __init__(self, memory: Memory, *, context_turns: int = 8, threshold: int = 1) -> None:
+    def __init__(
+        self,
+        memory: Memory,
+        *,
+        context_turns: int = 8,
+        threshold: int = 1,
+        personas: PersonaRegistry | None = None,
+    ) -> None:
         self.memory = memory
         self.context_turns = context_turns
         self.threshold = threshold
+        self.personas = personas
+
+    def _name(self, key: str) -> str:
+        if self.personas is not None and key in self.personas:
+            return self.personas.get(key).name
+        return key
 
     async def snapshot(self, turn: Turn) -> list[dict[str, str | None]]:
-        """The approved reply and up to `context_turns` turns before it, oldest first."""
+        """The approved reply and up to `context_turns` turns before it, oldest first (in a
+        scene, the turns of the channel's cast)."""
+        cast = await self.memory.cast(turn.channel_id)
+        history: str | tuple[str, ...] = turn.persona
+        if len(cast) > 1:
+            history = (*cast, turn.persona) if turn.persona not in cast else cast
         before = await self.memory.recent_turns(
-            turn.channel_id, turn.persona, limit=self.context_turns, before_id=turn.id
+            turn.channel_id, history, limit=self.context_turns, before_id=turn.id
         )
-        return [
-            {
-                "role": t.role,
-                "content": t.content,
-                "author_id": t.author_id,
-                "author_name": t.author_name,
-            }
-            for t in [*reversed(before), turn]
-        ]
+        messages: list[dict[str, str | None]] = []
+        for t in [*reversed(before), turn]:
+            if t.role == "assistant" and t.persona != turn.persona:
+                # another persona of the scene: a named turn of the conversation
+                messages.append(
+                    {
+                        "role": "user",
+                        "content": t.content,
+                        "author_id": None,
+                        "author_name": self._name(t.persona),
+                        "persona": t.persona,
+                    }
+                )
+                continue
+            messages.append(
+                {
+                    "role": t.role,
+                    "content": t.content,
+                    "author_id": t.author_id,
+                    "author_name": t.author_name,
+                }
+            )
+        return messages
 
     def _check(self, turn: Turn) -> None:
         if turn.role != "assistant":

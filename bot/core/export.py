@@ -7,6 +7,10 @@ system prompt, then alternating human/gpt turns ending on the approved reply. Se
 speaking in a row become one human turn with `Name: text` lines (the same way the prompt shows
 them), leading replies before the first human turn (a greeting) are dropped, and Discord's
 raw mentions and ids are replaced by display names.
+
+A scene's dialogue trains the persona on its own replies only: the other personas' replies are
+part of the human turns, under their names as the prompt showed them (`Name:` and a new line),
+and the system prompt carries the scene's note after the card, as the prompt did.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 
 from bot.core.cards import Card
 from bot.core.memory import Dialogue
-from bot.core.prompt import render_system
+from bot.core.prompt import named_turn, render_system, scene_note
 from bot.core.text import clean_text, defuse_control_tokens
 from formats import sharegpt
 from formats.sharegpt import ASSISTANT, SYSTEM, USER
@@ -78,7 +82,12 @@ def to_sharegpt(
         content = defuse_control_tokens(scrub(str(message.get("content") or ""), names)).strip()
         if not content:
             continue
-        if message.get("role") == "user":
+        if message.get("persona"):
+            # another persona of a scene, named as its prompt named it
+            speaker = str(message.get("author_name") or message["persona"])
+            content = named_turn(defuse_control_tokens(speaker), content)
+            role = USER
+        elif message.get("role") == "user":
             author = message.get("author_name")
             if speaker_names and author:
                 content = f"{defuse_control_tokens(scrub(str(author), names))}: {content}"
@@ -97,11 +106,13 @@ def to_sharegpt(
         (
             str(m["author_name"])
             for m in dialogue.messages
-            if m.get("role") == "user" and m.get("author_name")
+            if m.get("role") == "user" and m.get("author_name") and not m.get("persona")
         ),
         "User",
     )
     system = render_system(card, user=scrub(first_human, names))
+    if any(m.get("persona") for m in dialogue.messages):
+        system = f"{system}\n\n{scene_note(card.data.name)}"
     messages = [{"role": SYSTEM, "content": system}]
     messages += [{"role": role, "content": content} for role, content in turns]
     return sharegpt.sharegpt_row(f"{dialogue.persona}_{dialogue.id}", messages)

@@ -1,8 +1,14 @@
-"""Per-channel memory in SQLite: the active persona and every turn, through aiosqlite.
+"""Per-channel memory in SQLite: the active persona (or a scene's cast) and every turn,
+through aiosqlite.
 
 One `Memory` is opened by the entry point (`async with Memory.open(path) as memory`) and
 passed to whatever needs it. Turns are never dropped to make a prompt fit; only `clear_channel`
 (an explicit reset) deletes them.
+
+A turn belongs to a persona: the one that wrote a reply, or the one a member's message was
+addressed to. A channel's history is the turns of its cast: one persona's turns in a channel
+with one persona (as before scenes), every cast member's in a scene. Where a method takes
+`persona: Cast`, a key reads one persona's turns and a tuple of keys a cast's.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import astuple, dataclass, replace
+from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +34,15 @@ from bot.core.text import clean_text
 log = logging.getLogger(__name__)
 
 Role = Literal["user", "assistant"]
+TurnPolicy = Literal["round-robin", "keywords"]
+# One persona's key, or a scene's cast (its keys, in order).
+Cast = str | tuple[str, ...]
+# How far back the newest reply is looked for, to go round the cast in turn.
+LAST_SPEAKER_DEPTH = 64
+
+
+def _cast_keys(persona: Cast) -> tuple[str, ...]:
+    return (persona,) if isinstance(persona, str) else persona
 
 
 @dataclass(frozen=True)
@@ -45,11 +60,12 @@ class Turn:
     created_at: float
     finish_reason: str | None = None  # how an assistant turn ended, as the server said
     complete: bool = True  # False: cut at the token limit, or the stream broke
+    prompted_by: int | None = None  # a scene's reply: the member's turn it was written for
 
     @classmethod
     def from_row(cls, row: Sequence[object]) -> Turn:
         values = list(row)
-        values[-1] = bool(values[-1])  # `complete` is stored as 0/1
+        values[12] = bool(values[12])  # `complete` is stored as 0/1
         return cls(*values)  # type: ignore[arg-type]
 
 
@@ -63,12 +79,19 @@ class Channel:
 
 @dataclass(frozen=True)
 class ChannelSettings:
-    """How a channel's persona is triggered and samples (admins set these)."""
+    """How a channel's persona is triggered and samples (admins set these), and its cast."""
 
     guild_id: str | None
     mode: Literal["mention", "always"]
     sampling: dict[str, object] | None
     persona: str | None = None  # the active persona's key (read with the settings)
+    # A scene: its cast in order (the first is `persona`); one persona's channel: (persona,).
+    cast: tuple[str, ...] = ()
+    policy: TurnPolicy = "round-robin"
+    chain_limit: int = 2
+    next_persona: str | None = None  # handed the next turn
+    # sampling overrides of cast members, by key
+    cast_sampling: dict[str, dict[str, object]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -166,9 +189,101 @@ class Memory:
         await self.db.execute(sql.UPSERT_CHANNEL, (channel_id, now, now))
 
     async def set_persona(self, channel_id: str, persona: str) -> None:
+        """Make `persona` the channel's one persona (a scene's cast, if any, is dissolved)."""
         await self._ensure_channel(channel_id)
+        await self.db.execute(sql.DELETE_CAST, (channel_id,))
         await self.db.execute(sql.UPDATE_CHANNEL_PERSONA, (persona, time.time(), channel_id))
         await self.db.commit()
+
+    # -- scenes: a channel's cast ---------------------------------------------------------
+
+    async def cast(self, channel_id: str) -> tuple[str, ...]:
+        """The channel's cast in order: its scene's members, or its one persona, or nobody."""
+        return (await self.channel_settings(channel_id)).cast
+
+    async def add_cast_member(self, channel_id: str, persona: str) -> bool:
+        """Add `persona` to the channel's cast (after the others); False if it is in it. A
+        channel with no persona gets it as its one persona; a channel with one persona
+        becomes a scene of two, the first member leading."""
+        await self._ensure_channel(channel_id)
+        now = time.time()
+        settings = await self.channel_settings(channel_id)
+        added = persona not in settings.cast
+        if added and not settings.cast:
+            await self.db.execute(sql.UPDATE_CHANNEL_PERSONA, (persona, now, channel_id))
+        elif added:
+            rows = [(channel_id, key, channel_id, now) for key in (*settings.cast, persona)]
+            await self.db.executemany(sql.INSERT_CAST_MEMBER, rows)  # (members kept)
+            await self.db.execute(sql.UPDATE_CHANNEL_LEAD, (now, channel_id))
+        await self.db.commit()
+        return added
+
+    async def remove_cast_member(self, channel_id: str, persona: str) -> bool:
+        """Take `persona` out of the channel's cast; False if it was not in it. A scene left
+        with one member is a channel with one persona again."""
+        now = time.time()
+        settings = await self.channel_settings(channel_id)
+        if persona not in settings.cast:
+            return False
+        await self.db.execute(sql.DELETE_CAST_MEMBER, (channel_id, persona))
+        if len(settings.cast) <= 2:
+            await self.db.execute(sql.DELETE_CAST, (channel_id,))
+            rest = [p for p in settings.cast if p != persona]
+            await self.db.execute(
+                sql.UPDATE_CHANNEL_PERSONA, (rest[0] if rest else None, now, channel_id)
+            )
+        else:
+            await self.db.execute(sql.UPDATE_CHANNEL_LEAD, (now, channel_id))
+        if settings.next_persona == persona:
+            await self.db.execute(sql.UPDATE_NEXT_PERSONA, (None, now, channel_id))
+        await self.db.commit()
+        return True
+
+    async def set_cast(self, channel_id: str, personas: Sequence[str]) -> None:
+        """Make `personas` the channel's cast, in this order (one: a plain channel)."""
+        keys = list(dict.fromkeys(personas))
+        if len(keys) <= 1:
+            if keys:
+                await self.set_persona(channel_id, keys[0])
+            return
+        await self._ensure_channel(channel_id)
+        now = time.time()
+        await self.db.execute(sql.DELETE_CAST, (channel_id,))
+        await self.db.executemany(
+            sql.INSERT_CAST_MEMBER, [(channel_id, key, channel_id, now) for key in keys]
+        )
+        await self.db.execute(sql.UPDATE_CHANNEL_LEAD, (now, channel_id))
+        await self.db.commit()
+
+    async def set_cast_sampling(
+        self, channel_id: str, persona: str, sampling: dict[str, object] | None
+    ) -> None:
+        """Sampling overrides for one member of a scene (None: the channel's)."""
+        raw = json.dumps(sampling, sort_keys=True) if sampling else None
+        await self.db.execute(sql.UPDATE_CAST_SAMPLING, (raw, channel_id, persona))
+        await self.db.commit()
+
+    async def set_turn_policy(self, channel_id: str, policy: TurnPolicy, chain_limit: int) -> None:
+        await self._ensure_channel(channel_id)
+        await self.db.execute(
+            sql.UPDATE_TURN_POLICY, (policy, chain_limit, time.time(), channel_id)
+        )
+        await self.db.commit()
+
+    async def set_next_persona(self, channel_id: str, persona: str | None) -> None:
+        """Hand the channel's next turn to `persona` (None: to whoever the policy picks)."""
+        await self._ensure_channel(channel_id)
+        await self.db.execute(sql.UPDATE_NEXT_PERSONA, (persona, time.time(), channel_id))
+        await self.db.commit()
+
+    async def last_speaker(self, channel_id: str, cast: Sequence[str]) -> str | None:
+        """The cast member that wrote the newest reply among the cast's newest turns."""
+        rows = list(
+            await self.db.execute_fetchall(
+                sql.SELECT_LAST_SPEAKER, (channel_id, json.dumps(list(cast)), LAST_SPEAKER_DEPTH)
+            )
+        )
+        return str(rows[0][0]) if rows else None
 
     # -- turns ----------------------------------------------------------------------------
 
@@ -188,6 +303,7 @@ class Memory:
         counts: Sequence[tuple[int, int]] = (),
         finish_reason: str | None = None,
         complete: bool = True,
+        prompted_by: int | None = None,
     ) -> Turn:
         """Store one turn and commit before returning: once this returns it is on disk.
 
@@ -213,6 +329,7 @@ class Memory:
             now,
             finish_reason,
             complete,
+            prompted_by,
         )
         values = astuple(turn)[1:]
         cursor = await self.db.execute(sql.INSERT_TURN, values)
@@ -231,22 +348,29 @@ class Memory:
         return Turn.from_row(row) if row else None
 
     async def recent_turns(
-        self, channel_id: str, persona: str, *, limit: int, before_id: int | None = None
+        self, channel_id: str, persona: Cast, *, limit: int, before_id: int | None = None
     ) -> list[Turn]:
-        """Up to `limit` turns of `persona` in the channel, newest first, older than
-        `before_id` when given (for paging backwards through a long history)."""
+        """Up to `limit` turns of `persona` (or of a cast) in the channel, newest first, older
+        than `before_id` when given (for paging backwards through a long history)."""
         upper = before_id if before_id is not None else 2**63 - 1
+        keys = _cast_keys(persona)
         # fetchall: one trip to the database thread, where async iteration makes one per 64 rows
-        rows = await self.db.execute_fetchall(
-            sql.SELECT_RECENT_TURNS, (channel_id, persona, upper, limit)
-        )
+        if len(keys) == 1:
+            rows = await self.db.execute_fetchall(
+                sql.SELECT_RECENT_TURNS, (channel_id, keys[0], upper, limit)
+            )
+        else:
+            rows = await self.db.execute_fetchall(
+                sql.SELECT_RECENT_CAST_TURNS, (channel_id, json.dumps(keys), upper, limit)
+            )
         return [Turn.from_row(row) for row in rows]
 
     async def iter_turns_backwards(
-        self, channel_id: str, persona: str, *, page: int = 256, first_page: int | None = None
+        self, channel_id: str, persona: Cast, *, page: int = 256, first_page: int | None = None
     ) -> AsyncIterator[Turn]:
-        """Every turn of `persona` in the channel, newest first, fetched a page at a time
-        (the first page `first_page` long, when the caller knows how many it will want)."""
+        """Every turn of `persona` (or of a cast) in the channel, newest first, fetched a page
+        at a time (the first page `first_page` long, when the caller knows how many it will
+        want)."""
         before: int | None = None
         limit = first_page or page
         while True:
@@ -287,7 +411,20 @@ class Memory:
         if row is None:
             return ChannelSettings(None, "mention", None)
         sampling = json.loads(row[2]) if row[2] else None
-        return ChannelSettings(row[0], row[1], sampling, row[3])
+        members: list[tuple[str, str | None]] = json.loads(row[7]) if row[7] else []
+        persona = row[3]
+        cast = tuple(m[0] for m in members) or ((persona,) if persona is not None else ())
+        return ChannelSettings(
+            row[0],
+            row[1],
+            sampling,
+            persona,
+            cast=cast,
+            policy=row[4],
+            chain_limit=int(row[5]),
+            next_persona=row[6],
+            cast_sampling={m[0]: json.loads(m[1]) for m in members if m[1]},
+        )
 
     async def set_channel_guild(self, channel_id: str, guild_id: str | None) -> None:
         """Record which guild a channel belongs to (forget-me works per guild)."""
@@ -310,8 +447,26 @@ class Memory:
         await self.db.commit()
 
     async def clear_persona_everywhere(self, persona: str) -> int:
-        """Unset `persona` in every channel that has it active (it was removed)."""
-        cursor = await self.db.execute(sql.CLEAR_PERSONA_EVERYWHERE, (time.time(), persona))
+        """Take `persona` out of every channel that has it (it was removed): unset where it
+        was the one persona, out of the cast of every scene (the others play on). Returns how
+        many channels no longer have a persona."""
+        now = time.time()
+        scenes = [
+            str(r[0]) for r in await self.db.execute_fetchall(sql.SELECT_CAST_CHANNELS, (persona,))
+        ]
+        await self.db.execute(sql.DELETE_PERSONA_FROM_CASTS, (persona,))
+        await self.db.execute(sql.CLEAR_NEXT_PERSONA_EVERYWHERE, (persona,))
+        for channel_id in scenes:
+            # the first member left leads; a scene of one is a plain channel again
+            rest = [
+                str(r[0]) for r in await self.db.execute_fetchall(sql.SELECT_CAST, (channel_id,))
+            ]
+            if len(rest) <= 1:
+                await self.db.execute(sql.DELETE_CAST, (channel_id,))
+            await self.db.execute(
+                sql.UPDATE_CHANNEL_PERSONA, (rest[0] if rest else None, now, channel_id)
+            )
+        cursor = await self.db.execute(sql.CLEAR_PERSONA_EVERYWHERE, (now, persona))
         await self.db.commit()
         return cursor.rowcount
 
@@ -345,11 +500,17 @@ class Memory:
         return int(row[0]) if row and row[0] is not None else None
 
     async def turns_between(
-        self, channel_id: str, persona: str, *, after_id: int, before_id: int, limit: int
+        self, channel_id: str, persona: Cast, *, after_id: int, before_id: int, limit: int
     ) -> list[Turn]:
         """Turns with `after_id < id < before_id`, oldest first, at most `limit`."""
+        keys = _cast_keys(persona)
+        query, which = (
+            (sql.SELECT_TURNS_BETWEEN, keys[0])
+            if len(keys) == 1
+            else (sql.SELECT_CAST_TURNS_BETWEEN, json.dumps(keys))
+        )
         async with self.db.execute(
-            sql.SELECT_TURNS_BETWEEN, (channel_id, persona, after_id, before_id, limit)
+            query, (channel_id, which, after_id, before_id, limit)
         ) as cursor:
             return [Turn.from_row(row) async for row in cursor]
 
@@ -453,6 +614,14 @@ class Memory:
             )
             if r[0] is not None
         }
+        # in a scene, every persona's reply written for their message, and the replies of the
+        # chain it began (each had their words in its prompt)
+        replies.update(
+            int(r[0])
+            for r in await db.execute_fetchall(
+                sql.SELECT_PROMPTED_BY_AUTHOR_IN_GUILD, (author_id, guild_id)
+            )
+        )
         if quotes:
             after = 0
             while True:

@@ -14,6 +14,14 @@ No /tokenize call is made per message in the steady state: the newest user turn 
 an upper bound and settled exactly from the prompt size the server reports (`settled`), and a
 reply is costed from the tokens the server reports it generated (`reply_cost`), once exact counts
 of two earlier replies of the same model agreed on how the two relate.
+
+In a scene (several personas in one channel, `cast`), the prompt of one persona carries the
+turns of the whole cast: its own replies as its own (assistant) turns, the other personas'
+replies as named turns of the conversation (`Name:` and a new line, then the reply, as a user
+turn), and a note that says so after its card. A named turn costs what the reply costs as an
+assistant turn plus a fixed amount per model and name, measured once (`_named_delta`): the name
+stands on a line of its own, so a byte-level BPE tokenizer splits the reply's text as it does at
+the start of a message. Each persona keeps its own card, summary and token budget.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bot.core.cards import Card
@@ -72,6 +81,21 @@ def _examples(mes_example: str) -> str:
     return "Example dialogue:\n" + "\n\n".join(blocks)
 
 
+def scene_note(char: str) -> str:
+    """What a scene adds after a persona's card (the training export adds it too)."""
+    return defuse_control_tokens(
+        clean_text(
+            "This is a group role-play: the other characters' lines come as their name, a "
+            f"colon and a new line, then what they say. Write only {char}'s next reply."
+        )
+    )
+
+
+def named_turn(name: str, content: str) -> str:
+    """Another persona's reply as the prompt of a persona in a scene shows it."""
+    return f"{' '.join(name.split())}:\n{content}"
+
+
 def turn_message(turn: Turn, *, speaker_names: bool) -> Message:
     """A stored turn as a prompt message. Its text is the member's or the model's, so
     control-token look-alikes in it are defused (the client does so for every request too;
@@ -80,6 +104,17 @@ def turn_message(turn: Turn, *, speaker_names: bool) -> Message:
     if speaker_names and turn.role == "user" and turn.author_name:
         content = f"{turn.author_name}: {content}"
     return {"role": turn.role, "content": defuse_control_tokens(content)}
+
+
+def scene_message(
+    turn: Turn, persona: str, names: Mapping[str, str], *, speaker_names: bool
+) -> Message:
+    """A stored turn as a prompt message for `persona` in a scene: its own replies are its
+    own turns, another persona's replies are named turns of the conversation."""
+    if turn.role == "user" or turn.persona == persona:
+        return turn_message(turn, speaker_names=speaker_names)
+    name = names.get(turn.persona, turn.persona)
+    return {"role": "user", "content": defuse_control_tokens(named_turn(name, turn.content))}
 
 
 @dataclass
@@ -127,6 +162,9 @@ class _ModelCounts:
     reply_offsets: dict[str | None, int | None] = field(default_factory=dict)
     reply_samples: dict[str | None, int] = field(default_factory=dict)  # one exact count seen
     replies_costed: int = 0  # from completion tokens, since this process started
+    # Per persona name: what a reply costs more as that persona's named turn than as an
+    # assistant turn; None where two probes disagreed (such turns are counted one by one).
+    named: dict[str, int | None] = field(default_factory=dict)
 
 
 # A byte-level BPE token covers at least one UTF-8 byte; SentencePiece adds at most a word
@@ -148,6 +186,11 @@ RECHECK_EVERY = 32
 MAX_LORE_SCAN_DEPTH = 50
 # Turns read beyond the size of a channel's last prompt window before paging on.
 _PAGE_SLACK = 32
+# Two texts of different scripts: a name's cost is fixed where both give the same.
+_NAMED_PROBES = ("Well, I never said that.", "「你好」我们走吧。")
+# Named turns counted one by one (a tokenizer that splits text after a name otherwise),
+# kept per model and turn up to this many.
+_NAMED_COSTS_KEPT = 50_000
 
 
 class PromptBuilder:
@@ -171,6 +214,7 @@ class PromptBuilder:
         self._counting: set[asyncio.Task[None]] = set()
         self._lore_costs: dict[tuple[str, str, int, str], int] = {}
         self._windows: dict[tuple[str, str], int] = {}  # turns in the last prompt, per channel
+        self._named_costs: dict[tuple[str, int, str], int] = {}
 
     async def _model_counts(self, model: str) -> _ModelCounts:
         counts = self._counts.get(model)
@@ -261,6 +305,50 @@ class PromptBuilder:
             counts.wrap[role] = await self.message_cost(model, {"role": role, "content": ""})
         return counts.wrap[role]
 
+    async def _named_delta(self, model: str, name: str) -> int | None:
+        """What a reply costs more as a named turn of `name` than as an assistant turn, for
+        `model`; None when that is not one fixed amount (measured once, on two probes)."""
+        counts = await self._model_counts(model)
+        if name not in counts.named:
+            deltas = set()
+            for probe in _NAMED_PROBES:
+                named: Message = {
+                    "role": "user",
+                    "content": defuse_control_tokens(named_turn(name, probe)),
+                }
+                own = await self.message_cost(model, {"role": "assistant", "content": probe})
+                deltas.add(await self.message_cost(model, named) - own)
+            counts.named[name] = deltas.pop() if len(deltas) == 1 else None
+            if counts.named[name] is None:
+                log.info("model %s: named turns of %r are counted one by one", model, name)
+        return counts.named[name]
+
+    async def _named_cost(
+        self,
+        model: str,
+        turn: Turn,
+        persona: str,
+        names: Mapping[str, str],
+        new_counts: list[tuple[int, int]],
+    ) -> int:
+        """The cost of another persona's reply as a named turn in `persona`'s prompt."""
+        own = turn.token_count
+        if own is None:
+            own = await self.message_cost(model, turn_message(turn, speaker_names=False))
+            new_counts.append((turn.id, own))
+        name = names.get(turn.persona, turn.persona)
+        delta = await self._named_delta(model, name)
+        if delta is not None:
+            return max(own + delta, 1)
+        key = (model, turn.id, name)
+        cost = self._named_costs.get(key)
+        if cost is None:
+            if len(self._named_costs) >= _NAMED_COSTS_KEPT:
+                self._named_costs.clear()
+            message = scene_message(turn, persona, names, speaker_names=self.speaker_names)
+            cost = self._named_costs[key] = await self.message_cost(model, message)
+        return cost
+
     async def upper_bound(self, model: str, message: Message) -> int:
         """A cost no smaller than `message_cost`, without tokenizing its text."""
         wrap = await self._wrap(model, message["role"])
@@ -299,17 +387,28 @@ class PromptBuilder:
         model: str,
         max_tokens: int,
         user_name: str = "User",
+        cast: Mapping[str, str] | None = None,
     ) -> Prompt:
-        """The prompt for the next reply of `persona` in `channel_id`.
+        """The prompt for the next reply of `persona` in `channel_id`. In a scene, `cast`
+        names every member (the persona too) by key: the prompt then carries the turns of
+        the whole cast, the others' replies as named turns.
 
         Raises InputTooLongError when the card and the newest turn alone exceed the budget.
         """
         if self._counting:
-            await asyncio.gather(*self._counting, return_exceptions=True)
+            # shielded: a reply cancelled while waiting (a scene's chain, interrupted) leaves
+            # the counts running for the next prompt
+            await asyncio.shield(asyncio.gather(*self._counting, return_exceptions=True))
+        scene = cast is not None and len(cast) > 1
+        names: Mapping[str, str] = cast if cast is not None and scene else {}
+        history: str | tuple[str, ...] = tuple(names) if scene else persona
         counts = await self._model_counts(model)
         budget = counts.max_model_len - max_tokens - counts.generation_prompt - ESTIMATE_RESERVE
-        system: Message = {"role": "system", "content": render_system(card, user=user_name)}
-        card_key = f"{card.digest()}:{user_name}"
+        content = render_system(card, user=user_name)
+        if scene:
+            content = f"{content}\n\n{scene_note(card.data.name)}"
+        system: Message = {"role": "system", "content": content}
+        card_key = f"{card.digest()}:{user_name}" + (":scene" if scene else "")
         if card_key not in counts.cards:
             counts.cards[card_key] = (await self.client.tokenize(model, [system])).count
         used = counts.cards[card_key]
@@ -338,7 +437,7 @@ class PromptBuilder:
                 extra.append(block)
                 used += cost
         lore, lore_cost = await self._lore(
-            channel_id, card, persona, model=model, user_name=user_name, room=budget - used
+            channel_id, card, history, model=model, user_name=user_name, room=budget - used
         )
         if lore:
             extra.append(lore_block(lore))
@@ -354,11 +453,21 @@ class PromptBuilder:
         window = self._windows.get((channel_id, persona))
         first_page = window + _PAGE_SLACK if window is not None else None
         async for turn in self.memory.iter_turns_backwards(
-            channel_id, persona, first_page=first_page
+            channel_id, history, first_page=first_page
         ):
             if turn.id <= after_id:
                 break  # the summary covers this turn and every older one
-            cost = turn.token_count
+            if scene and turn.role == "assistant" and turn.persona != persona:
+                # another persona's reply: its own cost and its name's, both known in the
+                # steady state (no await); measured or counted here otherwise
+                name = names.get(turn.persona, turn.persona)
+                delta = counts.named.get(name)
+                if turn.token_count is not None and delta is not None:
+                    cost = max(turn.token_count + delta, 1)
+                else:
+                    cost = await self._named_cost(model, turn, persona, names, new_counts)
+            else:
+                cost = turn.token_count
             if cost is None:
                 message = turn_message(turn, speaker_names=self.speaker_names)
                 if not chosen and turn.role == "user":
@@ -384,7 +493,12 @@ class PromptBuilder:
         oldest_id = chosen[-1].id if chosen else None
         newest_id = chosen[0].id if chosen else None
         chosen.reverse()
-        messages = [system] + [turn_message(t, speaker_names=self.speaker_names) for t in chosen]
+        messages = [system] + [
+            scene_message(t, persona, names, speaker_names=self.speaker_names)
+            if scene
+            else turn_message(t, speaker_names=self.speaker_names)
+            for t in chosen
+        ]
         if truncated:
             log.debug("channel %s: %d turns fit the budget of %d", channel_id, len(chosen), budget)
         return Prompt(
@@ -405,7 +519,14 @@ class PromptBuilder:
         )
 
     async def _lore(
-        self, channel_id: str, card: Card, persona: str, *, model: str, user_name: str, room: int
+        self,
+        channel_id: str,
+        card: Card,
+        persona: str | tuple[str, ...],
+        *,
+        model: str,
+        user_name: str,
+        room: int,
     ) -> tuple[list[str], int]:
         """Lorebook entries triggered by the recent turns, within the book's token budget
         (and the room left in the prompt); returns their texts and their cost."""

@@ -160,6 +160,39 @@ M006_RETRAIN_SOURCE = """
 ALTER TABLE retrain_jobs ADD COLUMN source TEXT;
 """
 
+M007_SCENES = """
+-- Scenes: several personas in one channel. A channel's cast, in the order it was gathered;
+-- a channel with one persona has no rows here (its `channels.persona` is its cast), and a
+-- channel with rows has its first member in `channels.persona`. `sampling` overrides the
+-- channel's sampling for that persona (JSON of SamplingSettings fields, NULL = none).
+CREATE TABLE cast_members (
+    channel_id  TEXT NOT NULL REFERENCES channels(id) ON DELETE CASCADE,
+    persona     TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    sampling    TEXT,
+    added_at    REAL NOT NULL,
+    PRIMARY KEY (channel_id, persona)
+);
+CREATE INDEX cast_members_persona ON cast_members (persona);
+
+-- Who answers a message addressed to nobody: the next in turn, or the persona whose name and
+-- card keywords the message matches best; a persona handed the next turn takes it first.
+-- Personas answer one another for at most `chain_limit` consecutive bot turns.
+ALTER TABLE channels ADD COLUMN turn_policy TEXT NOT NULL DEFAULT 'round-robin'
+    CHECK (turn_policy IN ('round-robin', 'keywords'));
+ALTER TABLE channels ADD COLUMN chain_limit INTEGER NOT NULL DEFAULT 2
+    CHECK (chain_limit BETWEEN 0 AND 10);
+ALTER TABLE channels ADD COLUMN next_persona TEXT;
+
+-- The member's turn a reply was written for (for replies in a chain, the member's turn that
+-- started it): forget-me deletes a scene's replies to a member through it.
+ALTER TABLE turns ADD COLUMN prompted_by INTEGER;
+CREATE INDEX turns_prompted_by ON turns (prompted_by) WHERE prompted_by IS NOT NULL;
+
+-- A scene's shared history: the newest turns of a channel, whoever spoke.
+CREATE INDEX turns_channel_id ON turns (channel_id, id);
+"""
+
 MIGRATIONS: list[tuple[str, str]] = [
     ("m001_initial", M001_INITIAL),
     ("m002_discord", M002_DISCORD),
@@ -167,6 +200,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("m004_training_process", M004_TRAINING_PROCESS),
     ("m005_turn_endings", M005_TURN_ENDINGS),
     ("m006_retrain_source", M006_RETRAIN_SOURCE),
+    ("m007_scenes", M007_SCENES),
 ]
 
 PRAGMAS = (
@@ -208,17 +242,31 @@ UPDATE_CHANNEL_PERSONA = "UPDATE channels SET persona = ?, updated_at = ? WHERE 
 # turns
 INSERT_TURN = """
 INSERT INTO turns (channel_id, persona, role, author_id, author_name, content, token_count,
-                   model, message_id, created_at, finish_reason, complete)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   model, message_id, created_at, finish_reason, complete, prompted_by)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 TURN_COLUMNS = (
     "id, channel_id, persona, role, author_id, author_name, content, token_count, model, "
-    "message_id, created_at, finish_reason, complete"
+    "message_id, created_at, finish_reason, complete, prompted_by"
 )
 SELECT_RECENT_TURNS = f"""
 SELECT {TURN_COLUMNS} FROM turns
 WHERE channel_id = ? AND persona = ? AND id < ?
 ORDER BY id DESC LIMIT ?
+"""
+# A scene's turns: those of the cast's personas (a JSON list), through the (channel, id) index.
+SELECT_RECENT_CAST_TURNS = f"""
+SELECT {TURN_COLUMNS} FROM turns
+WHERE channel_id = ? AND persona IN (SELECT value FROM json_each(?)) AND id < ?
+ORDER BY id DESC LIMIT ?
+"""
+# The persona of the newest reply among the cast's newest turns (round-robin goes on after it).
+SELECT_LAST_SPEAKER = """
+SELECT persona FROM (
+    SELECT persona, role FROM turns
+    WHERE channel_id = ? AND persona IN (SELECT value FROM json_each(?))
+    ORDER BY id DESC LIMIT ?
+) WHERE role = 'assistant' LIMIT 1
 """
 SELECT_TURN = f"SELECT {TURN_COLUMNS} FROM turns WHERE id = ?"
 UPDATE_TURN_TOKEN_COUNT = "UPDATE turns SET token_count = ? WHERE id = ?"
@@ -228,11 +276,45 @@ DELETE_TURN = "DELETE FROM turns WHERE id = ?"
 
 # -- m002: Discord channels, guilds, approvals, summaries ----------------------------------
 
-SELECT_CHANNEL_SETTINGS = "SELECT guild_id, mode, sampling, persona FROM channels WHERE id = ?"
+# The settings with the cast (a JSON list of [persona, sampling] pairs, in order), in one read.
+SELECT_CHANNEL_SETTINGS = """
+SELECT guild_id, mode, sampling, persona, turn_policy, chain_limit, next_persona,
+       (SELECT json_group_array(json_array(persona, sampling))
+        FROM (SELECT persona, sampling FROM cast_members m
+              WHERE m.channel_id = channels.id ORDER BY position))
+FROM channels WHERE id = ?
+"""
 UPDATE_CHANNEL_GUILD = "UPDATE channels SET guild_id = ? WHERE id = ? AND guild_id IS NOT ?"
 UPDATE_CHANNEL_MODE = "UPDATE channels SET mode = ?, updated_at = ? WHERE id = ?"
 UPDATE_CHANNEL_SAMPLING = "UPDATE channels SET sampling = ?, updated_at = ? WHERE id = ?"
 CLEAR_PERSONA_EVERYWHERE = "UPDATE channels SET persona = NULL, updated_at = ? WHERE persona = ?"
+
+# -- m006: scenes ----------------------------------------------------------------------------
+
+SELECT_CAST_CHANNELS = "SELECT DISTINCT channel_id FROM cast_members WHERE persona = ?"
+SELECT_CAST = "SELECT persona FROM cast_members WHERE channel_id = ? ORDER BY position"
+INSERT_CAST_MEMBER = """
+INSERT INTO cast_members (channel_id, persona, position, sampling, added_at)
+VALUES (?, ?, (SELECT COALESCE(MAX(position), -1) + 1 FROM cast_members WHERE channel_id = ?),
+        NULL, ?)
+ON CONFLICT (channel_id, persona) DO NOTHING
+"""
+DELETE_CAST_MEMBER = "DELETE FROM cast_members WHERE channel_id = ? AND persona = ?"
+DELETE_CAST = "DELETE FROM cast_members WHERE channel_id = ?"
+DELETE_PERSONA_FROM_CASTS = "DELETE FROM cast_members WHERE persona = ?"
+# After a member left: the first one left leads (is `channels.persona`), or none.
+UPDATE_CHANNEL_LEAD = """
+UPDATE channels SET persona = (SELECT persona FROM cast_members m WHERE m.channel_id = channels.id
+                               ORDER BY position LIMIT 1),
+                    updated_at = ?
+WHERE id = ?
+"""
+UPDATE_CAST_SAMPLING = "UPDATE cast_members SET sampling = ? WHERE channel_id = ? AND persona = ?"
+UPDATE_TURN_POLICY = """
+UPDATE channels SET turn_policy = ?, chain_limit = ?, updated_at = ? WHERE id = ?
+"""
+UPDATE_NEXT_PERSONA = "UPDATE channels SET next_persona = ?, updated_at = ? WHERE id = ?"
+CLEAR_NEXT_PERSONA_EVERYWHERE = "UPDATE channels SET next_persona = NULL WHERE next_persona = ?"
 
 UPSERT_GUILD_ADMIN_ROLE = """
 INSERT INTO guilds (id, admin_role_id, updated_at) VALUES (?, ?, ?)
@@ -298,6 +380,11 @@ SELECT DISTINCT (SELECT MIN(a.id) FROM turns a
 FROM turns u WHERE u.author_id = ?
 AND u.channel_id IN (SELECT id FROM channels WHERE guild_id = ?)
 """
+# The replies written for a person's turns in a scene (directly, or later in the chain it began).
+SELECT_PROMPTED_BY_AUTHOR_IN_GUILD = """
+SELECT r.id FROM turns r JOIN turns u ON r.prompted_by = u.id
+WHERE u.author_id = ? AND u.channel_id IN (SELECT id FROM channels WHERE guild_id = ?)
+"""
 SELECT_GUILD_ASSISTANT_TURNS_PAGE = """
 SELECT id, content FROM turns WHERE role = 'assistant' AND id > ?
 AND channel_id IN (SELECT id FROM channels WHERE guild_id = ?)
@@ -346,6 +433,11 @@ DELETE_CHANNEL_SUMMARIES = "DELETE FROM summaries WHERE channel_id = ?"
 SELECT_TURNS_BETWEEN = f"""
 SELECT {TURN_COLUMNS} FROM turns
 WHERE channel_id = ? AND persona = ? AND id > ? AND id < ?
+ORDER BY id LIMIT ?
+"""
+SELECT_CAST_TURNS_BETWEEN = f"""
+SELECT {TURN_COLUMNS} FROM turns
+WHERE channel_id = ? AND persona IN (SELECT value FROM json_each(?)) AND id > ? AND id < ?
 ORDER BY id LIMIT ?
 """
 

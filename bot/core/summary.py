@@ -9,6 +9,7 @@ carries the summary in place of those turns (`PromptBuilder`), and `/memory show
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from bot.core.client import Completion, Message, ModelClient
 from bot.core.memory import Memory, Summary, Turn
@@ -26,10 +27,20 @@ INSTRUCTION = (
 )
 
 
-def transcript(turns: list[Turn], persona_name: str, *, max_chars: int = 600) -> str:
+def transcript(
+    turns: list[Turn],
+    persona_name: str,
+    *,
+    max_chars: int = 600,
+    names: Mapping[str, str] | None = None,
+) -> str:
+    """The turns as `Name: text` lines; in a scene, each reply under its persona's name."""
     lines = []
     for turn in turns:
-        who = persona_name if turn.role == "assistant" else (turn.author_name or "User")
+        if turn.role == "assistant":
+            who = (names or {}).get(turn.persona, persona_name)
+        else:
+            who = turn.author_name or "User"
         text = " ".join(turn.content.split())
         if len(text) > max_chars:
             text = text[:max_chars] + "…"
@@ -62,29 +73,45 @@ class Summarizer:
             raise ModelServerError("The model server serves no model.")
         return bases[0]
 
-    def request(self, previous: str | None, turns: list[Turn], persona_name: str) -> list[Message]:
+    def request(
+        self,
+        previous: str | None,
+        turns: list[Turn],
+        persona_name: str,
+        *,
+        names: Mapping[str, str] | None = None,
+    ) -> list[Message]:
         words = max(self.max_tokens // 2, 40)
         parts = []
         if previous:
             parts.append(f"Summary so far:\n{previous}")
-        parts.append(f"New lines:\n{transcript(turns, persona_name)}")
+        parts.append(f"New lines:\n{transcript(turns, persona_name, names=names)}")
         return [
             {"role": "system", "content": INSTRUCTION.format(words=words)},
             {"role": "user", "content": "\n\n".join(parts)},
         ]
 
     async def update(
-        self, channel_id: str, persona: str, persona_name: str, prompt: Prompt
+        self,
+        channel_id: str,
+        persona: str,
+        persona_name: str,
+        prompt: Prompt,
+        *,
+        cast: Mapping[str, str] | None = None,
     ) -> Summary | None:
         """Fold the turns that fell out of `prompt` into the summary (one batch). Returns the
-        new summary, or None when nothing needed summarising."""
+        new summary, or None when nothing needed summarising. In a scene, `cast` names its
+        members by key: the persona's summary then covers the whole cast's turns."""
         if not prompt.history_truncated or prompt.oldest_included_id is None:
             return None
+        scene = cast is not None and len(cast) > 1
+        names = cast if cast is not None and scene else None
         previous = await self.memory.summary(channel_id, persona)
         after = previous.through_id if previous is not None else 0
         turns = await self.memory.turns_between(
             channel_id,
-            persona,
+            tuple(names) if names else persona,
             after_id=after,
             before_id=prompt.oldest_included_id,
             limit=self.batch_turns,
@@ -95,7 +122,9 @@ class Summarizer:
         # Keep the request inside the model's context: drop the newest turns of the batch
         # until it fits (they are summarised next time).
         while True:
-            messages = self.request(previous.content if previous else None, turns, persona_name)
+            messages = self.request(
+                previous.content if previous else None, turns, persona_name, names=names
+            )
             count = await self.client.tokenize(model, messages, add_generation_prompt=True)
             if count.count + self.max_tokens <= count.max_model_len or len(turns) == 1:
                 break

@@ -27,6 +27,7 @@ from bot.core.memory import ChannelSettings, Memory
 from bot.core.personas import Persona, PersonaRegistry
 from bot.core.prompt import PromptBuilder
 from bot.core.queue import ChannelQueue, Cooldown
+from bot.core.scene import Scene
 from bot.core.sidecar import embedded_server
 from bot.core.summary import Summarizer
 from bot.core.text import clean_text
@@ -47,6 +48,7 @@ EXIT_INTENTS = 78  # the Message Content intent is not enabled for the applicati
 EXTENSIONS: Sequence[str] = (
     "bot.discord.cogs.chat",
     "bot.discord.cogs.personas",
+    "bot.discord.cogs.scene",
     "bot.discord.cogs.memory",
     "bot.discord.cogs.feedback",
     "bot.discord.cogs.admin",
@@ -159,6 +161,7 @@ class RolecastBot(commands.Bot):
             memory,
             context_turns=settings.discord.dialogue_turns,
             threshold=settings.discord.approval_threshold,
+            personas=personas,
         )
         self.summarizer = Summarizer(memory, client, max_tokens=settings.prompt.summary_max_tokens)
         self.queue = ChannelQueue()
@@ -217,6 +220,15 @@ class RolecastBot(commands.Bot):
         caller's server only (`PersonaRegistry.resolve`)."""
         guild = interaction.guild_id
         return self.personas.resolve(name, str(guild) if guild is not None else None)
+
+    async def scene(self, interaction: discord.Interaction[Any]) -> Scene:
+        """The cast of the channel a command was used in: the personas that server sees."""
+        assert interaction.channel is not None
+        guild = str(interaction.guild_id) if interaction.guild_id is not None else None
+        return await self.chat.scene(
+            channel_key(interaction.channel),
+            allowed=lambda p: p.guild_id is None or p.guild_id == guild,
+        )
 
     def sampling_for(self, channel: ChannelSettings) -> SamplingSettings:
         """The configured sampling with the channel's overrides applied."""

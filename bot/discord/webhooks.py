@@ -173,6 +173,13 @@ class ReplyStream:
         await self.flush()
         return self.message_ids
 
+    async def cut(self, note: str) -> list[str]:
+        """The reply was cut off while being written: when part of it was posted, show what
+        arrived with `note` under it and return its messages' ids; else post nothing."""
+        if not self.messages:
+            return []
+        return await self.finish(None, note)
+
     async def flush(self) -> None:
         self._last_flush = self.clock()
         if not self._hook_resolved():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
@@ -30,6 +30,7 @@ from bot.core.text import for_terminal
 from bot.errors import ModelServerError, RolecastError
 from bot.settings import BotSettings, SamplingSettings
 from bot.terminal.keyboard import Keyboard
+from bot.terminal.scene import SCENE_HELP, TerminalScene
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class ChatOptions:
     session: str = "default"
     user_name: str = "User"
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    cast: tuple[str, ...] = ()  # several personas: the session is a scene of them
 
     @property
     def channel_id(self) -> str:
@@ -115,6 +117,8 @@ class TerminalChat:
             "/help": self._cmd_help,
         }
         self._lines: AsyncIterator[str | None] | None = None
+        self.scene = TerminalScene(self)
+        self._commands.update(self.scene.commands())
 
     @property
     def channel(self) -> str:
@@ -142,6 +146,9 @@ class TerminalChat:
                 if asyncio.iscoroutine(result):
                     await result
                 continue
+            if (scene := await self.scene.current()) is not None:
+                await self._interruptible(self._guard(self.scene.say(scene, text)))
+                continue
             await self._reply(
                 self.chat.send(self.channel, text, self._speaker(), self.options.sampling)
             )
@@ -151,10 +158,14 @@ class TerminalChat:
         """Stream one reply; at the keyboard, Ctrl-C stops it and the chat goes on, with the
         user's turn kept and nothing of the stopped reply stored (as when the server stops
         mid-reply: /retry asks again)."""
+        await self._interruptible(self._guard(self._stream(events)))
+
+    async def _interruptible(self, work: Awaitable[None]) -> None:
+        """Run `work` (one reply, or a scene's replies); at the keyboard Ctrl-C stops it."""
         if self.keyboard is None:
-            await self._guard(self._stream(events))
+            await work
             return
-        if await self.keyboard.reply(self._guard(self._stream(events))):
+        if await self.keyboard.reply(work):
             self._write("\n")
             self.err.print(
                 "[dim]Reply stopped; your message is kept: /retry asks again. "
@@ -162,6 +173,10 @@ class TerminalChat:
             )
 
     async def _start(self) -> None:
+        cast = tuple(dict.fromkeys(self.options.cast))
+        if len(cast) > 1 or (not self.options.persona and await self.scene.current() is not None):
+            await self.scene.start(cast if len(cast) > 1 else ())
+            return
         if self.options.persona:
             greeting = await self.chat.set_persona(
                 self.channel, self.options.persona, user_name=self.options.user_name
@@ -235,6 +250,10 @@ class TerminalChat:
             return
         if note:
             self.out.print(f"[dim]\\[{note}][/]")
+        self._figures(reply)
+
+    def _figures(self, reply: Reply) -> None:
+        """The dim line of figures after a reply."""
         c = reply.completion
         figures = []
         if c.ttft_s is not None:
@@ -306,6 +325,9 @@ class TerminalChat:
             self._show_turn(turn)
 
     async def _cmd_retry(self, _: str) -> None:
+        if (scene := await self.scene.current()) is not None:
+            await self._guard(self.scene.retry(scene))
+            return
         last = await self.chat.last_turn(self.channel)
         if last is None:
             self._error("nothing to retry yet")
@@ -375,6 +397,11 @@ class TerminalChat:
             return
         deleted = await self.chat.reset(self.channel)
         self.err.print(f"[dim]Deleted {deleted} turns.[/]")
+        if await self.scene.current() is not None:
+            for hello in await self.chat.greetings(self.channel, user_name=self.options.user_name):
+                if self.interactive:
+                    self._show_turn(hello)
+            return
         persona = await self.chat.require_persona(self.channel)
         greeting = await self.chat.set_persona(
             self.channel, persona.key, user_name=self.options.user_name
@@ -384,6 +411,7 @@ class TerminalChat:
 
     def _cmd_help(self, _: str) -> None:
         self.out.print(HELP, highlight=False, markup=False)
+        self.out.print(SCENE_HELP, highlight=False, markup=False)
 
 
 async def run_chat(settings: BotSettings, options: ChatOptions) -> int:
@@ -395,8 +423,9 @@ async def run_chat(settings: BotSettings, options: ChatOptions) -> int:
     personas = PersonaRegistry(settings.user_personas).load()
     for problem in personas.problems:
         err.print(f"[yellow]warning:[/] {escape(str(problem))}")
-    if options.persona is not None:
-        personas.get(options.persona)  # an unknown name fails before the server starts
+    for key in (options.persona, *options.cast):
+        if key is not None:
+            personas.get(key)  # an unknown name fails before the server starts
 
     async with AsyncExitStack() as stack:
         url = settings.server_url

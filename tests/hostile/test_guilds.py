@@ -112,6 +112,10 @@ ADMIN_CALLS: dict[str, Callable[[TwoGuilds, Side], tuple[dict[str, Any], dict[st
     "retrain": lambda two, side: ({"persona": "knight"}, {}),
     "adapters": lambda two, side: ({"persona": "knight"}, {}),
     "rollback": lambda two, side: ({"persona": "knight"}, {}),
+    "scene add": lambda two, side: ({"persona": "knight"}, {}),
+    "scene remove": lambda two, side: ({"persona": "knight"}, {}),
+    "scene turns": lambda two, side: ({"policy": "keywords", "chain_limit": 3}, {}),
+    "scene sampling": lambda two, side: ({"persona": "knight", "temperature": 0.3}, {}),
 }
 
 
@@ -365,3 +369,51 @@ async def test_a_channel_never_hears_another_servers_persona(two: TwoGuilds) -> 
     await dpytest.message(f"<@{two.bot.user.id}> hello", two.a.channel, two.a.member)
     assert two.api.posts_in(two.a.channel.id) == []
     assert await two.memory.recent_turns(two.a.key, owned(two, two.b).key, limit=5) == []
+
+
+async def test_scenes_hold_only_what_their_server_sees(two: TwoGuilds) -> None:
+    await import_card(two, two.a, "Sir A")
+    await import_card(two, two.b, "Sir B")
+    mine, theirs = owned(two, two.a), owned(two, two.b)
+    for side, persona in ((two.a, "knight"), (two.a, "haruhi"), (two.b, "knight")):
+        said = await two.command(side, "scene add", {"persona": persona})
+        assert "joined this channel" in said
+    assert await two.memory.cast(two.a.key) == (mine.key, "haruhi")
+    assert (await two.memory.channel(two.b.key)).persona == theirs.key
+
+    # another server's persona cannot join, by key or registry key; nothing changes
+    before = await two.state()
+    for name in (theirs.key, "Sir B"):
+        said = await two.command(two.a, "scene add", {"persona": name})
+        assert said == f"No persona named {name!r}. Known personas: atri, haruhi, knight, xin."
+    assert await two.state() == before
+    # members look and hand the turn on, within their own scene only
+    said = await two.command(two.a, "scene list", as_admin=False)
+    assert "Sir A" in said and "Sir B" not in said and theirs.key not in said
+    said = await two.command(two.a, "scene next", {"persona": theirs.key}, as_admin=False)
+    assert "not in this channel's scene" in said and "Sir B" not in said
+    said = await two.command(two.a, "scene next", {"persona": "knight"}, as_admin=False)
+    assert "**Sir A** (`knight`) answers the next message" in said
+    assert (await two.memory.channel_settings(two.a.key)).next_persona == mine.key
+    for path, options in (("scene list", {}), ("scene next", {"persona": "knight"})):
+        said = await two.direct(two.a.member, path, options)
+        assert said == "This command works in a server channel, not in direct messages."
+    # the other server's admin changes nothing here, in their own channel
+    await two.command(two.b, "scene remove", {"persona": "haruhi"})
+    await two.command(two.b, "scene turns", {"chain_limit": 0})
+    assert await two.memory.cast(two.a.key) == (mine.key, "haruhi")
+    assert (await two.memory.channel_settings(two.a.key)).chain_limit == 2
+
+    # a cast pointed at another server's persona by hand (no command can): it never speaks
+    await two.memory.set_cast(two.a.key, [mine.key, theirs.key, "haruhi"])
+    assert two.bot.user is not None
+    await dpytest.message("Sir B and Sir A, hello", two.a.channel, two.a.member)
+    names = [p.username for p in two.api.posts_in(two.a.channel.id)]
+    assert "Sir B" not in names and names[-1] == "Sir A"
+    assert await two.memory.recent_turns(two.a.key, theirs.key, limit=5) == []
+
+    # removing a server's persona takes it out of that server's scenes only
+    said = await two.command(two.a, "persona remove", {"name": "knight"})
+    assert "Removed **Sir A**" in said
+    assert await two.memory.cast(two.a.key) == (theirs.key, "haruhi")
+    assert (await two.memory.channel(two.b.key)).persona == theirs.key

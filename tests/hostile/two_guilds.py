@@ -119,7 +119,7 @@ class TwoGuilds:
         """Everything a command could change: the database's rows, the personas, adapter
         registry and retrain folders, the personas the bot knows."""
         tables = {}
-        for table in ("channels", "guilds", "dialogues", "retrain_jobs", "turns"):
+        for table in ("channels", "cast_members", "guilds", "dialogues", "retrain_jobs", "turns"):
             rows = await self.memory.db.execute_fetchall(f"SELECT * FROM {table} ORDER BY 1")
             tables[table] = [tuple(r) for r in rows]
         files = sorted(

@@ -7,6 +7,11 @@ persona's webhook and store it with the messages it became. A burst of messages 
 person in an `always` channel gets one answer: the job waits until its author has been quiet
 for `burst_window_s`, and a job whose message was already in an earlier reply's prompt is
 dropped. Bots and webhooks are never answered.
+
+In a scene (a channel with several personas, `/scene`), a message is also heard when it names
+a member, and the members it addresses answer it, each through the webhook under its own name
+(`bot.core.scene` says who, `bot.core.director` plays the replies and the chain after them).
+Any member's message ends a chain of personas answering one another in that channel.
 """
 
 from __future__ import annotations
@@ -16,15 +21,18 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import discord
 from discord.ext import commands
 
-from bot.core.chat import Reply
+from bot.core.chat import Reply, Speaker
+from bot.core.director import Director
 from bot.core.memory import ChannelSettings, Turn
 from bot.core.personas import Persona
 from bot.core.queue import ChannelQueue
+from bot.core.scene import Scene
 from bot.core.text import clean_text
 from bot.discord import limits
 from bot.discord.bot import NO_MENTIONS, channel_key, permission_message
@@ -70,6 +78,46 @@ def clean_content(message: discord.Message, bot_id: int) -> str:
     return clean_text(text).strip()
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A stored message that gets an answer: who answers it, and the channel's settings."""
+
+    turn: Turn
+    persona: Persona  # the (first) persona that answers
+    settings: ChannelSettings
+    scene: Scene | None = None  # a channel with several personas
+    answering: tuple[Persona, ...] = ()  # in a scene, every member that answers, in order
+
+
+class _SceneStage:
+    """The Discord side of a scene's replies: each member's webhook stream, and notices."""
+
+    def __init__(
+        self, listener: ChatListener, message: discord.Message, channel: ChatChannel, turn: Turn
+    ) -> None:
+        self.listener = listener
+        self.message = message
+        self.channel = channel
+        self.turn = turn
+        self.replies: list[tuple[Persona, Reply]] = []
+        self._told: set[str] = set()  # notices already posted for this message
+
+    def perform(self, persona: Persona) -> ReplyStream:
+        bot = self.listener.bot
+        return ReplyStream(
+            self.channel,
+            bot.webhooks,
+            bot.identity(persona),
+            interval_s=bot.settings.discord.edit_interval_s,
+        )
+
+    async def replied(self, persona: Persona, reply: Reply) -> None:
+        self.replies.append((persona, reply))
+
+    async def failed(self, persona: Persona, error: Exception) -> None:
+        await self.listener._report(self.message, self.turn.id, error, told=self._told)
+
+
 class ChatListener(commands.Cog):
     def __init__(self, bot: RolecastBot) -> None:
         self.bot = bot
@@ -79,6 +127,7 @@ class ChatListener(commands.Cog):
         # A channel's messages are stored one at a time, in the order they arrived (see
         # `on_message`).
         self._intake = ChannelQueue()
+        self._playing: dict[str, Director] = {}  # channel -> the scene answering there now
 
     async def cog_unload(self) -> None:
         self._last_seen.clear()
@@ -87,10 +136,14 @@ class ChatListener(commands.Cog):
     # -- triggers -----------------------------------------------------------------------
 
     async def _replies_to_persona(self, message: discord.Message) -> bool:
+        return await self._replied_turn(message) is not None
+
+    async def _replied_turn(self, message: discord.Message) -> Turn | None:
+        """The persona reply `message` replies to (through the messages it was posted as)."""
         ref = message.reference
         if ref is None or ref.message_id is None:
-            return False
-        return await self.bot.memory.turn_by_message(str(ref.message_id)) is not None
+            return None
+        return await self.bot.memory.turn_by_message(str(ref.message_id))
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
@@ -99,6 +152,9 @@ class ChatListener(commands.Cog):
         if not isinstance(message.channel, ChatChannel) or self.bot.user is None:
             return
         key = channel_key(message.channel)
+        playing = self._playing.get(key)
+        if playing is not None:
+            playing.interrupt()  # a person spoke: personas stop answering one another
         # Each message takes the channel's intake slot before its first await: the slot is
         # first come, first served, so turns are stored in the order the messages arrived,
         # however many awaits each message's checks take (a reply-to check or recording the
@@ -107,7 +163,7 @@ class ChatListener(commands.Cog):
             stored = await self._store(message, key)
         if stored is None:
             return
-        turn, persona, settings = stored
+        turn, settings = stored.turn, stored.settings
         who = (key, message.author.id)
         self._last_seen[who] = time.monotonic()
         burst = settings.mode == "always" and self.bot.settings.discord.burst_window_s > 0
@@ -125,18 +181,28 @@ class ChatListener(commands.Cog):
                     await self._wait_for_quiet(who)
                 if turn.id <= self._answered.get(key, 0):
                     return  # an earlier reply already had this message in its prompt
-                await self._answer(message, persona, turn, settings)
+                if stored.scene is not None:
+                    await self._play(message, stored)
+                else:
+                    await self._answer(message, stored.persona, turn, settings)
         finally:
             if self._pending.get(who) == 0:
                 del self._pending[who]
 
-    async def _store(
-        self, message: discord.Message, key: str
-    ) -> tuple[Turn, Persona, ChannelSettings] | None:
+    async def _store(self, message: discord.Message, key: str) -> _Job | None:
         """Store a message that triggers the persona as a user turn; None when it does not."""
         assert self.bot.user is not None and message.guild is not None
         memory = self.bot.memory
         settings = await memory.channel_settings(key)
+        if len(settings.cast) > 1:
+            guild = str(message.guild.id)
+            scene = Scene.of(
+                settings,
+                self.bot.personas,
+                allowed=lambda p: p.guild_id in (None, guild),  # never another server's
+            )
+            if scene.is_scene:
+                return await self._store_in_scene(message, key, settings, scene)
         mentioned = any(u.id == self.bot.user.id for u in message.mentions)
         triggered = (
             mentioned or settings.mode == "always" or await self._replies_to_persona(message)
@@ -167,7 +233,34 @@ class ChatListener(commands.Cog):
             author_name=message.author.display_name,
             message_id=str(message.id),
         )
-        return turn, persona, settings
+        return _Job(turn, persona, settings)
+
+    async def _store_in_scene(
+        self, message: discord.Message, key: str, settings: ChannelSettings, scene: Scene
+    ) -> _Job | None:
+        """Store a message in a scene when it addresses members (replies to one, names one)
+        or calls for an answer (a mention, an `always` channel): `ChatService.hear`."""
+        assert self.bot.user is not None and message.guild is not None
+        mentioned = any(u.id == self.bot.user.id for u in message.mentions)
+        replied = await self._replied_turn(message)
+        text = clean_content(message, self.bot.user.id)
+        if not text:
+            return None
+        heard = await self.bot.chat.hear(
+            key,
+            text,
+            Speaker(str(message.author.id), message.author.display_name),
+            scene,
+            answer=mentioned or settings.mode == "always" or replied is not None,
+            replied_to=replied.persona if replied is not None else None,
+            message_id=str(message.id),
+        )
+        if heard is None:
+            return None
+        if settings.guild_id is None:
+            await self.bot.memory.set_channel_guild(key, str(message.guild.id))
+        answering = tuple(heard.answering)
+        return _Job(heard.turn, answering[0], settings, scene, answering)
 
     async def _wait_for_quiet(self, who: tuple[str, int]) -> None:
         window = self.bot.settings.discord.burst_window_s
@@ -211,45 +304,100 @@ class ChatListener(commands.Cog):
                 else:
                     await stream.feed(event)
             assert reply is not None
-        except ModelAnswerError as exc:
-            log.warning("channel %s: %s", key, exc)
-            await self._notice(message, UNREADABLE_ANSWER_NOTICE)
+        except Exception as exc:
+            await self._report(message, turn.id, exc)
             return
-        except ModelServerError as exc:
-            log.warning("channel %s: %s", key, exc)
-            if key not in bot.down_notified:
-                bot.down_notified.add(key)
-                await self._notice(message, SERVER_DOWN_NOTICE)
+        await self._answered_by(key, persona, reply)
+
+    async def _play(self, message: discord.Message, job: _Job) -> None:
+        """Answer a message in a scene: every member it addresses, then the chain."""
+        channel = message.channel
+        assert isinstance(channel, ChatChannel) and job.scene is not None
+        key = channel_key(channel)
+        bot = self.bot
+        perms = channel.permissions_for(channel.guild.me)
+        if not (perms.send_messages or perms.manage_webhooks):
+            await self._permission_problem(message, "missing Send Messages and Manage Webhooks")
             return
-        except InputTooLongError as exc:
-            await bot.memory.delete_turn(turn.id)
-            await self._notice(message, str(exc))
-            return
-        except RolecastError as exc:
-            await self._notice(message, str(exc))
-            return
-        except discord.Forbidden as exc:
-            await self._permission_problem(message, exc.text or "forbidden")
-            return
-        except discord.HTTPException as exc:
-            log.warning("channel %s: Discord refused the reply: %s", key, exc)
-            await self._notice(message, FAILURE_NOTICE)
-            return
-        except Exception:
-            # Whatever went wrong, the member hears about it and the turn stays stored.
-            log.exception("channel %s: answering message %s failed", key, message.id)
-            await self._notice(message, FAILURE_NOTICE)
-            return
+        scene, base = job.scene, bot.sampling_for(job.settings)
+        stage = _SceneStage(self, message, channel, job.turn)
+        director = Director(
+            bot.chat,
+            key,
+            scene,
+            stage,
+            sampling=lambda persona: scene.sampling_for(persona, base),
+            user_name=clean_text(message.author.display_name),
+        )
+        self._playing[key] = director
+        try:
+            await director.play(job.turn, job.answering)
+        finally:
+            if self._playing.get(key) is director:
+                del self._playing[key]
+        for persona, reply in stage.replies:
+            await self._answered_by(key, persona, reply, scene=scene)
+
+    async def _answered_by(
+        self, key: str, persona: Persona, reply: Reply, *, scene: Scene | None = None
+    ) -> None:
+        """After a reply was stored: what its prompt saw, the server is up, the summary."""
+        bot = self.bot
         if reply.prompt.newest_id is not None:
             self._answered[key] = max(self._answered.get(key, 0), reply.prompt.newest_id)
         bot.down_notified.discard(key)
         if bot.settings.prompt.summaries:
+            cast = scene.names if scene is not None else None
             try:
-                await bot.summarizer.update(key, persona.key, persona.name, reply.prompt)
+                await bot.summarizer.update(key, persona.key, persona.name, reply.prompt, cast=cast)
             except RolecastError as exc:
                 log.warning("channel %s: summary not updated: %s", key, exc)
             except Exception:
                 log.exception("channel %s: summary not updated", key)
+
+    async def _report(
+        self,
+        message: discord.Message,
+        turn_id: int,
+        error: Exception,
+        *,
+        told: set[str] | None = None,
+    ) -> None:
+        """Tell the member why there is no reply (once per notice, with `told`); whatever went
+        wrong, the member hears about it and their turn stays stored."""
+        key = channel_key(message.channel)
+        bot = self.bot
+
+        async def notice(text: str) -> None:
+            if told is not None:
+                if text in told:
+                    return
+                told.add(text)
+            await self._notice(message, text)
+
+        if isinstance(error, ModelAnswerError):
+            log.warning("channel %s: %s", key, error)
+            await notice(UNREADABLE_ANSWER_NOTICE)
+        elif isinstance(error, ModelServerError):
+            log.warning("channel %s: %s", key, error)
+            if key not in bot.down_notified:
+                bot.down_notified.add(key)
+                await notice(SERVER_DOWN_NOTICE)
+        elif isinstance(error, InputTooLongError):
+            await bot.memory.delete_turn(turn_id)
+            await notice(str(error))
+        elif isinstance(error, RolecastError):
+            await notice(str(error))
+        elif isinstance(error, discord.Forbidden):
+            await self._permission_problem(message, error.text or "forbidden")
+        elif isinstance(error, discord.HTTPException):
+            log.warning("channel %s: Discord refused the reply: %s", key, error)
+            await notice(FAILURE_NOTICE)
+        else:
+            log.exception(
+                "channel %s: answering message %s failed", key, message.id, exc_info=error
+            )
+            await notice(FAILURE_NOTICE)
 
     # -- telling people --------------------------------------------------------------------
 

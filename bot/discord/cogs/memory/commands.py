@@ -12,6 +12,7 @@ from discord.ext import commands
 from bot.core.client import ending_note
 from bot.core.forget import forget_member
 from bot.core.memory import Turn
+from bot.core.scene import Scene
 from bot.discord import limits
 from bot.discord.bot import NO_MENTIONS, channel_key, send_ephemeral
 from bot.discord.permissions import guild_only
@@ -88,6 +89,10 @@ class MemoryCommands(commands.GroupCog, group_name="memory"):
             await send_ephemeral(interaction, "No persona is active in this channel.")
             return
         memory = self.bot.memory
+        scene = await self.bot.scene(interaction)
+        if scene.is_scene:
+            await self._show_scene(interaction, key, scene)
+            return
         summary = await memory.summary(key, persona.key)
         turns = list(reversed(await memory.recent_turns(key, persona.key, limit=SHOWN_TURNS)))
         total = await memory.count_turns(key)
@@ -98,6 +103,35 @@ class MemoryCommands(commands.GroupCog, group_name="memory"):
         if turns:
             lines = [_turn_line(t, persona.name) for t in turns]
             parts.append("**Recent turns**\n" + "\n".join(lines))
+        await self._send(interaction, parts)
+
+    async def _show_scene(
+        self, interaction: discord.Interaction[RolecastBot], key: str, scene: Scene
+    ) -> None:
+        """A scene's memory: the shared turns under each speaker's name, each member's
+        summary."""
+        memory = self.bot.memory
+        names = scene.names
+        turns = list(reversed(await memory.recent_turns(key, scene.keys, limit=SHOWN_TURNS)))
+        total = await memory.count_turns(key)
+        cast = ", ".join(
+            f"**{discord.utils.escape_markdown(_line(n, 60))}**" for n in names.values()
+        )
+        parts = [f"The scene here ({cast}) remembers {total} turns in this channel."]
+        for persona in scene.members:
+            summary = await memory.summary(key, persona.key)
+            if summary is not None:
+                name = discord.utils.escape_markdown(_line(persona.name, 100))
+                parts.append(
+                    f"**Summary of earlier turns, as {name} remembers them**\n"
+                    f"{_line(summary.content, 1000)}"
+                )
+        if turns:
+            lines = [_turn_line(t, names.get(t.persona, t.persona)) for t in turns]
+            parts.append("**Recent turns**\n" + "\n".join(lines))
+        await self._send(interaction, parts)
+
+    async def _send(self, interaction: discord.Interaction[RolecastBot], parts: list[str]) -> None:
         text = "\n\n".join(parts)
         for chunk in split_text(text):
             await interaction.followup.send(chunk, ephemeral=True, allowed_mentions=NO_MENTIONS)
@@ -121,7 +155,19 @@ class MemoryCommands(commands.GroupCog, group_name="memory"):
         log.info("channel %s reset by %s (%d turns)", key, interaction.user.id, deleted)
         persona = await self.bot.chat.persona(key)
         channel = interaction.channel
-        if persona is not None and isinstance(
+        scene = await self.bot.scene(interaction)
+        if scene.is_scene and isinstance(
+            channel, discord.TextChannel | discord.Thread | discord.VoiceChannel
+        ):
+            greetings = await self.bot.chat.greetings(key, user_name=interaction.user.display_name)
+            for hello in greetings:
+                member = scene.member(hello.persona)
+                if member is None:
+                    continue
+                stream = ReplyStream(channel, self.bot.webhooks, self.bot.identity(member))
+                ids = await stream.finish(hello.content)
+                await self.bot.memory.link_messages(hello.id, ids)
+        elif persona is not None and isinstance(
             channel, discord.TextChannel | discord.Thread | discord.VoiceChannel
         ):
             greeting = await self.bot.chat.set_persona(

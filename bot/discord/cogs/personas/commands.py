@@ -82,6 +82,13 @@ class PersonaCommands(commands.GroupCog, group_name="persona"):
         key = channel_key(channel) if channel is not None else ""
         user_name = interaction.user.display_name
         persona = self.bot.persona_for(interaction, name)
+        scene = await self.bot.scene(interaction)
+        if scene.is_scene:
+            cast = ", ".join(f"{shown_name(p.name)} ({p.short_key})" for p in scene.members)
+            raise RolecastError(
+                f"This channel has a scene: {cast}. Its cast changes with /scene add and "
+                "/scene remove (admins); /scene next hands the next turn to one of them."
+            )
         greeting = await self.bot.chat.set_persona(key, persona.key, user_name=user_name)
         await self.bot.memory.set_channel_guild(key, str(interaction.guild_id))
         try:
