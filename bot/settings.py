@@ -12,10 +12,11 @@ the bot resolves them exactly as `rolecast serve` and `rolecast adapters` do.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from formats.paths import ENV_PREFIX, RolecastPaths
@@ -34,6 +35,24 @@ class SamplingSettings(BaseModel):
     )
     seed: int | None = Field(None, description="fixed seed for reproducible replies")
     stop: list[str] = Field(default_factory=list)
+
+
+def sampling_with(base: SamplingSettings, overrides: Mapping[str, object]) -> SamplingSettings:
+    """`base` with `overrides` applied (a channel's, a scene member's, a terminal `/set`),
+    validated; a ValueError naming each field that is wrong."""
+    try:
+        return SamplingSettings.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise ValueError(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from None
+
+
+def describe_sampling(sampling: SamplingSettings) -> str:
+    """`temperature=0.7, top_p=0.9, ...`: the settings that are set."""
+    return ", ".join(
+        f"{k}={v}" for k, v in sampling.model_dump().items() if k != "stop" and v is not None
+    )
 
 
 class DiscordSettings(BaseModel):

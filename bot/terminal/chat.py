@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
@@ -28,7 +27,7 @@ from bot.core.personas import Persona, PersonaRegistry
 from bot.core.sidecar import embedded_server
 from bot.core.text import for_terminal
 from bot.errors import ModelServerError, RolecastError
-from bot.settings import BotSettings, SamplingSettings
+from bot.settings import BotSettings, SamplingSettings, sampling_with
 from bot.terminal.keyboard import Keyboard
 from bot.terminal.scene import SCENE_HELP, TerminalScene
 
@@ -372,14 +371,11 @@ class TerminalChat:
         if not sep:
             self._error(f"usage: /set KEY=VALUE; now {self.options.sampling.model_dump()}")
             return
-        data = self.options.sampling.model_dump()
-        data[key.strip()] = None if value.strip().lower() == "none" else value.strip()
+        given = {key.strip(): None if value.strip().lower() == "none" else value.strip()}
         try:
-            self.options.sampling = SamplingSettings.model_validate(data)
-        except ValidationError as exc:
-            self._error(
-                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            )
+            self.options.sampling = sampling_with(self.options.sampling, given)
+        except ValueError as exc:
+            self._error(str(exc))
             return
         self.err.print(f"[dim]{key.strip()} = {getattr(self.options.sampling, key.strip())}[/]")
 

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
 from rich.markup import escape
 
 from bot.core.chat import Reply
@@ -27,7 +26,7 @@ from bot.core.personas import Persona
 from bot.core.scene import MAX_CHAIN_LIMIT, POLICIES, Scene
 from bot.core.text import for_terminal
 from bot.errors import InputTooLongError, RolecastError
-from bot.settings import SamplingSettings
+from bot.settings import sampling_with
 
 if TYPE_CHECKING:
     from bot.terminal.chat import TerminalChat
@@ -249,13 +248,9 @@ class TerminalScene:
         own = dict(scene.sampling.get(persona.key, {}))
         own[key.strip()] = None if value.strip().lower() == "none" else value.strip()
         try:
-            checked = SamplingSettings.model_validate(
-                {**self.session.options.sampling.model_dump(), **own}
-            )
-        except ValidationError as exc:
-            self.session._error(
-                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            )
+            checked = sampling_with(self.session.options.sampling, own)
+        except ValueError as exc:
+            self.session._error(str(exc))
             return
         kept = {k: getattr(checked, k) for k in own}
         await self.session.chat.memory.set_cast_sampling(self.channel, persona.key, kept)

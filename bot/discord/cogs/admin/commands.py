@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, Literal
 import discord
 from discord import app_commands
 from discord.ext import commands
-from pydantic import ValidationError
 
 from bot.core.export import Names, export_dialogues
 from bot.discord import limits
 from bot.discord.bot import channel_key, send_ephemeral
 from bot.discord.permissions import admin_only, manage_server_only
-from bot.settings import SamplingSettings
+from bot.settings import describe_sampling, sampling_with
 
 if TYPE_CHECKING:
     from bot.discord.bot import RolecastBot
@@ -97,20 +96,12 @@ class ChannelGroup(
         }
         overrides.update({k: v for k, v in given.items() if v is not None})
         try:
-            effective = SamplingSettings.model_validate(
-                {**self.bot.settings.sampling.model_dump(), **overrides}
-            )
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-            )
-            await send_ephemeral(interaction, f"Not changed: {problems}")
+            effective = sampling_with(self.bot.settings.sampling, overrides)
+        except ValueError as exc:
+            await send_ephemeral(interaction, f"Not changed: {exc}")
             return
         await memory.set_channel_sampling(key, overrides or None)
-        shown = ", ".join(
-            f"{k}={v}" for k, v in effective.model_dump().items() if k != "stop" and v is not None
-        )
-        await send_ephemeral(interaction, f"Sampling here: {shown}.")
+        await send_ephemeral(interaction, f"Sampling here: {describe_sampling(effective)}.")
 
 
 @app_commands.default_permissions(manage_guild=True)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Literal
 import discord
 from discord import app_commands
 from discord.ext import commands
-from pydantic import ValidationError
 
 from bot.core.memory import Turn
 from bot.core.personas import Persona
@@ -27,7 +26,7 @@ from bot.discord.cogs.personas.commands import shown_name
 from bot.discord.permissions import admin_only, guild_only
 from bot.discord.webhooks import ReplyStream
 from bot.errors import RolecastError
-from bot.settings import SamplingSettings
+from bot.settings import describe_sampling, sampling_with
 
 if TYPE_CHECKING:
     from bot.discord.bot import RolecastBot
@@ -274,17 +273,13 @@ class SceneCommands(commands.GroupCog, group_name="scene"):
         overrides.update({k: v for k, v in given.items() if v is not None})
         base = self.bot.sampling_for(await self.bot.memory.channel_settings(key))
         try:
-            effective = SamplingSettings.model_validate({**base.model_dump(), **overrides})
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-            )
-            await send_ephemeral(interaction, f"Not changed: {problems}")
+            effective = sampling_with(base, overrides)
+        except ValueError as exc:
+            await send_ephemeral(interaction, f"Not changed: {exc}")
             return
         await self.bot.memory.set_cast_sampling(key, member.key, overrides or None)
-        shown = ", ".join(
-            f"{k}={v}" for k, v in effective.model_dump().items() if k != "stop" and v is not None
+        await send_ephemeral(
+            interaction, f"{who(member)} samples here with {describe_sampling(effective)}."
         )
-        await send_ephemeral(interaction, f"{who(member)} samples here with {shown}.")
 
     sampling.autocomplete("persona")(member_autocomplete)
