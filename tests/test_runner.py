@@ -4,6 +4,7 @@ command stops when its caller goes away (a resumed training never runs beside th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -34,13 +35,14 @@ def wait_for(url: str, within_s: float, *, up: bool = True) -> None:
     raise AssertionError(f"{url} {'never answered' if up else 'still answers'} in {within_s} s")
 
 
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def running_runner(log_dir: Path, token: str, *args: str) -> Iterator[str]:
+    """`rolecast runner ARGS` on a free port with `token`, until the block ends; its URL."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("runner") / "runner.log").open("wb")
+    log = (log_dir / "runner.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rolecast", "runner", "--port", str(port), "--allow", "data,serve"],
-        env={**os.environ, "ROLECAST_RUNNER_TOKEN": TOKEN},
+        [sys.executable, "-m", "rolecast", "runner", "--port", str(port), *args],
+        env={**os.environ, "ROLECAST_RUNNER_TOKEN": token},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -52,6 +54,12 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_runner(tmp_path_factory.mktemp("runner"), TOKEN, "--allow", "data,serve") as url:
+        yield url
 
 
 def remote(

@@ -5,8 +5,6 @@ still ends published and the next reply comes from the new version."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,33 +14,19 @@ import pytest
 from bot.core.client import ModelClient
 from bot.core.memory import Memory
 from bot.core.personas import PersonaRegistry
-from bot.core.sidecar import EmbeddedServer, free_port
+from bot.core.sidecar import EmbeddedServer
 from bot.retrain.runner import RetrainService
 from formats.registry import AdapterRegistry
 from tests.retrain.conftest import approve, retrain_settings, shared_dialogues
 from tests.retrain.test_loop import reply_model
-from tests.test_runner import wait_for
+from tests.test_runner import running_runner
 
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The trainer's runner, as the compose file starts it (with a token)."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("trainer") / "runner.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rolecast", "runner", "--port", str(port)],
-        env={**os.environ, "ROLECAST_RUNNER_TOKEN": "t0ken"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{url}/health", 60)
+    with running_runner(tmp_path_factory.mktemp("trainer"), "t0ken") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 async def test_the_loop_runs_its_steps_on_the_trainer(
