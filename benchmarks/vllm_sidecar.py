@@ -45,7 +45,6 @@ import asyncio
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -68,6 +67,7 @@ from bot.settings import BotSettings, SamplingSettings  # noqa: E402
 from formats.basemodel import SHIPPED_NAME, shipped_personas  # noqa: E402
 from formats.paths import RolecastPaths  # noqa: E402
 from formats.registry import AdapterRegistry  # noqa: E402
+from serving.publish import lora_busy_adapters  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "roleplay"
 PERSONAS = ("haruhi", "atri", "xin")
@@ -138,14 +138,7 @@ class Server:
 
     async def busy_adapters(self) -> set[str]:
         """Adapters with running or waiting requests (`vllm:lora_requests_info`)."""
-        text = (await self.http.get(f"{self.root}/metrics")).text
-        busy: set[str] = set()
-        for line in text.splitlines():
-            if line.startswith("vllm:lora_requests_info{"):
-                for key, value in re.findall(r'(\w+)="([^"]*)"', line):
-                    if key in ("running_lora_adapters", "waiting_lora_adapters"):
-                        busy.update(n for n in value.split(",") if n)
-        return busy
+        return lora_busy_adapters((await self.http.get(f"{self.root}/metrics")).text)
 
 
 def held_out(data_dir: Path, persona: str) -> Iterator[list[dict[str, str]]]:

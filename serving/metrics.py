@@ -63,8 +63,10 @@ class EngineMetrics:
         ).labels(model_name)
 
     def set_lora_requests(self, max_lora: int, waiting: set[str], running: set[str]) -> None:
-        """vLLM's one-series gauge: its labels list the adapters with requests waiting/running;
-        its value is when that last changed."""
+        """vLLM's gauge: its labels list the adapters with requests waiting/running, its value
+        is when that state was last current. vLLM leaves every past label set in place (readers
+        take the latest sample, `serving.publish.lora_busy_adapters`); this server keeps only
+        the current one."""
         labels = (str(max_lora), ",".join(sorted(waiting)), ",".join(sorted(running)))
         if labels == self._lora_labels:
             return

@@ -15,6 +15,7 @@ before a version number is spent on them.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -48,6 +49,30 @@ class PublishResult:
     @property
     def old_name(self) -> str:
         return self.old.served_name if self.old is not None else self.unpublished
+
+
+def lora_busy_adapters(metrics_text: str) -> set[str]:
+    """The adapters with running or waiting requests in `vllm:lora_requests_info`.
+
+    vLLM sets this gauge to the current time under labels that list the busy adapters, and never
+    removes a label set it used before: every past state stays in the text, each with the time it
+    was last current. The state now is the sample with the latest time."""
+    latest: tuple[float, set[str]] | None = None
+    for line in metrics_text.splitlines():
+        if not line.startswith("vllm:lora_requests_info{") or "}" not in line:
+            continue
+        labels, _, value = line.rpartition("}")
+        try:
+            stamp = float(value.split()[0])
+        except (IndexError, ValueError):
+            continue
+        busy: set[str] = set()
+        for key, names in re.findall(r'(\w+)="([^"]*)"', labels):
+            if key in ("running_lora_adapters", "waiting_lora_adapters"):
+                busy.update(n for n in names.split(",") if n)
+        if latest is None or stamp >= latest[0]:
+            latest = (stamp, busy)
+    return latest[1] if latest else set()
 
 
 class ServerClient:
@@ -117,16 +142,7 @@ class ServerClient:
             text = self.http.get(f"{self.root}/metrics").text
         except httpx.HTTPError as exc:
             raise RegistryError(f"the model server at {self.root} did not answer: {exc}") from exc
-        busy: set[str] = set()
-        for line in text.splitlines():
-            if not line.startswith("vllm:lora_requests_info{"):
-                continue
-            labels = line[line.index("{") + 1 : line.rindex("}")]
-            for part in labels.split('",'):
-                key, _, value = part.partition("=")
-                if key.strip() in ("running_lora_adapters", "waiting_lora_adapters"):
-                    busy.update(n for n in value.strip('"').split(",") if n)
-        return busy
+        return lora_busy_adapters(text)
 
     def wait_drained(self, name: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
