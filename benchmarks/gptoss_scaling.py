@@ -8,7 +8,7 @@ step's loss is normalised by the labels of all of them, so the loss curves agree
 floating-point order. Tokens/s counts the dialogue tokens of those steps (the one-process
 run's count, exact) over each run's training time (`train_time_s`, model loading excluded).
 
-    python benchmarks/gptoss_scaling.py --base /tmp/gpt-oss-20b --data data/haruhi.jsonl
+    python benchmarks/gptoss_scaling.py --base /tmp/gpt-oss-20b --data /tmp/haruhi.jsonl
     python benchmarks/gptoss_scaling.py --base TINY_DIR --data data/xin.jsonl --launcher torchrun \\
         --steps 3 --batch-tokens 1024 --max-length 512      # smoke test on a CPU (gloo)
 """

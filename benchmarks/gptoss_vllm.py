@@ -19,9 +19,9 @@ ids are also what makes the comparison with PEFT exact.
   half on the adapter and half on the base, and all on the adapter.
 
     python benchmarks/gptoss_vllm.py --model /tmp/gpt-oss-20b --adapter runs/bench \\
-        --data data/haruhi.jsonl --check                   # equivalence, real weights
+        --data /tmp/haruhi.jsonl --check                   # equivalence, real weights
     python benchmarks/gptoss_vllm.py --model /tmp/gpt-oss-20b --adapter runs/bench \\
-        --data data/haruhi.jsonl --load-format dummy       # throughput at 32 and 128 streams
+        --data /tmp/haruhi.jsonl --load-format dummy       # throughput at 32 and 128 streams
     python benchmarks/gptoss_vllm.py ... --print-command   # the vLLM command only
 """
 
@@ -224,7 +224,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a gpt-oss model directory")
     parser.add_argument("--adapter", required=True, type=Path, help="a Rolecast adapter dir")
-    parser.add_argument("--data", required=True, help="ShareGPT JSONL for the prompts")
+    parser.add_argument(
+        "--data", required=True, help="ShareGPT JSONL for the prompts (`rolecast data clean`)"
+    )
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.45)
