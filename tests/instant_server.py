@@ -67,6 +67,7 @@ class ServerState:
     # a real tokenizer, its count of the text plus the end-of-turn token, as vLLM reports it
     completion_counter: Callable[[str], int] | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
+    peers: list[tuple[str, int] | None] = field(default_factory=list)  # each chat's client end
     tokenize_calls: int = 0
     _failures: list[int] = field(default_factory=list)
 
@@ -120,6 +121,7 @@ def build_app(state: ServerState) -> Starlette:
             return failure
         body = await request.json()
         state.requests.append(body)
+        state.peers.append((request.client.host, request.client.port) if request.client else None)
         if state.fail_status is not None:
             return _error(state.fail_status, "the instant server was told to fail")
         model = body.get("model")

@@ -59,6 +59,8 @@ ERROR_BODY_BYTES = 64 * 1024  # read of an error answer, for its message
 # A reply longer than this many characters per requested token is not a reply (a token is at
 # most a few dozen characters); the stream is cut there.
 CHARS_PER_TOKEN_LIMIT = 32
+# what a stream may still send after [DONE] and keep its connection for the next message
+_AFTER_DONE_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,22 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, httpx.TransportError):
         return "connection failed"
     return str(exc) or type(exc).__name__
+
+
+async def _finish_body(chunks: AsyncIterator[bytes], deadline: float) -> None:
+    """Read what follows `[DONE]` (in practice only the end of the chunked body), so that the
+    connection goes back to the pool: a response closed before its end closes its connection,
+    and the next message would pay for a new one. Bounded in bytes and time; a server that
+    keeps sending after `[DONE]` just loses its connection."""
+    read = 0
+    try:
+        async with asyncio.timeout_at(min(deadline, asyncio.get_running_loop().time() + 0.5)):
+            async for raw in chunks:
+                read += len(raw)
+                if read > _AFTER_DONE_LIMIT:
+                    return
+    except (TimeoutError, httpx.HTTPError):
+        return
 
 
 async def _read_capped(response: httpx.Response, limit: int) -> bytes:
@@ -421,6 +439,8 @@ class ModelClient:
                         )
                 if raw is None:
                     break
+            if raw is not None:
+                await _finish_body(chunks, deadline)
         except MalformedAnswer as exc:
             problem = str(exc)
         except httpx.HTTPError as exc:

@@ -48,6 +48,17 @@ async def test_streams_text_and_usage(server: InstantServer) -> None:
     assert sent["seed"] == 1 and sent["repetition_penalty"] == 1.0 and sent["max_tokens"] == 200
 
 
+async def test_replies_reuse_one_connection(server: InstantServer) -> None:
+    """A streamed reply is read to the end of its body, so the next message goes over the same
+    connection instead of opening a new one (each one costs a handshake per message)."""
+    async with ModelClient(server.base_url) as client:
+        for _ in range(4):
+            text, done = await collect(client, "instant-base")
+            assert text == REPLY and done.complete
+    assert len(server.state.peers) == 4
+    assert len(set(server.state.peers)) == 1, server.state.peers
+
+
 async def test_newest_adapter_version_wins(server: InstantServer) -> None:
     async with ModelClient(server.base_url) as client:
         assert await client.model_for("haruhi") == "haruhi@v3"

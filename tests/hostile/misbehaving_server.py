@@ -356,6 +356,9 @@ MISBEHAVIOURS: dict[str, dict[str, Answer]] = {
     "cut_mid_event": {CHAT: Answer(parts=[*_TEXT, b'data: {"choices": [{"del'], complete=False)},
     "short_content_length": {CHAT: Answer(parts=_TEXT, framing="length", complete=False)},
     "cut_at_token_limit": {CHAT: Answer(parts=reply_events(finish="length"))},
+    # a whole reply, then more: junk beyond what the client reads after [DONE], or no end
+    "junk_after_done": {CHAT: Answer(parts=[*reply_events(), bytes(200_000)])},
+    "hang_after_done": {CHAT: Answer(parts=[*reply_events(), 30.0])},
     "empty_stream": {CHAT: Answer(parts=[event("[DONE]")])},
     # /tokenize and /v1/models
     "tokenize_not_json": {

@@ -60,6 +60,8 @@ OUTCOMES = {
     "cut_mid_event": "interrupted",
     "short_content_length": "interrupted",
     "cut_at_token_limit": "cut",
+    "junk_after_done": "complete",
+    "hang_after_done": "complete",
     "empty_stream": "empty",
     "tokenize_not_json": "unreadable",
     "tokenize_html": "unreadable",
