@@ -171,8 +171,9 @@ def test_env_prints_what_other_commands_need(tmp_path: Path, carried: Path) -> N
     assert check.returncode == 0, check.stderr
 
 
-def test_the_gpu_run_script_parses() -> None:
-    """benchmarks/vllm_sidecar_run.sh runs only on a GPU host; here, at least, bash reads it."""
-    run = REPO / "benchmarks" / "vllm_sidecar_run.sh"
+@pytest.mark.parametrize("script", ["vllm_sidecar_run.sh", "gptoss_run.sh"])
+def test_the_gpu_run_scripts_parse(script: str) -> None:
+    """The GPU run scripts run only on a GPU host; here, at least, bash reads them."""
+    run = REPO / "benchmarks" / script
     assert subprocess.run(["bash", "-n", str(run)], capture_output=True).returncode == 0
     assert os.access(run, os.X_OK)
