@@ -56,7 +56,9 @@ def lora_busy_adapters(metrics_text: str) -> set[str]:
 
     vLLM sets this gauge to the current time under labels that list the busy adapters, and never
     removes a label set it used before: every past state stays in the text, each with the time it
-    was last current. The state now is the sample with the latest time."""
+    was last current. The state now is the sample with the latest time. vLLM writes it after it
+    has processed each batch's outputs, so once an adapter's last request is finished the newest
+    sample no longer names it, with or without other traffic."""
     latest: tuple[float, set[str]] | None = None
     for line in metrics_text.splitlines():
         if not line.startswith("vllm:lora_requests_info{") or "}" not in line:
