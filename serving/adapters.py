@@ -25,6 +25,8 @@ from serving.errors import BadRequestError, NotFoundError
 log = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+MIXED = "<mixed>"  # PEFT's layers all enabled, the adapter picked per row
+_UNKNOWN = "<unknown>"  # after a load or a removal: set the layers again before the next pass
 
 
 def mixed_batch_problems(config: dict[str, Any]) -> list[str]:
@@ -52,6 +54,7 @@ class Adapters:
         self.pending: set[str] = set()
         self.retiring: dict[str, Future[None]] = {}  # unloading once their requests finish
         self.inflight: Counter[str] = Counter()  # adapter -> requests waiting or running
+        self._layers = _UNKNOWN  # what PEFT's layers are set for: an adapter, the base, MIXED
 
     # --- any thread, with the lock held ---------------------------------------------------
 
@@ -86,10 +89,35 @@ class Adapters:
     # --- engine thread --------------------------------------------------------------------
 
     def model(self, adapters: list[str | None]) -> tuple[Any, dict[str, Any]]:
-        """The model for a forward pass over rows with these adapters, and its extra kwargs."""
+        """The model for a forward pass over rows with these adapters, and its extra kwargs.
+
+        Rows that all use one adapter (or all the base), the usual case of a chat, run with
+        that adapter active, or with the LoRA layers off: PEFT's per-row path (`adapter_names`)
+        gathers and scatters the rows in every LoRA layer even then, which made a decode step of
+        the default model with the shipped adapter about a quarter slower on a CPU."""
         if self._peft is None:
             return self._base, {}
-        return self._peft, {"adapter_names": [a or BASE_ADAPTER for a in adapters]}
+        names = [a or BASE_ADAPTER for a in adapters]
+        if len(set(names)) == 1:
+            self._set_layers(names[0])
+            return self._peft, {}
+        self._set_layers(MIXED)
+        return self._peft, {"adapter_names": names}
+
+    def _set_layers(self, target: str) -> None:
+        """Set PEFT's LoRA layers for `target` (an adapter, BASE_ADAPTER or MIXED). Each change
+        walks every LoRA layer of the model, so it is made only when the target changes."""
+        if target == self._layers:
+            return
+        tuner = self._peft.base_model
+        if target == BASE_ADAPTER:
+            tuner.disable_adapter_layers()
+        else:
+            if self._layers in (BASE_ADAPTER, _UNKNOWN):
+                tuner.enable_adapter_layers()
+            if target != MIXED:  # a mixed batch names each row's adapter itself
+                self._peft.set_adapter(target)
+        self._layers = target
 
     def load(self, name: str, path: str) -> None:
         """Check and load an adapter. Raises BadRequestError for one that cannot be served."""
@@ -135,6 +163,7 @@ class Adapters:
             else:
                 self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
             self._peft.eval()
+            self._layers = _UNKNOWN
         except Exception as exc:
             log.warning("loading adapter %s from %s failed: %s", name, path, exc)
             if self._peft is not None and name in self._peft.peft_config:
@@ -147,6 +176,7 @@ class Adapters:
     def _delete(self, name: str) -> None:
         if self._peft is None:
             return
+        self._layers = _UNKNOWN
         if list(self._peft.peft_config) == [name]:
             # The last adapter: take the LoRA layers out again so the base runs as it did.
             self._base = self._peft.unload()
