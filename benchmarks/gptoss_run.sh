@@ -13,8 +13,9 @@
 # Environment: BUNDLE_DIR (a vLLM bundle built with KEEP_MOE=1: gpt-oss needs vLLM's MoE
 # kernels), WHEELS_DIR (scripts/build-wheelhouse.sh's folders), DATA_DIR (haruhi.jsonl),
 # WORK (default runs/gptoss, kept between phases), RESULTS (default $WORK/results: one
-# JSON-lines file per benchmark). CUDA_VISIBLE_DEVICES picks the GPU(s). Run from the
-# repository root.
+# JSON-lines file per benchmark), VOCAB (optional: o200k_base.tiktoken, plain or gzipped, for
+# gpt-oss's own tokenizer; without it the stand-in gets a stand-in tokenizer).
+# CUDA_VISIBLE_DEVICES picks the GPU(s). Run from the repository root.
 set -euo pipefail
 phase=${1:?usage: $0 prepare|train|vllm|scaling}
 : "${BUNDLE_DIR:?the vLLM bundle}" "${WHEELS_DIR:?the wheel folders}" "${DATA_DIR:?the dialogues}"
@@ -38,7 +39,7 @@ case $phase in
   prepare)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$RESULTS/machine.txt"
     bench standin python3 -m finetune.standin gpt-oss-20b "$MODEL" --corpus "$DATA_DIR"/*.jsonl \
-      --device cuda
+      --device cuda ${VOCAB:+--vocab "$VOCAB"}
     python3 -m rolecast data clean "$DATA_DIR/haruhi.jsonl" -o "$DATA" --base "$MODEL"
     python3 -m rolecast train --data "$DATA" --persona haruhi --base "$MODEL" --output "$ADAPTER" \
       --max_steps 20 --json > "$RESULTS/train.jsonl"

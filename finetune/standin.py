@@ -1,19 +1,25 @@
 """Stand-in gpt-oss model directories: gpt-oss-20b's public configuration with random weights,
-and a STAND-IN tokenizer, for machines that cannot download the real model.
+for machines that cannot download the real model, with gpt-oss's own tokenizer where its
+vocabulary is at hand and a STAND-IN tokenizer where it is not.
 
-The real gpt-oss tokenizer is the o200k_harmony vocabulary, which tiktoken and openai-harmony
-fetch from the network at run time; no installed package carries it. The stand-in built here
-is not that vocabulary: it is a small byte-level BPE (trained on the text it is given, else the
-256 bytes alone) with harmony's special tokens (`<|start|>`, `<|end|>`, `<|message|>`,
-`<|channel|>`, `<|return|>`, `<|call|>`, `<|constrain|>`, `<|endoftext|>`, `<|startoftext|>`,
+The real gpt-oss tokenizer is o200k_harmony: o200k_base's byte-level BPE (199,998 tokens, its
+pre-tokenizer pattern) and harmony's special tokens from id 199,998 up to 201,087. tiktoken and
+openai-harmony fetch `o200k_base.tiktoken` from the network at run time; offline, the file can
+come from a package that carries it (bpe-openai does, gzipped) or be given as a path
+(`--vocab FILE`, its sha256 checked against tiktoken's). With it, the tokenizer written here is
+gpt-oss's own (`harmony_tokenizer`). Without it (`--vocab` not given), the tokenizer is a
+stand-in: a small byte-level BPE (trained on the text it is given, else the 256 bytes alone)
+with harmony's special tokens (`<|start|>`, `<|end|>`, `<|message|>`, `<|channel|>`,
+`<|return|>`, `<|call|>`, `<|constrain|>`, `<|endoftext|>`, `<|startoftext|>`,
 `<|endofprompt|>` and the reserved ones) at their real ids, so that the public config's token ids
 (eos 200002, pad 199999) and every id-level rule (stop tokens, channel parsing) hold as on the
-real model, and with a harmony chat template (`templates/harmony.jinja`) that renders what
-gpt-oss's published template renders for conversations without tools. Text ids differ from the
-real model's; speed and memory do not depend on them. A model directory written here says so in
-its `rolecast_standin.json`.
+real model. Either way the chat template (`templates/harmony.jinja`) renders what gpt-oss's
+published template renders for conversations without tools. A stand-in's text ids differ from
+the real model's; speed and memory do not depend on them. A model directory written here says
+which tokenizer it has in its `rolecast_standin.json`.
 
-    python -m finetune.standin gpt-oss-20b OUT [--corpus data/*.jsonl] [--bf16] [--device cuda]
+    python -m finetune.standin gpt-oss-20b OUT [--vocab auto|FILE] [--corpus data/*.jsonl]
+                                               [--bf16] [--device cuda]
     python -m finetune.standin tiny OUT            # the small variant the CPU tests use
 
 `gpt-oss-20b` writes the expert weights as MXFP4 blocks and scales, as the real checkpoint
@@ -23,9 +29,13 @@ does (about 13 GB), unless `--bf16`; the tiny variant is plain unless `--mxfp4`.
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
+import importlib.util
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +61,21 @@ SPECIAL_TOKENS = {
 }
 FIRST_SPECIAL = 199998
 VOCAB_SIZE = 201088
+
+#: o200k_base's pre-tokenizer pattern (tiktoken's `openai_public.o200k_base`).
+O200K_PATTERN = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)  # fmt: skip
+#: sha256 of `o200k_base.tiktoken` as tiktoken expects it
+O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 
 #: gpt-oss-20b's public config.json (the MXFP4 checkpoint's), key for key.
 GPT_OSS_20B: dict[str, Any] = {
@@ -172,7 +197,6 @@ def build_tokenizer(texts: Iterable[str] = (), *, merges: int = 0, real_ids: boo
     for a tiny model).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -197,6 +221,16 @@ def build_tokenizer(texts: Iterable[str] = (), *, merges: int = 0, real_ids: boo
         }
     else:
         special = {base + k: token for k, token in enumerate(SPECIAL_TOKENS.values())}
+    return _with_specials(spec, special)
+
+
+def _with_specials(spec: dict[str, Any], special: dict[int, str]) -> Any:
+    """A transformers tokenizer from a `tokenizers` spec whose BPE vocabulary ends below the
+    special tokens' ids, with the special tokens at those ids and the harmony chat template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = spec["model"]["vocab"]
     for i, token in special.items():
         vocab[token] = i
     spec["added_tokens"] = [
@@ -220,6 +254,45 @@ def build_tokenizer(texts: Iterable[str] = (), *, merges: int = 0, real_ids: boo
     )
     tokenizer.chat_template = TEMPLATE.read_text(encoding="utf-8")
     return tokenizer
+
+
+def o200k_vocab() -> Path | None:
+    """`o200k_base.tiktoken` as an installed package carries it (bpe-openai, gzipped), or None."""
+    spec = importlib.util.find_spec("bpe_openai")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "data" / "o200k_base.tiktoken.gz"
+    return path if path.is_file() else None
+
+
+def harmony_tokenizer(vocab: Path) -> Any:
+    """gpt-oss's own tokenizer, o200k_harmony: o200k_base's BPE read from `vocab` (an
+    `o200k_base.tiktoken` file, plain or gzipped, checked against tiktoken's sha256), o200k's
+    pre-tokenizer pattern, harmony's special tokens at their ids, the harmony chat template.
+    Reading the file needs tiktoken (transformers converts it with tiktoken's loader)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    raw = Path(vocab).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != O200K_SHA256:
+        raise ValueError(
+            f"{vocab} is not o200k_base.tiktoken: its sha256 is {digest}, tiktoken's is "
+            f"{O200K_SHA256}"
+        )
+    with tempfile.TemporaryDirectory(prefix="o200k-") as tmp:
+        plain = Path(tmp) / "o200k_base.tiktoken"
+        plain.write_bytes(raw)
+        bpe = TikTokenConverter(vocab_file=str(plain), pattern=O200K_PATTERN).converted()
+    spec = json.loads(bpe.to_str())
+    spec["added_tokens"] = []
+    if len(spec["model"]["vocab"]) != FIRST_SPECIAL:
+        raise ValueError(f"{vocab}: {len(spec['model']['vocab'])} tokens, o200k_base has 199,998")
+    special = {
+        i: SPECIAL_TOKENS.get(i, f"<|reserved_{i}|>") for i in range(FIRST_SPECIAL, VOCAB_SIZE)
+    }
+    return _with_specials(spec, special)
 
 
 def special_ids(tokenizer: Any) -> dict[str, int]:
@@ -334,15 +407,22 @@ def write_model_dir(
     mxfp4: bool | None = None,
     seed: int = 0,
     device: str = "cpu",
+    vocab: Path | None = None,
 ) -> Path:
-    """A loadable gpt-oss model directory: config, generation config, random weights, the
-    stand-in tokenizer and a marker that says it is a stand-in."""
+    """A loadable gpt-oss model directory: config, generation config, random weights, a
+    tokenizer (gpt-oss's own from `vocab`, an o200k_base.tiktoken file, else the stand-in) and a
+    marker that says it is a stand-in and which tokenizer it has."""
     if shape not in ("gpt-oss-20b", "tiny"):
         raise ValueError(f"unknown shape {shape!r}: gpt-oss-20b or tiny")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     real = shape == "gpt-oss-20b"
-    tokenizer = build_tokenizer(texts, merges=merges, real_ids=real)
+    if vocab is not None and not real:
+        raise ValueError("the o200k_harmony vocabulary (201,088 ids) is for gpt-oss-20b's shape")
+    if vocab is not None:
+        tokenizer = harmony_tokenizer(vocab)
+    else:
+        tokenizer = build_tokenizer(texts, merges=merges, real_ids=real)
     if real:
         config = dict(GPT_OSS_20B)
         generation = dict(GENERATION_CONFIG)
@@ -374,9 +454,14 @@ def write_model_dir(
             {
                 "standin": True,
                 "shape": shape,
-                "note": "random weights in gpt-oss's architecture and a stand-in tokenizer "
-                "(byte-level BPE with harmony's special tokens at their real ids); not the "
-                "o200k_harmony vocabulary, not trained weights",
+                "tokenizer": "o200k_harmony" if vocab is not None else "stand-in",
+                "note": "random weights in gpt-oss's architecture, not trained weights; "
+                + (
+                    "gpt-oss's own tokenizer (o200k_harmony)"
+                    if vocab is not None
+                    else "a stand-in tokenizer (byte-level BPE with harmony's special tokens "
+                    "at their real ids), not the o200k_harmony vocabulary"
+                ),
                 "bpe_tokens": _bpe_size(tokenizer),
                 "mxfp4": use_mxfp4,
                 "seed": seed,
@@ -418,8 +503,8 @@ def is_standin(folder: str | Path) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m finetune.standin",
-        description="Write a stand-in gpt-oss model directory (random weights, stand-in "
-        "tokenizer); needs no model hub.",
+        description="Write a stand-in gpt-oss model directory (random weights; gpt-oss's own "
+        "tokenizer with --vocab, else a stand-in one); needs no model hub.",
     )
     parser.add_argument("shape", choices=["gpt-oss-20b", "tiny"])
     parser.add_argument("output", type=Path)
@@ -427,6 +512,11 @@ def main(argv: list[str] | None = None) -> None:
         "--corpus", type=Path, nargs="*", default=[], help="JSONL or text the BPE learns from"
     )
     parser.add_argument("--merges", type=int, default=8000, help="BPE merges (with --corpus)")
+    parser.add_argument(
+        "--vocab",
+        help="o200k_base.tiktoken (plain or gzipped) for gpt-oss's own tokenizer, or 'auto': the "
+        "copy an installed package carries (bpe-openai); without it, a stand-in tokenizer",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where random weights are drawn")
     quant = parser.add_mutually_exclusive_group()
@@ -436,6 +526,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     mxfp4 = False if args.bf16 else args.mxfp4
     merges = args.merges if args.corpus else 0
+    vocab = o200k_vocab() if args.vocab == "auto" else args.vocab and Path(args.vocab)
+    if args.vocab == "auto" and vocab is None:
+        parser.error("no installed package carries o200k_base.tiktoken: install bpe-openai, or "
+                     "give the file (--vocab FILE)")  # fmt: skip
     folder = write_model_dir(
         args.output,
         shape=args.shape,
@@ -444,6 +538,7 @@ def main(argv: list[str] | None = None) -> None:
         mxfp4=mxfp4,
         seed=args.seed,
         device=args.device,
+        vocab=vocab or None,
     )
     size = sum(p.stat().st_size for p in folder.iterdir())
     print(json.dumps({"output": str(folder), "bytes": size, "gib": round(size / 2**30, 2)}))
