@@ -150,3 +150,26 @@ def test_retrain_with_the_server_as_sidecar(rig: Rig) -> None:
         summary["phases_s"]
     )
     assert summary["ok"] and code == 0
+
+
+def test_text_divergence_ignores_only_a_held_back_partial_character(
+    smollm2_tokenizer_dir: Path,
+) -> None:
+    """A reply cut at max_tokens can end inside a character; a streaming server holds those
+    bytes back, so the reference's trailing U+FFFD is not a difference. A real one still is."""
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from vllm_sidecar import text_divergence
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    ids = tok.encode("我们SOS团今天要去找外星人！", add_special_tokens=False)
+    cut = next(
+        n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd")
+    )  # a prefix of the tokens that ends inside a character
+    shown = tok.decode(ids[:cut]).rstrip("\ufffd")
+    assert text_divergence(tok, ids[:cut], shown) is None
+    assert text_divergence(tok, ids, tok.decode(ids)) is None
+    same = len(tok.encode("我们SOS团", add_special_tokens=False))
+    where = text_divergence(tok, ids, "我们SOS团明天")  # 今 / 明: a real difference
+    assert where is not None and same <= where < len(ids)
