@@ -100,3 +100,22 @@ def test_only_gpt_oss_20bs_shape_takes_the_real_vocabulary(tmp_path: Path) -> No
     assert vocab is not None
     with pytest.raises(ValueError, match="gpt-oss-20b"):
         standin.write_model_dir(tmp_path / "tiny", shape="tiny", vocab=vocab)
+
+
+def test_training_labels_with_it_are_the_final_channel_replies(tokenizer: Any) -> None:
+    from finetune.template import IGNORE_INDEX, encode
+
+    messages = [
+        {"role": "system", "content": "你是凉宫春日。"},
+        {"role": "user", "content": "今天做什么？"},
+        {"role": "assistant", "content": "去找外星人！"},
+        {"role": "user", "content": "好吧。"},
+        {"role": "assistant", "content": "跟我来！"},
+    ]
+    encoded = encode(tokenizer, messages)
+    labels = [label for label in encoded.labels if label != IGNORE_INDEX]
+    channel, message, end_of_reply = 200005, 200008, 200002  # <|channel|> <|message|> <|return|>
+    final = tokenizer.encode("final", add_special_tokens=False)  # the channel's name
+    first = [channel, *final, message, *tokenizer.encode("去找外星人！", add_special_tokens=False)]
+    second = [channel, *final, message, *tokenizer.encode("跟我来！", add_special_tokens=False)]
+    assert labels == [*first, end_of_reply, *second, end_of_reply]
