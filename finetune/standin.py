@@ -61,6 +61,10 @@ SPECIAL_TOKENS = {
 }
 FIRST_SPECIAL = 199998
 VOCAB_SIZE = 201088
+#: every special id of o200k_harmony: the named ones, and `<|reserved_N|>` between them
+REAL_SPECIALS = {
+    i: SPECIAL_TOKENS.get(i, f"<|reserved_{i}|>") for i in range(FIRST_SPECIAL, VOCAB_SIZE)
+}
 
 #: o200k_base's pre-tokenizer pattern (tiktoken's `openai_public.o200k_base`).
 O200K_PATTERN = "|".join(
@@ -216,9 +220,7 @@ def build_tokenizer(texts: Iterable[str] = (), *, merges: int = 0, real_ids: boo
             raise ValueError("too many merges for the real special-token ids")
         for i in range(base, FIRST_SPECIAL):
             vocab[f"<|standin_unused_{i}|>"] = i
-        special = {
-            i: SPECIAL_TOKENS.get(i, f"<|reserved_{i}|>") for i in range(FIRST_SPECIAL, VOCAB_SIZE)
-        }
+        special = REAL_SPECIALS
     else:
         special = {base + k: token for k, token in enumerate(SPECIAL_TOKENS.values())}
     return _with_specials(spec, special)
@@ -289,9 +291,7 @@ def harmony_tokenizer(vocab: Path) -> Any:
     spec["added_tokens"] = []
     if len(spec["model"]["vocab"]) != FIRST_SPECIAL:
         raise ValueError(f"{vocab}: {len(spec['model']['vocab'])} tokens, o200k_base has 199,998")
-    special = {
-        i: SPECIAL_TOKENS.get(i, f"<|reserved_{i}|>") for i in range(FIRST_SPECIAL, VOCAB_SIZE)
-    }
+    special = REAL_SPECIALS
     return _with_specials(spec, special)
 
 
@@ -526,10 +526,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     mxfp4 = False if args.bf16 else args.mxfp4
     merges = args.merges if args.corpus else 0
-    vocab = o200k_vocab() if args.vocab == "auto" else args.vocab and Path(args.vocab)
-    if args.vocab == "auto" and vocab is None:
-        parser.error("no installed package carries o200k_base.tiktoken: install bpe-openai, or "
-                     "give the file (--vocab FILE)")  # fmt: skip
+    vocab = None
+    if args.vocab == "auto":
+        vocab = o200k_vocab()
+        if vocab is None:
+            parser.error("no installed package carries o200k_base.tiktoken: install bpe-openai, "
+                         "or give the file (--vocab FILE)")  # fmt: skip
+    elif args.vocab:
+        vocab = Path(args.vocab)
     folder = write_model_dir(
         args.output,
         shape=args.shape,
@@ -538,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
         mxfp4=mxfp4,
         seed=args.seed,
         device=args.device,
-        vocab=vocab or None,
+        vocab=vocab,
     )
     size = sum(p.stat().st_size for p in folder.iterdir())
     print(json.dumps({"output": str(folder), "bytes": size, "gib": round(size / 2**30, 2)}))
