@@ -14,7 +14,8 @@
 # kernels), WHEELS_DIR (scripts/build-wheelhouse.sh's folders), DATA_DIR (haruhi.jsonl),
 # WORK (default runs/gptoss, kept between phases), RESULTS (default $WORK/results: one
 # JSON-lines file per benchmark), VOCAB (optional: o200k_base.tiktoken, plain or gzipped, for
-# gpt-oss's own tokenizer; without it the stand-in gets a stand-in tokenizer).
+# gpt-oss's own tokenizer; without it the stand-in gets a stand-in tokenizer; vLLM's harmony
+# parsers load the same file, which an offline host must give them: TIKTOKEN_ENCODINGS_BASE).
 # CUDA_VISIBLE_DEVICES picks the GPU(s). Run from the repository root.
 set -euo pipefail
 phase=${1:?usage: $0 prepare|train|vllm|scaling}
@@ -54,6 +55,14 @@ case $phase in
       say "this vLLM bundle has no MoE kernels: build it with KEEP_MOE=1"
       exit 1
     }
+    if [ -n "${VOCAB:-}" ]; then  # openai-harmony reads $TIKTOKEN_ENCODINGS_BASE/o200k_base.tiktoken
+      mkdir -p "$WORK/encodings"
+      case $VOCAB in
+        *.gz) gzip -dc "$VOCAB" > "$WORK/encodings/o200k_base.tiktoken" ;;
+        *) cp "$VOCAB" "$WORK/encodings/o200k_base.tiktoken" ;;
+      esac
+      export TIKTOKEN_ENCODINGS_BASE=$WORK/encodings TIKTOKEN_RS_CACHE_DIR=$WORK/encodings
+    fi
     VLLM_LOG=$RESULTS/vllm-check.log bench gptoss_vllm_check python3 benchmarks/gptoss_vllm.py \
       --model "$MODEL" --adapter "$ADAPTER" --data "$DATA" --check
     VLLM_LOG=$RESULTS/vllm-dummy.log bench gptoss_vllm_throughput python3 benchmarks/gptoss_vllm.py \
