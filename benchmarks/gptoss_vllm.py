@@ -122,32 +122,36 @@ async def complete(
     return response.json()  # type: ignore[no-any-return]
 
 
-def check_equivalence(args: argparse.Namespace, url: str, ids: list[list[int]]) -> None:
-    """Greedy tokens and teacher-forced log-probabilities: vLLM against transformers + PEFT."""
+async def served_greedy(
+    args: argparse.Namespace, url: str, ids: list[list[int]]
+) -> list[tuple[str, list[int], list[float]]]:
+    """vLLM's greedy tokens and their log-probabilities for each prompt, base then adapter."""
+    async with httpx.AsyncClient() as client:
+        jobs = [
+            complete(client, url, name, p, args.check_tokens, logprobs=1, return_token_ids=True)
+            for name in (BASE, ADAPTER)
+            for p in ids
+        ]
+        answers = await asyncio.gather(*jobs)
+    out = []
+    for k, answer in enumerate(answers):
+        choice = answer["choices"][0]
+        tokens = choice.get("token_ids") or []
+        logprobs = choice["logprobs"]["token_logprobs"]
+        out.append((BASE if k < len(ids) else ADAPTER, list(tokens), list(logprobs)))
+    return out
+
+
+def check_equivalence(
+    args: argparse.Namespace, ids: list[list[int]], served: list[tuple[str, list[int], list[float]]]
+) -> None:
+    """vLLM's greedy tokens against transformers + PEFT, and the teacher-forced log-probabilities
+    (run after vLLM has stopped: the GPU need not hold both models at once)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from finetune.moe import quantization_kwargs
-
-    async def vllm_side() -> list[tuple[str, list[int], list[float]]]:
-        async with httpx.AsyncClient() as client:
-            jobs = [
-                complete(client, url, name, p, args.check_tokens, logprobs=1, return_token_ids=True)
-                for name in (BASE, ADAPTER)
-                for p in ids
-            ]
-            answers = await asyncio.gather(*jobs)
-        out = []
-        for k, answer in enumerate(answers):
-            choice = answer["choices"][0]
-            tokens = choice.get("token_ids") or []
-            logprobs = choice["logprobs"]["token_logprobs"]
-            out.append((BASE if k < len(ids) else ADAPTER, list(tokens), list(logprobs)))
-        return out
-
-    served = asyncio.run(vllm_side())
-    from transformers import AutoConfig
 
     base = AutoModelForCausalLM.from_pretrained(
         args.model,
@@ -256,7 +260,7 @@ def main() -> None:
         models = httpx.get(f"{url}/v1/models").json()["data"]
         emit(served=[m["id"] for m in models])
         if args.check:
-            check_equivalence(args, url, ids[: args.check_prompts])
+            served = asyncio.run(served_greedy(args, url, ids[: args.check_prompts]))
         else:
             throughput(args, url, ids)
     finally:
@@ -266,6 +270,8 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+    if args.check:
+        check_equivalence(args, ids[: args.check_prompts], served)
 
 
 if __name__ == "__main__":
