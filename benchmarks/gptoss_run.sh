@@ -16,7 +16,9 @@
 # JSON-lines file per benchmark), VOCAB (optional: o200k_base.tiktoken, plain or gzipped, for
 # gpt-oss's own tokenizer; without it the stand-in gets a stand-in tokenizer; vLLM's harmony
 # parsers load the same file, which an offline host must give them: TIKTOKEN_ENCODINGS_BASE).
-# CUDA_VISIBLE_DEVICES picks the GPU(s). Run from the repository root.
+# VLLM_OPTIONS (more gptoss_vllm.py options, e.g. --gpu-memory-utilization 0.3
+# --kv-cache-memory-gb 16 beside other work on the GPU). CUDA_VISIBLE_DEVICES picks the GPU(s).
+# Run from the repository root.
 set -euo pipefail
 phase=${1:?usage: $0 prepare|train|vllm|scaling}
 : "${BUNDLE_DIR:?the vLLM bundle}" "${WHEELS_DIR:?the wheel folders}" "${DATA_DIR:?the dialogues}"
@@ -64,9 +66,9 @@ case $phase in
       export TIKTOKEN_ENCODINGS_BASE=$WORK/encodings TIKTOKEN_RS_CACHE_DIR=$WORK/encodings
     fi
     VLLM_LOG=$RESULTS/vllm-check.log bench gptoss_vllm_check python3 benchmarks/gptoss_vllm.py \
-      --model "$MODEL" --adapter "$ADAPTER" --data "$DATA" --check
+      --model "$MODEL" --adapter "$ADAPTER" --data "$DATA" --check ${VLLM_OPTIONS:-}
     VLLM_LOG=$RESULTS/vllm-dummy.log bench gptoss_vllm_throughput python3 benchmarks/gptoss_vllm.py \
-      --model "$MODEL" --adapter "$ADAPTER" --data "$DATA" --load-format dummy
+      --model "$MODEL" --adapter "$ADAPTER" --data "$DATA" --load-format dummy ${VLLM_OPTIONS:-}
     ;;
   scaling)
     bench gptoss_scaling python3 benchmarks/gptoss_scaling.py --base "$MODEL" --data "$DATA"

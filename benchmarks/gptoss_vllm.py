@@ -63,6 +63,7 @@ def vllm_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         max_model_len=args.max_model_len,
         lora_modules={ADAPTER: str(args.adapter)},
         max_lora_rank=lora.allowed_rank(lora.rank(lora.read_config(Path(args.adapter)))),
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
     )
     argv, env = build_vllm_command(settings, None, args.model)
     argv += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
@@ -234,6 +235,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.45)
+    parser.add_argument(
+        "--kv-cache-memory-gb", type=float, help="fixed KV cache: other work shares the GPU"
+    )
     parser.add_argument("--load-format", default="auto", help="auto, or dummy (random weights)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--check", action="store_true", help="compare with PEFT (real weights)")

@@ -14,7 +14,9 @@
 # folders), DATA_DIR (haruhi.jsonl, atri.jsonl, xin.jsonl), WORK (default runs/vllm-sidecar:
 # kept between phases), RESULTS (default $WORK/results: one JSON-lines file per check, and
 # the servers' logs), CHECKS (the vllm phase's checks, default "bot discord publish throughput
-# equivalence"; a later run can repeat only some). Run from the repository root.
+# equivalence"; a later run can repeat only some), SERVE_OPTIONS (`rolecast serve` options for
+# vLLM, default "--gpu-memory-utilization 0.5"; with other work on the same GPU add
+# --kv-cache-memory-gb). Run from the repository root.
 set -euo pipefail
 phase=${1:?usage: $0 prepare|vllm|retrain|embedded}
 : "${BUNDLE_DIR:?the vLLM bundle}" "${WHEELS_DIR:?the wheel folders}" "${DATA_DIR:?the dialogues}"
@@ -33,7 +35,7 @@ healthy() { python3 -c "import urllib.request as u; u.urlopen('$1/health', timeo
 
 start_vllm() {  # start_vllm LOG: vLLM through the launcher, in its own session; waits for /health
   local t0=$SECONDS
-  setsid "${host[@]}" "$BUNDLE_DIR" -- --port 8000 --gpu-memory-utilization 0.5 > "$1" 2>&1 &
+  setsid "${host[@]}" "$BUNDLE_DIR" -- --port 8000 $SERVE_OPTIONS > "$1" 2>&1 &
   echo $! > "$WORK/vllm.pid"
   until healthy http://127.0.0.1:8000; do
     kill -0 "$(cat "$WORK/vllm.pid")" 2> /dev/null || { tail -n 40 "$1" >&2; return 1; }
@@ -49,6 +51,7 @@ stop_vllm() {
   kill -INT -- "-$pid" 2> /dev/null || kill -INT "$pid"
   while kill -0 "$pid" 2> /dev/null; do sleep 1; done
 }
+SERVE_OPTIONS=${SERVE_OPTIONS:---gpu-memory-utilization 0.5}
 CHECKS=" ${CHECKS:-bot discord publish throughput equivalence} "
 wanted() { [[ $CHECKS == *" $1 "* ]]; }
 bench() {  # bench NAME ARGS...: one check, its JSON lines in $RESULTS/NAME.jsonl

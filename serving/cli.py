@@ -55,6 +55,11 @@ def serve(
     gpu_memory_utilization: float | None = typer.Option(
         None, help="vLLM: share of GPU memory to take (default: vLLM's, 0.9)"
     ),
+    kv_cache_memory_gb: float | None = typer.Option(
+        None,
+        help="vLLM: GiB of KV cache, fixed; skips vLLM's start-up memory profiling, which "
+        "miscounts when a trainer shares the GPU (default: what profiling leaves)",
+    ),
     enforce_eager: bool | None = typer.Option(
         None,
         "--enforce-eager/--no-enforce-eager",
@@ -106,6 +111,7 @@ def serve(
         "max_waiting": max_waiting,
         "max_lora_rank": max_lora_rank,
         "gpu_memory_utilization": gpu_memory_utilization,
+        "kv_cache_memory_gb": kv_cache_memory_gb,
         "enforce_eager": enforce_eager,
         "engine": engine,
         "shipped_adapter": shipped_adapter,

@@ -87,6 +87,14 @@ class ServeSettings(BaseSettings):
         description="vLLM: share of the GPU's memory it takes (weights, LoRA slots, KV cache); "
         "default: vLLM's (0.9). Lower it when training shares the GPU.",
     )
+    kv_cache_memory_gb: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="vLLM: GiB of KV cache, fixed. vLLM then skips its start-up memory "
+        "profiling, which counts what other processes on the GPU take or free meanwhile (a "
+        "trainer sharing the GPU) as its own; gpu_memory_utilization then only sets how much "
+        "must be free at start.",
+    )
     enforce_eager: bool = Field(
         default=False,
         description="vLLM: skip torch.compile and CUDA graphs: a first start is shorter, "

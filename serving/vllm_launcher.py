@@ -68,6 +68,8 @@ def build_vllm_command(
     argv += model_flags(model_type(model_path))
     if settings.gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    if settings.kv_cache_memory_gb is not None:
+        argv += ["--kv-cache-memory-bytes", str(int(settings.kv_cache_memory_gb * 2**30))]
     if "max_num_seqs" in settings.model_fields_set:  # else vLLM's own, not the embedded 16
         argv += ["--max-num-seqs", str(settings.max_num_seqs)]
     if settings.enforce_eager:

@@ -107,7 +107,12 @@ def test_run_options_and_the_compile_cache(tmp_path: Path) -> None:
     plain = ServeSettings(model="m", shipped_adapter=False)
     argv, env = build_vllm_command(plain, registry, "m", cache_dir=tmp_path / "cache", environ={})
     # off unless asked for: vLLM's own defaults (the embedded server's 16 seqs is not vLLM's)
-    for flag in ("--enforce-eager", "--gpu-memory-utilization", "--max-num-seqs"):
+    for flag in (
+        "--enforce-eager",
+        "--gpu-memory-utilization",
+        "--kv-cache-memory-bytes",
+        "--max-num-seqs",
+    ):
         assert flag not in argv
     assert env == {
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
@@ -119,6 +124,7 @@ def test_run_options_and_the_compile_cache(tmp_path: Path) -> None:
         shipped_adapter=False,
         enforce_eager=True,
         gpu_memory_utilization=0.5,
+        kv_cache_memory_gb=1.5,
         max_num_seqs=128,
     )
     argv, env = build_vllm_command(
@@ -127,6 +133,7 @@ def test_run_options_and_the_compile_cache(tmp_path: Path) -> None:
     flag = flags(argv)
     assert flag["--enforce-eager"] == "" and flag["--gpu-memory-utilization"] == "0.5"
     assert flag["--max-num-seqs"] == "128"
+    assert flag["--kv-cache-memory-bytes"] == str(3 * 2**29)  # vLLM takes bytes
     assert "VLLM_CACHE_ROOT" not in env  # the operator's own cache wins
 
 
@@ -138,7 +145,7 @@ def test_print_command_options_and_cache(tmp_path: Path, monkeypatch: pytest.Mon
         app,
         [
             "serve", "--engine", "vllm", "--print-command", "--model", "org/model",
-            "--enforce-eager", "--gpu-memory-utilization", "0.6",
+            "--enforce-eager", "--gpu-memory-utilization", "0.6", "--kv-cache-memory-gb", "8",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -150,6 +157,7 @@ def test_print_command_options_and_cache(tmp_path: Path, monkeypatch: pytest.Mon
     flag = flags(words[2:])
     assert flag["--enforce-eager"] == "" and flag["--gpu-memory-utilization"] == "0.6"
     assert flag["--max-num-seqs"] == "64"  # given through the environment: passed on
+    assert flag["--kv-cache-memory-bytes"] == str(8 * 2**30)
 
 
 def test_prepare_only_with_vllm_names_the_model(tmp_path: Path) -> None:
