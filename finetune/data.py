@@ -7,6 +7,7 @@ The row shapes (ShareGPT and OpenAI, as LLaMA-Factory reads them) and `dataset_i
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from finetune.errors import DataError
 from formats import sharegpt
@@ -174,55 +175,74 @@ def _unencodable(obj: Any, where: str = "row") -> str | None:
 def read_rows(path: str | Path) -> list[Row]:
     """Every line of a JSONL file as a Row; bad lines become rows with problems, not exceptions."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        with _open_data_file(path) as fh:
+            return _rows_of(path, fh)
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read: {exc.strerror or exc}") from None
+
+
+def _open_data_file(path: Path) -> BinaryIO:
+    """`path` opened for reading, or DataError saying why it is not a data file."""
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a data file")
+    if not path.exists():
         raise DataError(f"no such data file: {path}")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise DataError(f"{path} is not a regular file")
+    return path.open("rb")
+
+
+def _rows_of(path: Path, fh: BinaryIO) -> list[Row]:
+    """The rows of the open file `fh` (read from `path`)."""
     rows: list[Row] = []
     seen: dict[str, str] = {}
-    with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            source = _repair(f"{path.name}:{line_no}")
-            fallback_id = _repair(f"{path.stem}:{line_no}")
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                rows.append(
-                    Row(
-                        fallback_id,
-                        source,
-                        None,
-                        [Problem(fallback_id, source, "bad_utf8", str(exc))],
-                    )
+    for line_no, raw in enumerate(fh, start=1):
+        if line_no == 1:  # editors on Windows start UTF-8 files with a byte order mark
+            raw = raw.removeprefix(codecs.BOM_UTF8)
+        source = _repair(f"{path.name}:{line_no}")
+        fallback_id = _repair(f"{path.stem}:{line_no}")
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            rows.append(
+                Row(
+                    fallback_id,
+                    source,
+                    None,
+                    [Problem(fallback_id, source, "bad_utf8", str(exc))],
                 )
-                continue
-            try:
-                obj = json.loads(line)
-            except (ValueError, RecursionError) as exc:  # also absurd numbers and nesting
-                rows.append(
-                    Row(
-                        fallback_id,
-                        source,
-                        None,
-                        [Problem(fallback_id, source, "bad_json", str(exc)[:300])],
-                    )
+            )
+            continue
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError) as exc:  # also absurd numbers and nesting
+            rows.append(
+                Row(
+                    fallback_id,
+                    source,
+                    None,
+                    [Problem(fallback_id, source, "bad_json", str(exc)[:300])],
                 )
-                continue
-            row_id = str(obj.get("id", fallback_id)) if isinstance(obj, dict) else fallback_id
-            if (bad := _unencodable(obj)) is not None:
-                # JSON escapes can carry lone UTF-16 surrogates ("\ud800"), which no encoder
-                # accepts: such a row can be neither tokenized nor written back.
-                row_id = _repair(row_id)
-                problem = Problem(row_id, source, "bad_text", bad)
-                rows.append(Row(row_id, source, None, [problem]))
-                continue
-            messages, problems = _parse_messages(obj, row_id, source)
-            if row_id in seen:
-                problems.append(
-                    Problem(row_id, source, "duplicate_id", f"id already used at {seen[row_id]}")
-                )
-            seen.setdefault(row_id, source)
-            rows.append(Row(row_id, source, messages, problems))
+            )
+            continue
+        row_id = str(obj.get("id", fallback_id)) if isinstance(obj, dict) else fallback_id
+        if (bad := _unencodable(obj)) is not None:
+            # JSON escapes can carry lone UTF-16 surrogates ("\ud800"), which no encoder
+            # accepts: such a row can be neither tokenized nor written back.
+            row_id = _repair(row_id)
+            problem = Problem(row_id, source, "bad_text", bad)
+            rows.append(Row(row_id, source, None, [problem]))
+            continue
+        messages, problems = _parse_messages(obj, row_id, source)
+        if row_id in seen:
+            problems.append(
+                Problem(row_id, source, "duplicate_id", f"id already used at {seen[row_id]}")
+            )
+        seen.setdefault(row_id, source)
+        rows.append(Row(row_id, source, messages, problems))
     return rows
 
 

@@ -131,3 +131,28 @@ def test_load_dialogues_refuses_a_malformed_file(shared_data: Path) -> None:
         load_dialogues(shared_data / "haruhi.jsonl")
     assert "rolecast data clean" in str(info.value)
     assert any("ends_on_user" in p for p in info.value.problems)
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_are_read(tmp_path: Path) -> None:
+    """Editors on Windows save UTF-8 with a BOM and CRLF line ends: the first row is a row."""
+    lines = [json.dumps(dialogue(i), ensure_ascii=False) for i in range(3)]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    report = check_files([path])
+    assert report.rows == 3 and report.problems == []
+    assert [r.row_id for r in read_rows(path)] == ["row_0", "row_1", "row_2"]
+
+
+def test_a_directory_or_an_unreadable_file_is_a_data_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(DataError, match="is a directory"):
+        read_rows(tmp_path)
+    path = write_jsonl(tmp_path / "locked.jsonl", [dialogue(0)])
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", refuse)  # as for another user's file (root reads all)
+    with pytest.raises(DataError, match="cannot be read: Permission denied"):
+        read_rows(path)
