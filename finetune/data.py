@@ -13,14 +13,16 @@ import json
 import logging
 import re
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TextIO
 
 from finetune.errors import DataError
 from formats import sharegpt
+from formats.jsonfile import replacing
 from formats.sharegpt import ASSISTANT, SYSTEM, USER, Message
 
 log = logging.getLogger(__name__)
@@ -456,11 +458,30 @@ def to_sharegpt(dialogue: Dialogue) -> dict[str, Any]:
     return sharegpt.sharegpt_row(dialogue.row_id, dialogue.messages)
 
 
-def write_jsonl(dialogues: Iterable[Dialogue], path: str | Path) -> int:
+@contextmanager
+def writing(path: str | Path) -> Iterator[TextIO]:
+    """A text file to write that replaces `path` whole or not at all (`formats.jsonfile.replacing`),
+    its missing folders made; DataError, one line, when it cannot be written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give the output a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DataError(f"{path} cannot be written: {path.parent} is not a folder") from None
+    except OSError as exc:
+        raise DataError(f"{path} cannot be written: {exc.strerror or exc}") from None
+    try:
+        with replacing(path) as fh:
+            yield fh
+    except OSError as exc:
+        raise DataError(f"{path} cannot be written: {exc.strerror or exc}") from None
+
+
+def write_jsonl(dialogues: Iterable[Dialogue], path: str | Path) -> int:
+    """Write `dialogues` as ShareGPT JSONL in place of `path` (which may be their source)."""
     n = 0
-    with path.open("w", encoding="utf-8") as fh:
+    with writing(path) as fh:
         for d in dialogues:
             fh.write(sharegpt.jsonl_line(to_sharegpt(d)))
             n += 1
@@ -469,7 +490,10 @@ def write_jsonl(dialogues: Iterable[Dialogue], path: str | Path) -> int:
 
 def write_dataset_info(directory: str | Path, names: Sequence[str]) -> Path:
     """A `dataset_info.json` that LLaMA-Factory reads as is, one entry per JSONL file in `directory`."""
-    return sharegpt.write_dataset_info(directory, {name: f"{name}.jsonl" for name in names})
+    path = Path(directory) / sharegpt.DATASET_INFO
+    with writing(path) as fh:
+        fh.write(sharegpt.dataset_info_bytes({name: f"{name}.jsonl" for name in names}).decode())
+    return path
 
 
 def load_dialogues(

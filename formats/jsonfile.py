@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 #: The largest JSON file read: these files (configs, manifests, pointers) are a few KiB.
 MAX_BYTES = 16 * 2**20
@@ -38,12 +40,21 @@ def read_object(path: Path, *, max_bytes: int = MAX_BYTES) -> dict[str, Any] | N
 
 def write_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over."""
+    with replacing(path) as f:
+        json.dump(data, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[TextIO]:
+    """A UTF-8 text file to write in place of `path`: a temporary file beside it, flushed to
+    disk and renamed over `path` when the block ends, removed when the block raises (so `path`
+    may be the file the text was read from)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=2)
-            f.write("\n")
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; model servers may run as another user

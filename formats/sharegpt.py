@@ -21,6 +21,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from formats.jsonfile import replacing
+
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 ROLE_ALIASES = {
     "system": SYSTEM,
@@ -126,7 +128,8 @@ def dataset_info_bytes(files: Mapping[str, str]) -> bytes:
 def write_dataset_info(directory: str | Path, files: Mapping[str, str]) -> Path:
     """Write `dataset_info.json` into `directory`, where the files it names are."""
     path = Path(directory) / DATASET_INFO
-    path.write_bytes(dataset_info_bytes(files))
+    with replacing(path) as f:
+        f.write(dataset_info_bytes(files).decode())
     return path
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from finetune.data import (
     check_files,
@@ -16,6 +17,8 @@ from finetune.data import (
     split_dialogues,
 )
 from finetune.errors import DataError
+from formats import sharegpt
+from rolecast.cli import app
 from tests.finetune.ft_helpers import dialogue, write_jsonl
 
 
@@ -156,3 +159,47 @@ def test_a_directory_or_an_unreadable_file_is_a_data_error(
     monkeypatch.setattr(Path, "open", refuse)  # as for another user's file (root reads all)
     with pytest.raises(DataError, match="cannot be read: Permission denied"):
         read_rows(path)
+
+
+def test_clean_over_its_input_is_all_or_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`-o` may name the input: a write that fails half-way leaves the file as it was."""
+    path = write_jsonl(tmp_path / "d.jsonl", [dialogue(i) for i in range(5)])
+    before = path.read_bytes()
+    real = sharegpt.jsonl_line
+    written = []
+
+    def fail_on_the_third(row: dict) -> str:
+        written.append(row["id"])
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        return real(row)
+
+    monkeypatch.setattr(sharegpt, "jsonl_line", fail_on_the_third)
+    result = CliRunner().invoke(app, ["data", "clean", str(path), "-o", str(path), "--base", ""])
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in result.stderr and "Traceback" not in result.output
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["d.jsonl"]  # no temporary file left over
+    monkeypatch.setattr(sharegpt, "jsonl_line", real)
+    result = CliRunner().invoke(app, ["data", "clean", str(path), "-o", str(path), "--base", ""])
+    assert result.exit_code == 0, result.output
+    assert len(read_rows(path)) == 5
+
+
+@pytest.mark.parametrize("command", ["clean", "split"])
+def test_an_output_that_cannot_be_written_is_one_error_line(tmp_path: Path, command: str) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [dialogue(i) for i in range(10)])
+    (tmp_path / "folder").mkdir()
+    flag = ["-o"] if command == "clean" else ["--output-dir"]
+    targets = [tmp_path / "d.jsonl" / "x"] + ([tmp_path / "folder"] if command == "clean" else [])
+    for target in targets:
+        args = ["data", command, str(path), *flag, str(target)]
+        result = CliRunner().invoke(app, args + (["--base", ""] if command == "clean" else []))
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith("error: ") and str(target) in result.stderr
+        assert not isinstance(result.exception, OSError)
+    assert (tmp_path / "folder").is_dir() and not any((tmp_path / "folder").iterdir())
+    result = CliRunner().invoke(app, ["data", command, str(path), *flag, str(tmp_path / "a/b/c")])
+    assert result.exit_code == 0, result.output  # missing folders are made
