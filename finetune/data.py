@@ -20,6 +20,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
+from finetune.dedup import check_threshold
 from finetune.errors import DataError
 from formats import sharegpt
 from formats.jsonfile import replacing
@@ -376,6 +377,8 @@ def clean_rows(
     (`trim`), since every reply before them is still good training signal; any other defect
     drops the row. Of each near-duplicate group only the first row is kept.
     """
+    if dedup_threshold is not None:
+        check_threshold(dedup_threshold)
     kept: list[Dialogue] = []
     dropped: list[Problem] = []
     trimmed: list[str] = []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from finetune.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -14,6 +16,12 @@ def shingles(text: str, size: int = 5) -> set[str]:
     if len(compact) <= size:
         return {compact} if compact else set()
     return {compact[i : i + size] for i in range(len(compact) - size + 1)}
+
+
+def check_threshold(threshold: float) -> None:
+    """ConfigError unless `threshold` is a similarity in (0, 1]."""
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"the near-duplicate threshold must be in (0, 1], got {threshold}")
 
 
 def near_duplicate_groups(
@@ -30,8 +38,7 @@ def near_duplicate_groups(
     """
     from datasketch import MinHash, MinHashLSH
 
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    check_threshold(threshold)
     if len({item_id for item_id, _ in items}) < 2:
         return []  # nothing to pair (and the LSH's set-up costs more than a small file's check)
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)

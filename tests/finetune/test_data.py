@@ -203,3 +203,14 @@ def test_an_output_that_cannot_be_written_is_one_error_line(tmp_path: Path, comm
     assert (tmp_path / "folder").is_dir() and not any((tmp_path / "folder").iterdir())
     result = CliRunner().invoke(app, ["data", command, str(path), *flag, str(tmp_path / "a/b/c")])
     assert result.exit_code == 0, result.output  # missing folders are made
+
+
+@pytest.mark.parametrize("threshold", ["0", "1.5", "nan"])
+def test_a_dedup_threshold_out_of_range_is_one_error_line(tmp_path: Path, threshold: str) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [dialogue(i) for i in range(3)])
+    for command in (["check", str(path)], ["clean", str(path), "-o", str(tmp_path / "o.jsonl")]):
+        args = ["data", *command, "--base", "", "--dedup-threshold", threshold]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith("error: ") and "threshold" in result.stderr
+    assert not (tmp_path / "o.jsonl").exists()
