@@ -175,6 +175,17 @@ def _unencodable(obj: Any, where: str = "row") -> str | None:
     return None
 
 
+def _row_id(obj: Any, fallback: str) -> str:
+    """The row's own id: a non-blank string or a number; else (missing, null, empty, a list...)
+    `fallback`, its place in the file, so rows without ids are not duplicates of one another."""
+    row_id = obj.get("id") if isinstance(obj, dict) else None
+    if isinstance(row_id, str) and row_id.strip():
+        return row_id
+    if isinstance(row_id, int | float) and not isinstance(row_id, bool):
+        return str(row_id)
+    return fallback
+
+
 def read_rows(path: str | Path) -> list[Row]:
     """Every line of a JSONL file as a Row; bad lines become rows with problems, not exceptions."""
     path = Path(path)
@@ -231,7 +242,7 @@ def _rows_of(path: Path, fh: BinaryIO) -> list[Row]:
                 )
             )
             continue
-        row_id = str(obj.get("id", fallback_id)) if isinstance(obj, dict) else fallback_id
+        row_id = _row_id(obj, fallback_id)
         if (bad := _unencodable(obj)) is not None:
             # JSON escapes can carry lone UTF-16 surrogates ("\ud800"), which no encoder
             # accepts: such a row can be neither tokenized nor written back.

@@ -214,3 +214,18 @@ def test_a_dedup_threshold_out_of_range_is_one_error_line(tmp_path: Path, thresh
         assert result.exit_code == 1, result.output
         assert result.stderr.startswith("error: ") and "threshold" in result.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_rows_without_a_usable_id_are_named_by_their_line(tmp_path: Path) -> None:
+    """A null, empty or structured id is no id: two such rows are not duplicates of each other."""
+    ids: list[object] = [None, "", "  ", ["a"], {"k": 1}, True, 7, "x"]
+    rows = []
+    for i, row_id in enumerate(ids):
+        row = dialogue(i)
+        row["id"] = row_id
+        rows.append(row)
+    path = write_jsonl(tmp_path / "ids.jsonl", rows)
+    read = read_rows(path)
+    assert [r.row_id for r in read] == [f"ids:{n}" for n in range(1, 7)] + ["7", "x"]
+    assert all(r.problems == [] for r in read)
+    assert len(clean_rows(read).kept) == len(ids)
