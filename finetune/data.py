@@ -51,6 +51,12 @@ class Row:
     messages: list[Message] | None
     problems: list[Problem] = field(default_factory=list)
 
+    @property
+    def whole(self) -> bool:
+        """Whether `messages` are the row's whole dialogue: every turn could be read (a row
+        whose id is a duplicate is still whole)."""
+        return self.messages is not None and all(p.code == "duplicate_id" for p in self.problems)
+
 
 @dataclass(frozen=True)
 class Dialogue:
@@ -305,8 +311,8 @@ def check_rows(
     problems: list[Problem] = []
     for row in rows:
         problems.extend(row.problems)
-        if row.messages is None:
-            continue
+        if not row.whole or row.messages is None:
+            continue  # with a turn left out, the messages are not the file's dialogue
         for code, message in structure_problems(row.messages):
             problems.append(Problem(row.row_id, row.source, code, message))
         if count_tokens is not None and max_length is not None and row.messages:
@@ -333,7 +339,7 @@ def check_files(
     paths = [Path(p) for p in paths]
     rows = [row for p in paths for row in read_rows(p)]
     problems = check_rows(rows, count_tokens, max_length)
-    parsed = [r for r in rows if r.messages]
+    parsed = [r for r in rows if r.messages and r.whole]
     groups = near_duplicate_groups_of(
         [
             (r.row_id, "\n".join(m["content"] for m in r.messages or [] if m["role"] != SYSTEM))

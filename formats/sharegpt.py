@@ -55,6 +55,8 @@ def read_messages(obj: Any) -> tuple[list[Message] | None, list[tuple[str, str]]
     top_system = obj.get("system")
     if isinstance(top_system, str) and top_system.strip():
         messages.append({"role": SYSTEM, "content": top_system})
+    elif top_system is not None and not isinstance(top_system, str):
+        problems.append(("bad_format", "the top-level 'system' is not a string"))
     for number, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
             problems.append(("bad_format", f"turn {number} has no '{role_key}'/'{text_key}'"))

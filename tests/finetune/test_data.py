@@ -229,3 +229,22 @@ def test_rows_without_a_usable_id_are_named_by_their_line(tmp_path: Path) -> Non
     assert [r.row_id for r in read] == [f"ids:{n}" for n in range(1, 7)] + ["7", "x"]
     assert all(r.problems == [] for r in read)
     assert len(clean_rows(read).kept) == len(ids)
+
+
+def test_a_row_with_unreadable_turns_is_reported_for_them_alone(tmp_path: Path) -> None:
+    """The turns left after an unreadable one are not the file's dialogue: no structure problems
+    are made up from them (the human turn below is not missing), and such rows are neither
+    near-duplicates nor lengths of the usable rows."""
+    bad_turn = [{"from": "human", "value": None}, {"from": "gpt", "value": "好的。"}]
+    again = dialogue(0)  # a repeated id leaves the dialogue whole: it is checked as one
+    again["conversations"].append({"from": "human", "value": "还有吗？"})
+    rows = [{"id": f"bad{i}", "conversations": bad_turn} for i in range(3)]
+    path = write_jsonl(tmp_path / "t.jsonl", [*rows, dialogue(0), again])
+    report = check_files([path])
+    assert {(p.row_id, p.code) for p in report.problems} == {
+        *((f"bad{i}", "bad_format") for i in range(3)),
+        ("row_0", "duplicate_id"),
+        ("row_0", "ends_on_user"),
+    }
+    assert report.duplicate_groups == []
+    assert report.lengths.count == 2 and report.usable_rows == 1

@@ -81,3 +81,13 @@ def test_dataset_info_round_trips_as_llama_factory_reads_it(tmp_path: Path) -> N
     entries = read_dataset_info(path)
     assert {name: e.file_name for name, e in entries.items()} == files
     assert {name: e.model_dump() for name, e in entries.items()} == raw
+
+
+def test_a_top_level_system_prompt_that_is_not_text_is_reported() -> None:
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    for system in (5, ["sys"], {"text": "sys"}, True):
+        messages, problems = read_messages({"system": system, "conversations": turns})
+        assert problems == [("bad_format", "the top-level 'system' is not a string")]
+        assert messages is not None and [m["role"] for m in messages] == [USER, ASSISTANT]
+    for system in (None, "", "  "):  # no system prompt
+        assert read_messages({"system": system, "conversations": turns})[1] == []
