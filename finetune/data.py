@@ -119,8 +119,13 @@ class CheckReport:
         return {p.row_id for p in self.problems}
 
     @property
+    def rows_with_problems(self) -> int:
+        """Rows, not ids: a repeated id names two rows."""
+        return _rows_of_problems(self.problems)
+
+    @property
     def usable_rows(self) -> int:
-        return self.rows - len(self.bad_row_ids)
+        return self.rows - self.rows_with_problems
 
     def to_json(self) -> dict[str, Any]:
         by_code: dict[str, int] = {}
@@ -129,7 +134,7 @@ class CheckReport:
         return {
             "files": self.files,
             "rows": self.rows,
-            "rows_with_problems": len(self.bad_row_ids),
+            "rows_with_problems": self.rows_with_problems,
             "usable_rows": self.usable_rows,
             "problems_by_code": by_code,
             "problems": [
@@ -139,6 +144,11 @@ class CheckReport:
             "near_duplicate_groups": self.duplicate_groups,
             "lengths": self.lengths.__dict__,
         }
+
+
+def _rows_of_problems(problems: Iterable[Problem]) -> int:
+    """How many rows `problems` are about (a row is its place in a file, whatever its id)."""
+    return len({(p.source, p.row_id) for p in problems})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +535,7 @@ def load_dialogues(
     rows = read_rows(path)
     problems = check_rows(rows, count_tokens, max_length)
     if problems:
-        bad = len({p.row_id for p in problems})
+        bad = _rows_of_problems(problems)
         raise DataError(
             f"{path}: {bad} of {len(rows)} rows cannot be trained on; fix them or run "
             f"`rolecast data clean {path}` first",

@@ -248,3 +248,13 @@ def test_a_row_with_unreadable_turns_is_reported_for_them_alone(tmp_path: Path) 
     }
     assert report.duplicate_groups == []
     assert report.lengths.count == 2 and report.usable_rows == 1
+
+
+def test_rows_with_problems_are_counted_as_rows_not_ids(tmp_path: Path) -> None:
+    ends = dialogue(0)
+    ends["conversations"].append({"from": "human", "value": "还有吗？"})
+    path = write_jsonl(tmp_path / "r.jsonl", [ends, dialogue(0), dialogue(1)])
+    summary = check_files([path]).to_json()  # row_0 twice: it ends on a user turn, then again
+    assert (summary["rows_with_problems"], summary["usable_rows"]) == (2, 1)
+    with pytest.raises(DataError, match="2 of 3 rows"):
+        load_dialogues(path)
