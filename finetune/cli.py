@@ -209,7 +209,7 @@ def evaluate(
     score: bool = typer.Option(
         True, help="Score after generating (--no-score: only save predictions)."
     ),
-    limit: int | None = typer.Option(None, help="Evaluate the first N dialogues only."),
+    limit: int | None = typer.Option(None, min=1, help="Evaluate the first N dialogues only."),
     max_new_tokens: int = typer.Option(256, help="Longest reply to generate."),
     batch_size: int = typer.Option(32, help="Prompts generated together."),
     repetition_penalty: float = typer.Option(
@@ -252,9 +252,12 @@ def evaluate(
     """Predict the last reply of each dialogue with the base and the adapter; BLEU-4, ROUGE-1/2/L,
     and persona consistency with --consistency-data."""
     from finetune import evaluate as ev
+    from finetune.errors import DataError
 
     try:
         check = _consistency_check(persona, consistency_data) if score else None
+        if output.exists() and not output.is_dir():  # found out before replies are generated
+            raise DataError(f"{output} is a file; --output names a folder")
         if predictions is not None:
             records = ev.read_predictions(predictions)
         elif data is not None:

@@ -202,12 +202,23 @@ def _row_id(obj: Any, fallback: str) -> str:
     return fallback
 
 
-def read_rows(path: str | Path) -> list[Row]:
-    """Every line of a JSONL file as a Row; bad lines become rows with problems, not exceptions."""
+@dataclass(frozen=True)
+class Line:
+    """One non-blank line of a JSONL file: its value, or why it has none."""
+
+    number: int
+    value: Any = None
+    code: str | None = None  # "bad_utf8" or "bad_json" when the line is not UTF-8 JSON
+    message: str = ""
+
+
+def read_jsonl(path: str | Path) -> list[Line]:
+    """The non-blank lines of a JSONL file, parsed; bad lines say why, not raise. The file may
+    start with a byte order mark and end its lines in CRLF. DataError when it cannot be read."""
     path = Path(path)
     try:
         with _open_data_file(path) as fh:
-            return _rows_of(path, fh)
+            return [line for n, raw in enumerate(fh, start=1) if (line := _line(n, raw))]
     except OSError as exc:
         raise DataError(f"{path} cannot be read: {exc.strerror or exc}") from None
 
@@ -223,41 +234,35 @@ def _open_data_file(path: Path) -> BinaryIO:
     return path.open("rb")
 
 
-def _rows_of(path: Path, fh: BinaryIO) -> list[Row]:
-    """The rows of the open file `fh` (read from `path`)."""
+def _line(number: int, raw: bytes) -> Line | None:
+    """Line `number` parsed (None when blank)."""
+    if number == 1:  # editors on Windows start UTF-8 files with a byte order mark
+        raw = raw.removeprefix(codecs.BOM_UTF8)
+    if not raw.strip():
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Line(number, code="bad_utf8", message=str(exc))
+    try:
+        return Line(number, json.loads(text))
+    except (ValueError, RecursionError) as exc:  # also absurd numbers and nesting
+        return Line(number, code="bad_json", message=str(exc)[:300])
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    """Every line of a JSONL file as a Row; bad lines become rows with problems, not exceptions."""
+    path = Path(path)
     rows: list[Row] = []
     seen: dict[str, str] = {}
-    for line_no, raw in enumerate(fh, start=1):
-        if line_no == 1:  # editors on Windows start UTF-8 files with a byte order mark
-            raw = raw.removeprefix(codecs.BOM_UTF8)
-        source = _repair(f"{path.name}:{line_no}")
-        fallback_id = _repair(f"{path.stem}:{line_no}")
-        if not raw.strip():
+    for line in read_jsonl(path):
+        source = _repair(f"{path.name}:{line.number}")
+        fallback_id = _repair(f"{path.stem}:{line.number}")
+        if line.code is not None:
+            problem = Problem(fallback_id, source, line.code, line.message)
+            rows.append(Row(fallback_id, source, None, [problem]))
             continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            rows.append(
-                Row(
-                    fallback_id,
-                    source,
-                    None,
-                    [Problem(fallback_id, source, "bad_utf8", str(exc))],
-                )
-            )
-            continue
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError) as exc:  # also absurd numbers and nesting
-            rows.append(
-                Row(
-                    fallback_id,
-                    source,
-                    None,
-                    [Problem(fallback_id, source, "bad_json", str(exc)[:300])],
-                )
-            )
-            continue
+        obj = line.value
         row_id = _row_id(obj, fallback_id)
         if (bad := _unencodable(obj)) is not None:
             # JSON escapes can carry lone UTF-16 surrogates ("\ud800"), which no encoder

@@ -23,7 +23,17 @@ import torch
 
 from finetune import harmony, models
 from finetune.consistency import Learnt
-from finetune.data import ASSISTANT, SYSTEM, Dialogue, Message, read_rows, trim_trailing_user
+from finetune.data import (
+    ASSISTANT,
+    SYSTEM,
+    Dialogue,
+    Line,
+    Message,
+    read_jsonl,
+    read_rows,
+    trim_trailing_user,
+    writing,
+)
 from finetune.errors import ConfigError, DataError, ModelNotFoundError
 from finetune.metrics import METRICS, consensus, score_corpus
 from finetune.template import end_of_turn_ids, prompt_ids
@@ -33,6 +43,7 @@ log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions.jsonl"
 BASE, BASELINE, TUNED = "base", "baseline", "adapter"
+MODELS = (BASE, BASELINE, TUNED)  # the columns of replies in a predictions file
 SAMPLES_SUFFIX = "_samples"  # `adapter_samples`: every sampled reply behind `adapter`
 CONSISTENCY = ("recognised", "own_probability")  # `finetune.consistency`'s two figures, 0-100
 
@@ -278,6 +289,8 @@ def predict(
     With sampled consensus every sample is kept beside the chosen reply (`adapter_samples`...),
     so other selections can be scored without generating again.
     """
+    if limit is not None and limit < 1:
+        raise ConfigError(f"the limit of dialogues to evaluate must be at least 1, got {limit}")
     items = eval_items(read_eval_dialogues(data))[:limit]
     model, tokenizer = load_for_eval(base, adapter)
     contexts = [it.context for it in items]
@@ -354,7 +367,7 @@ class NoProgress:
 def score_records(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     refs = [r["reference"] for r in records]
     result = {}
-    for column in (BASE, BASELINE, TUNED):
+    for column in MODELS:
         if records and column in records[0]:
             result[column] = score_corpus([r[column] for r in records], refs)
     return result
@@ -405,37 +418,61 @@ def write_report(
     from finetune.plots import plot_metrics
 
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     results = score_records(records)
+    if not results:
+        raise DataError("no predictions to score")
     report: dict[str, Any] = {"dialogues": len(records), "scores": results}
     if consistency is not None:
         report["consistency"] = score_consistency(records, results, consistency)
-    (output / "metrics.json").write_text(
-        json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-    )
-    (output / "metrics.md").write_text(
-        f"# {title}\n\n{len(records)} dialogues\n\n{metrics_table(results)}\n", encoding="utf-8"
-    )
+    with writing(output / "metrics.json") as fh:
+        fh.write(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    with writing(output / "metrics.md") as fh:
+        fh.write(f"# {title}\n\n{len(records)} dialogues\n\n{metrics_table(results)}\n")
     plot_metrics(results, output / "metrics.png", title)
     return results
 
 
 def write_predictions(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
-    )
+    with writing(path) as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return path
 
 
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"no predictions file at {path}")
-    return [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    """The records of a predictions file, each checked to be scorable: a JSON object with a text
+    `reference` and the same model columns (base, baseline, adapter) as the first, each text.
+    DataError, with the lines that are not, otherwise (a part of a file scores as a whole)."""
+    lines = read_jsonl(path)
+    records: list[dict[str, Any]] = []
+    problems: list[str] = []
+    columns: list[str] | None = None
+    for line in lines:
+        wrong = _unscorable(line, columns)
+        if isinstance(line.value, dict) and wrong is None:
+            records.append(line.value)
+            columns = columns or [c for c in MODELS if c in line.value]
+        problems += [] if wrong is None else [f"line {line.number}: {wrong}"]
+    if problems:
+        raise DataError(f"{path}: {len(problems)} of {len(lines)} lines cannot be scored", problems)
+    if not records:
+        raise DataError(f"{path} holds no predictions")
+    return records
+
+
+def _unscorable(line: Line, columns: list[str] | None) -> str | None:
+    """Why a line of a predictions file cannot be scored beside lines with `columns`, or None."""
+    if line.code is not None:
+        return f"{line.code}: {line.message}"
+    if not isinstance(line.value, dict):
+        return "not a JSON object"
+    models = [c for c in MODELS if c in line.value]
+    if not models:
+        return f"no replies to score (no {', '.join(MODELS)} column)"
+    if columns is not None and models != columns:
+        return f"replies of {models}, where the lines before have {columns}"
+    untyped = [k for k in ("reference", *models) if not isinstance(line.value.get(k), str)]
+    return f"{', '.join(untyped)} not text" if untyped else None
 
 
 def adapter_manifest(adapter: str | Path | None) -> Manifest:
