@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from finetune.dedup import check_threshold
-from finetune.errors import DataError
+from finetune.errors import DataError, RefusedDialogue
 from formats import sharegpt
 from formats.jsonfile import replacing
 from formats.sharegpt import ASSISTANT, SYSTEM, USER, Message
@@ -328,20 +328,36 @@ def check_rows(
         problems.extend(row.problems)
         if not row.whole or row.messages is None:
             continue  # with a turn left out, the messages are not the file's dialogue
-        for code, message in structure_problems(row.messages):
+        found = structure_problems(row.messages)
+        for code, message in found:
             problems.append(Problem(row.row_id, row.source, code, message))
-        if count_tokens is not None and max_length is not None and row.messages:
-            n = count_tokens(row.messages)
-            if n > max_length:
-                problems.append(
-                    Problem(
-                        row.row_id,
-                        row.source,
-                        "too_long",
-                        f"{n} tokens, over the context of {max_length}",
-                    )
-                )
+        if count_tokens is not None and max_length is not None:
+            measured = _length_problems(
+                row.row_id, row.source, row.messages, count_tokens, max_length
+            )
+            # a strict template refuses roles out of turn, which are reported already
+            problems.extend(p for p in measured if not (found and p.code == "template_refused"))
     return problems
+
+
+def _length_problems(
+    row_id: str,
+    source: str,
+    messages: Sequence[Message],
+    count_tokens: TokenCounter,
+    max_length: int,
+) -> list[Problem]:
+    """`too_long` when the templated dialogue is over `max_length` tokens, `template_refused`
+    when the chat template will not render it at all."""
+    try:
+        n = count_tokens(messages)
+    except RefusedDialogue as exc:
+        return [Problem(row_id, source, "template_refused", str(exc))]
+    if n > max_length:
+        return [
+            Problem(row_id, source, "too_long", f"{n} tokens, over the context of {max_length}")
+        ]
+    return []
 
 
 def check_files(
@@ -362,13 +378,23 @@ def check_files(
         ],
         dedup_threshold,
     )
-    if count_tokens is not None:
-        lengths = LengthStats.of([count_tokens(r.messages or []) for r in parsed], "tokens")
+    whole = [r.messages or [] for r in parsed]
+    if count_tokens is not None:  # of the dialogues the chat template renders
+        counts = [_tokens(count_tokens, messages) for messages in whole]
+        lengths = LengthStats.of([n for n in counts if n is not None], "tokens")
     else:
         lengths = LengthStats.of(
-            [sum(len(m["content"]) for m in r.messages or []) for r in parsed], "characters"
+            [sum(len(m["content"]) for m in messages) for messages in whole], "characters"
         )
     return CheckReport([str(p) for p in paths], len(rows), problems, groups, lengths)
+
+
+def _tokens(count_tokens: TokenCounter, messages: Sequence[Message]) -> int | None:
+    """The dialogue's length in tokens; None when the chat template refuses it."""
+    try:
+        return count_tokens(messages)
+    except RefusedDialogue:
+        return None
 
 
 def near_duplicate_groups_of(items: Sequence[tuple[str, str]], threshold: float) -> list[list[str]]:
@@ -430,16 +456,10 @@ def clean_rows(
             dropped.append(Problem(row.row_id, row.source, codes[0][0], codes[0][1]))
             continue
         if count_tokens is not None and max_length is not None:
-            n = count_tokens(messages)
-            if n > max_length:
-                dropped.append(
-                    Problem(
-                        row.row_id,
-                        row.source,
-                        "too_long",
-                        f"{n} tokens, over the context of {max_length}",
-                    )
-                )
+            if too_long := _length_problems(
+                row.row_id, row.source, messages, count_tokens, max_length
+            ):
+                dropped.append(too_long[0])
                 continue
         if row.row_id in seen_ids:
             dropped.append(Problem(row.row_id, row.source, "duplicate_id", "id already used"))

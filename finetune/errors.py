@@ -27,5 +27,10 @@ class TemplateError(FinetuneError):
     """The tokenizer's chat template cannot give assistant spans (no template, or not prefix-stable)."""
 
 
+class RefusedDialogue(TemplateError):
+    """The chat template refuses one dialogue (its `raise_exception`, e.g. roles out of turn or
+    a system turn the model has no role for): a problem of that row, not of the model."""
+
+
 class ModelNotFoundError(FinetuneError):
     """The base model or adapter cannot be found or loaded."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from finetune import harmony
 from finetune.data import ASSISTANT, Message
-from finetune.errors import TemplateError
+from finetune.errors import RefusedDialogue, TemplateError
 from formats.rendering import ChatRenderer
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,20 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
 
 
 def count_tokens(tokenizer: Any, messages: Sequence[Message]) -> int:
-    """Length of the templated dialogue in tokens (as the server counts it)."""
-    return len(ChatRenderer(tokenizer).ids([dict(m) for m in messages]))
+    """Length of the templated dialogue in tokens (as the server counts it). TemplateError when
+    the tokenizer has no usable template, RefusedDialogue when its template refuses `messages`."""
+    import jinja2
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(
+            "the tokenizer has no chat template; use an instruct/chat model or set one on the tokenizer"
+        )
+    try:
+        return len(ChatRenderer(tokenizer).ids([dict(m) for m in messages]))
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"the chat template cannot be read: {exc}") from None
+    except jinja2.TemplateError as exc:
+        raise RefusedDialogue(f"the chat template refuses this dialogue: {exc}") from None
 
 
 def prompt_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:

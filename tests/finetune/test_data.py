@@ -258,3 +258,53 @@ def test_rows_with_problems_are_counted_as_rows_not_ids(tmp_path: Path) -> None:
     assert (summary["rows_with_problems"], summary["usable_rows"]) == (2, 1)
     with pytest.raises(DataError, match="2 of 3 rows"):
         load_dialogues(path)
+
+
+# A template that refuses what Mistral's and Gemma's refuse: roles out of turn, a system turn.
+STRICT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% elif (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+)
+
+
+def test_rows_a_chat_template_refuses_are_problems_not_crashes(
+    tmp_path: Path, smol_tokenizer: object
+) -> None:
+    import copy
+
+    from finetune.errors import TemplateError
+    from finetune.template import count_tokens
+
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    tokenizer.chat_template = STRICT_TEMPLATE  # type: ignore[attr-defined]
+    plain = {"id": "plain", "messages": [{"role": "user", "content": "hi"},
+                                         {"role": "assistant", "content": "yo"}]}  # fmt: skip
+    twice = dialogue(1)
+    twice["id"] = "twice"
+    twice["conversations"].insert(2, {"from": "human", "value": "喂？"})
+    path = write_jsonl(tmp_path / "t.jsonl", [plain, dialogue(0), twice])
+
+    def counter(messages: object) -> int:
+        return count_tokens(tokenizer, messages)  # type: ignore[arg-type]
+
+    report = check_files([path], counter, 2048)
+    assert {(p.row_id, p.code) for p in report.problems} == {
+        ("row_0", "template_refused"),  # its system turn
+        ("twice", "user_twice"),  # reported once, not again by the template
+    }
+    assert "System role not supported" in report.problems[0].message
+    assert report.lengths.count == 1 and report.lengths.unit == "tokens"
+    result = clean_rows(read_rows(path), counter, 2048)
+    assert [d.row_id for d in result.kept] == ["plain"]
+    assert {(p.row_id, p.code) for p in result.dropped} == {
+        ("row_0", "template_refused"),
+        ("twice", "user_twice"),
+    }
+    tokenizer.chat_template = None  # type: ignore[attr-defined]
+    with pytest.raises(TemplateError, match="no chat template"):
+        check_files([path], counter, 2048)
