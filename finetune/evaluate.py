@@ -38,6 +38,7 @@ from finetune.errors import ConfigError, DataError, ModelNotFoundError
 from finetune.metrics import METRICS, consensus, score_corpus
 from finetune.template import end_of_turn_ids, prompt_ids
 from formats.manifest import Manifest, read_manifest
+from formats.sharegpt import jsonl_line
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +436,7 @@ def write_report(
 def write_predictions(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
     with writing(path) as fh:
-        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        fh.writelines(jsonl_line(r) for r in records)
     return path
 
 

@@ -91,9 +91,13 @@ def openai_row(row_id: str, messages: Sequence[Message]) -> dict[str, Any]:
     }
 
 
+# Line breaks to str.splitlines (and JavaScript) that json.dumps leaves raw in strings.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def jsonl_line(row: dict[str, Any]) -> str:
-    """One row as a JSONL line (UTF-8 text kept readable, no newline inside)."""
-    return json.dumps(row, ensure_ascii=False) + "\n"
+    """One row as a JSONL line (UTF-8 text kept readable, no line break of any kind inside)."""
+    return json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
 
 
 class DatasetEntry(BaseModel):

@@ -91,3 +91,16 @@ def test_a_top_level_system_prompt_that_is_not_text_is_reported() -> None:
         assert messages is not None and [m["role"] for m in messages] == [USER, ASSISTANT]
     for system in (None, "", "  "):  # no system prompt
         assert read_messages({"system": system, "conversations": turns})[1] == []
+
+
+def test_a_jsonl_line_is_one_line_to_every_reader() -> None:
+    """U+0085, U+2028 and U+2029 are line breaks to str.splitlines (and to JavaScript): written
+    raw, a reply holding one would cut its row in two for a reader that splits lines so."""
+    text = "一\x85二\u2028三\u2029四\x1c五\x0b六\r七"
+    row = sharegpt_row(
+        "r\u2028", [{"role": USER, "content": text}, {"role": ASSISTANT, "content": "好"}]
+    )
+    line = jsonl_line(row)
+    assert line.splitlines() == [line[:-1]] and line.endswith("\n")
+    assert json.loads(line) == row
+    assert "凉宫" in jsonl_line({"id": "凉宫"})  # other text stays readable
