@@ -39,6 +39,13 @@ TurnPolicy = Literal["round-robin", "keywords"]
 Cast = str | tuple[str, ...]
 # How far back the newest reply is looked for, to go round the cast in turn.
 LAST_SPEAKER_DEPTH = 64
+# The largest integer SQLite stores: a row limit past it (`/history 99999999999999999999`) is
+# all rows, not an OverflowError.
+SQLITE_MAX_INT = 2**63 - 1
+
+
+def _row_limit(limit: int) -> int:
+    return max(0, min(limit, SQLITE_MAX_INT))
 
 
 def _cast_keys(persona: Cast) -> tuple[str, ...]:
@@ -352,7 +359,8 @@ class Memory:
     ) -> list[Turn]:
         """Up to `limit` turns of `persona` (or of a cast) in the channel, newest first, older
         than `before_id` when given (for paging backwards through a long history)."""
-        upper = before_id if before_id is not None else 2**63 - 1
+        upper = before_id if before_id is not None else SQLITE_MAX_INT
+        limit = _row_limit(limit)
         keys = _cast_keys(persona)
         # fetchall: one trip to the database thread, where async iteration makes one per 64 rows
         if len(keys) == 1:
@@ -503,6 +511,7 @@ class Memory:
         self, channel_id: str, persona: Cast, *, after_id: int, before_id: int, limit: int
     ) -> list[Turn]:
         """Turns with `after_id < id < before_id`, oldest first, at most `limit`."""
+        limit = _row_limit(limit)
         keys = _cast_keys(persona)
         query, which = (
             (sql.SELECT_TURNS_BETWEEN, keys[0])

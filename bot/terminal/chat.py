@@ -203,7 +203,8 @@ class TerminalChat:
         except RolecastError:
             return
         self.err.print(
-            f"[dim]{escape(persona.name)} answers through {escape(describe_model(served))}.[/]"
+            f"[dim]{escape(for_terminal(persona.name))} answers through "
+            f"{escape(describe_model(served))}.[/]"
         )
 
     def _speaker(self) -> Speaker:
@@ -292,7 +293,7 @@ class TerminalChat:
     async def _cmd_persona(self, arg: str) -> None:
         if not arg:
             persona = await self.chat.require_persona(self.channel)
-            self.out.print(f"Current persona: {escape(persona.name)} ({persona.key})")
+            self.out.print(f"Current persona: {escape(for_terminal(persona.name))} ({persona.key})")
             return
         try:
             greeting = await self.chat.set_persona(
@@ -302,7 +303,9 @@ class TerminalChat:
             self._error(str(exc))
             return
         persona = await self.chat.require_persona(self.channel)
-        self.err.print(f"[dim]Now chatting with {escape(persona.name)} ({persona.key}).[/]")
+        self.err.print(
+            f"[dim]Now chatting with {escape(for_terminal(persona.name))} ({persona.key}).[/]"
+        )
         await self._say_served_by(persona)
         if greeting is not None and self.interactive:
             self._show_turn(greeting)
@@ -418,7 +421,7 @@ async def run_chat(settings: BotSettings, options: ChatOptions) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     personas = PersonaRegistry(settings.user_personas).load()
     for problem in personas.problems:
-        err.print(f"[yellow]warning:[/] {escape(str(problem))}")
+        err.print(f"[yellow]warning:[/] {escape(for_terminal(str(problem)))}")
     for key in (options.persona, *options.cast):
         if key is not None:
             personas.get(key)  # an unknown name fails before the server starts
@@ -464,5 +467,5 @@ async def run_chat(settings: BotSettings, options: ChatOptions) -> int:
         try:
             return await session.run()
         except ModelServerError as exc:
-            err.print(f"[red]error:[/] {escape(str(exc))}")
+            err.print(f"[red]error:[/] {escape(for_terminal(str(exc)))}")
             return 1

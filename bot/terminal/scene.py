@@ -201,7 +201,7 @@ class TerminalScene:
         handed = scene.member(scene.next_persona)
         out.print(
             f"[dim]lines that name nobody: {scene.policy}"
-            + (f" (next: {escape(handed.name)})" if handed else "")
+            + (f" (next: {escape(for_terminal(handed.name))})" if handed else "")
             + f"; at most {scene.chain_limit} bot turns in a row[/]"
         )
 
@@ -216,7 +216,7 @@ class TerminalScene:
             return
         await self.session.chat.memory.set_next_persona(self.channel, persona.key)
         self.session.err.print(
-            f"[dim]{escape(persona.name)} answers the next line that names nobody.[/]"
+            f"[dim]{escape(for_terminal(persona.name))} answers the next line that names nobody.[/]"
         )
 
     async def _cmd_turns(self, arg: str) -> None:
@@ -227,7 +227,7 @@ class TerminalScene:
         for word in arg.split():
             if word in POLICIES:
                 policy = word  # type: ignore[assignment]
-            elif word.isdigit() and int(word) <= MAX_CHAIN_LIMIT:
+            elif word.isascii() and word.isdigit() and int(word) <= MAX_CHAIN_LIMIT:
                 limit = int(word)
             else:
                 self.session._error(f"usage: /turns [{'|'.join(POLICIES)}] [0-{MAX_CHAIN_LIMIT}]")
@@ -255,5 +255,6 @@ class TerminalScene:
         kept = {k: getattr(checked, k) for k in own}
         await self.session.chat.memory.set_cast_sampling(self.channel, persona.key, kept)
         self.session.err.print(
-            f"[dim]{escape(persona.name)}: {key.strip()} = {getattr(checked, key.strip())}[/]"
+            f"[dim]{escape(for_terminal(persona.name))}: {key.strip()} = "
+            f"{getattr(checked, key.strip())}[/]"
         )

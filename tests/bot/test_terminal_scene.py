@@ -4,6 +4,7 @@ tiny model for the real path)."""
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -130,3 +131,42 @@ def test_a_scene_on_the_embedded_server(server: EmbeddedServer, tmp_path: Path) 
         ("haruhi", "assistant"),
         ("atri", "assistant"),
     ]
+
+
+def test_hostile_names_and_numbers_at_the_prompt(instant: InstantServer, tmp_path: Path) -> None:
+    # A card name that would drive the terminal (set its title, clear the screen), and
+    # numbers no command can take: every line is answered, nothing reaches the terminal raw.
+    name = "Evil\x1b]0;pwned\x07\x1b[2J"
+    (tmp_path / "personas").mkdir()
+    card = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {"name": name}}
+    (tmp_path / "personas" / "evil.json").write_text(json.dumps(card))
+    huge = "99999999999999999999"
+    lines = ["/next evil", "/turns ²", f"/turns {huge}", "/sampling evil seed=1", "/cast"]
+    lines += ["evil, hello", f"/history {huge}"]
+    scene = chat(
+        tmp_path,
+        *("--persona", "evil", "--persona", "atri"),
+        stdin="\n".join(lines).encode(),
+        server_url=instant.base_url,
+    )
+    single = chat(
+        tmp_path,
+        "--persona",
+        "evil",
+        stdin=f"/persona\n/persona evil\n/history {huge}\n".encode(),
+        server_url=instant.base_url,
+    )
+    for result in (scene, single):
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        printed = result.stdout + result.stderr
+        assert "\x1b" not in printed and "\x07" not in printed
+    shown = "Evil]0;pwned[2J"
+    assert f"{shown} answers the next line that names nobody" in scene.stderr
+    assert scene.stderr.count("usage: /turns") == 2
+    assert f"{shown}: seed = 1" in scene.stderr
+    assert f"(next: {shown})" in scene.stdout
+    assert "User> evil, hello" in scene.stdout  # /history: every turn
+    assert f"Current persona: {shown} (evil)" in single.stdout
+    assert f"Now chatting with {shown} (evil)" in single.stderr
+    assert f"{shown} answers through" in single.stderr
