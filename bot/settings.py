@@ -12,6 +12,7 @@ the bot resolves them exactly as `rolecast serve` and `rolecast adapters` do.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from formats.paths import ENV_PREFIX, RolecastPaths
+
+log = logging.getLogger(__name__)
 
 
 class SamplingSettings(BaseModel):
@@ -46,6 +49,23 @@ def sampling_with(base: SamplingSettings, overrides: Mapping[str, object]) -> Sa
         raise ValueError(
             "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         ) from None
+
+
+def stored_sampling(base: SamplingSettings, overrides: Mapping[str, object]) -> SamplingSettings:
+    """`base` with the stored `overrides` that are valid; one that is not (a row written by
+    hand, a limit that changed since) is left out, so a channel always has sampling."""
+    try:
+        return sampling_with(base, overrides)
+    except ValueError:
+        kept: dict[str, object] = {}
+        for key, value in overrides.items():
+            try:
+                sampling_with(base, {**kept, key: value})
+            except ValueError as exc:
+                log.warning("ignoring the stored sampling override %.40r: %s", key, exc)
+            else:
+                kept[key] = value
+        return sampling_with(base, kept)
 
 
 def describe_sampling(sampling: SamplingSettings) -> str:

@@ -48,6 +48,36 @@ def _row_limit(limit: int) -> int:
     return max(0, min(limit, SQLITE_MAX_INT))
 
 
+def _json_object(raw: object, what: str) -> dict[str, object] | None:
+    """A stored JSON object (sampling overrides), or None when the row holds none or something
+    unreadable: one broken row must not silence its channel."""
+    if not raw:
+        return None
+    try:
+        value = json.loads(str(raw))
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        log.warning("ignoring %s: not a JSON object: %.80r", what, raw)
+        return None
+    return value
+
+
+def _dialogue_messages(raw: object, dialogue_id: object) -> list[dict[str, str | None]]:
+    """An approved dialogue's stored messages, each a map of text fields; [] when the row
+    cannot be read (the export leaves it out, forget-me searches its raw text)."""
+    try:
+        value = json.loads(str(raw))
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        log.warning("approved dialogue %s has unreadable messages; it is left out", dialogue_id)
+        return []
+    return [
+        {str(k): None if v is None else clean_text(str(v)) for k, v in m.items()} for m in value
+    ]
+
+
 def _cast_keys(persona: Cast) -> tuple[str, ...]:
     return (persona,) if isinstance(persona, str) else persona
 
@@ -128,7 +158,7 @@ class Dialogue:
     @classmethod
     def from_row(cls, row: Sequence[object]) -> Dialogue:
         values = list(row)
-        values[5] = json.loads(str(values[5]))
+        values[5] = _dialogue_messages(values[5], values[0])
         return cls(*values)  # type: ignore[arg-type]
 
 
@@ -418,7 +448,7 @@ class Memory:
             row = await cursor.fetchone()
         if row is None:
             return ChannelSettings(None, "mention", None)
-        sampling = json.loads(row[2]) if row[2] else None
+        sampling = _json_object(row[2], f"the sampling of {channel_id}")
         members: list[tuple[str, str | None]] = json.loads(row[7]) if row[7] else []
         persona = row[3]
         cast = tuple(m[0] for m in members) or ((persona,) if persona is not None else ())
@@ -431,7 +461,11 @@ class Memory:
             policy=row[4],
             chain_limit=int(row[5]),
             next_persona=row[6],
-            cast_sampling={m[0]: json.loads(m[1]) for m in members if m[1]},
+            cast_sampling={
+                m[0]: own
+                for m in members
+                if (own := _json_object(m[1], f"the sampling of {m[0]} in {channel_id}"))
+            },
         )
 
     async def set_channel_guild(self, channel_id: str, guild_id: str | None) -> None:
@@ -652,11 +686,15 @@ class Memory:
                 sql.SELECT_AUTHOR_DIALOGUE_IDS_IN_GUILD, (guild_id, author_id, author_id)
             )
         }
-        dialogues = [
-            Dialogue.from_row(r)
-            for r in await db.execute_fetchall(sql.SELECT_GUILD_DIALOGUES, (guild_id,))
-        ]
+        rows = list(await db.execute_fetchall(sql.SELECT_GUILD_DIALOGUES, (guild_id,)))
+        dialogues = [Dialogue.from_row(r) for r in rows]
         mention = re.compile(rf"<@!?{re.escape(author_id)}>|(?<!\d){re.escape(author_id)}(?!\d)")
+        # A dialogue whose stored messages cannot be read may still hold their words or id:
+        # its raw text is searched, and it goes when either is in it.
+        for r, dialogue in zip(rows, dialogues, strict=True):
+            raw = clean_text(str(r[5]))
+            if not dialogue.messages and (mention.search(raw) or quotes.found_in(raw)):
+                doomed.add(dialogue.id)
         redact: dict[int, list[dict[str, str | None]]] = {}
         for dialogue in dialogues:
             contents = [str(m.get("content") or "") for m in dialogue.messages]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from bot.core.memory import ChannelSettings, TurnPolicy
 from bot.core.personas import Persona, PersonaRegistry
-from bot.settings import SamplingSettings
+from bot.settings import SamplingSettings, stored_sampling
 
 # The most consecutive bot turns a channel may allow (replies to a member's message count).
 MAX_CHAIN_LIMIT = 10
@@ -178,7 +178,7 @@ class Scene:
         own = self.sampling.get(persona.key)
         if not own:
             return base
-        return SamplingSettings.model_validate({**base.model_dump(), **own})
+        return stored_sampling(base, own)
 
     # -- who answers -----------------------------------------------------------------------
 

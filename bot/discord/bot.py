@@ -34,7 +34,7 @@ from bot.core.text import clean_text
 from bot.discord import limits
 from bot.discord.webhooks import NO_MENTIONS, Identity, WebhookCache
 from bot.errors import RolecastError
-from bot.settings import BotSettings, SamplingSettings
+from bot.settings import BotSettings, SamplingSettings, stored_sampling
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +234,7 @@ class RolecastBot(commands.Bot):
         """The configured sampling with the channel's overrides applied."""
         if not channel.sampling:
             return self.settings.sampling
-        return SamplingSettings.model_validate(
-            {**self.settings.sampling.model_dump(), **channel.sampling}
-        )
+        return stored_sampling(self.settings.sampling, channel.sampling)
 
     def identity(self, persona: Persona) -> Identity:
         return Identity(persona.name, avatar_url(persona))

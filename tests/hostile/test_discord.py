@@ -17,7 +17,7 @@ from bot.core.cards import parse_card
 from bot.core.memory import Turn
 from bot.discord.cogs.chat.listener import SERVER_DOWN_NOTICE, UNREADABLE_ANSWER_NOTICE
 from tests.discord.conftest import ADMIN, Rig
-from tests.discord.fakediscord import deliver, invoke, slash_data
+from tests.discord.fakediscord import deliver, invoke, message_command_data, slash_data
 from tests.hostile.conftest import strict_rig
 from tests.hostile.misbehaving_server import (
     CHAT,
@@ -258,3 +258,67 @@ async def test_limits_hold_without_manage_webhooks_for_notices_too(
         assert notices() == [SERVER_DOWN_NOTICE]
         assert rig.api.refused == []
         assert isinstance(rig.channel, discord.TextChannel)
+
+
+# -- rows of the database that cannot be read -------------------------------------------------
+
+
+async def test_unreadable_sampling_rows_never_silence_a_channel(
+    rig: Rig, server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = rig.memory.db
+    await rig.memory.set_persona(rig.key, "haruhi")
+    with caplog.at_level(logging.WARNING):
+        for stored in ("{broken", "[1, 2]", '{"temperature": "hot", "top_p": 0.5}'):
+            await db.execute("UPDATE channels SET sampling = ? WHERE id = ?", (stored, rig.key))
+            await db.commit()
+            await rig.say(f"{rig.mention()} hello")
+            assert notices() == []
+            assert rig.replies()[-1] == "Hello there, traveller."
+        assert server.chat_requests()[-1]["top_p"] == 0.5  # the valid override still counts
+        await rig.memory.set_cast(rig.key, ["haruhi", "atri"])
+        await db.execute("UPDATE cast_members SET sampling = 'nope' WHERE persona = 'atri'")
+        await db.commit()
+        await rig.say("ATRI, hello")
+        assert notices() == [] and len(rig.replies()) == 4
+        await rig.command("memory show")
+        await rig.command("scene list")
+    assert "Something went wrong" not in " ".join(rig.api.texts())
+    assert len([t for t in await turns(rig) if t.role == "user"]) == 3  # each message kept
+    assert "Traceback" not in caplog.text
+
+
+async def test_unreadable_approved_dialogues_are_left_out_and_still_forgotten(
+    rig: Rig, server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    await rig.memory.set_persona(rig.key, "haruhi")
+    await rig.say(f"{rig.mention()} my secret is plum-cake-42")
+    await rig.say(f"{rig.mention()} and nothing else", rig.bob)
+    replies = [t for t in await turns(rig) if t.role == "assistant"]
+    good = rig.bot._connection._get_message(int(replies[1].message_id or 0))
+    assert good is not None
+    data = message_command_data(good, "Approve for training")
+    await invoke(rig.bot, rig.channel, rig.bob, data)
+    broken = {  # turn id: what the row holds
+        replies[0].id: '[{"content": "my secret is plum-cake-42", "author_id": "',
+        10**6: '{"not": "a list"}',
+        10**6 + 1: '[1, "two"]',
+    }
+    for turn_id, messages in broken.items():
+        await rig.memory.db.execute(
+            "INSERT INTO dialogues (turn_id, channel_id, guild_id, persona, messages, "
+            "approved_by, source, created_at) VALUES (?, ?, ?, 'haruhi', ?, NULL, 'reactions', 0)",
+            (turn_id, rig.key, str(rig.guild.id), messages),
+        )
+    await rig.memory.db.commit()
+    with caplog.at_level(logging.WARNING):
+        await rig.command("export", {"persona": "haruhi"}, permissions=ADMIN)
+        assert "1 approved dialogues" in rig.last_response()
+        assert "3 left out" in rig.last_response()
+        await rig.command("memory forget-me")
+        assert rig.last_response().startswith("Deleted 1 of your messages")
+    rows = await rig.memory.db.execute_fetchall("SELECT turn_id FROM dialogues ORDER BY id")
+    # the unreadable row that quotes alice went with bob's (her words were in its context);
+    # the unreadable rows that hold nothing of hers stay
+    assert [r[0] for r in rows] == [10**6, 10**6 + 1]
+    assert "Traceback" not in caplog.text

@@ -186,7 +186,11 @@ class AdminCommands(commands.Cog):
             discord.File(io.BytesIO(result.jsonl), filename=result.file_name),
             discord.File(io.BytesIO(result.dataset_info), filename="dataset_info.json"),
         ]
-        skipped = f" ({result.skipped} without a user turn left out)" if result.skipped else ""
+        skipped = (
+            f" ({result.skipped} left out: without a user turn, or unreadable)"
+            if result.skipped
+            else ""
+        )
         shown = discord.utils.escape_markdown(limits.one_line(found.name, 100))
         await interaction.followup.send(
             f"{result.records} approved dialogues of **{shown}**{skipped}, in LLaMA-Factory's "
