@@ -38,6 +38,17 @@ class InputTooLongError(RolecastError):
     """A user turn that cannot fit the model's context even with no history."""
 
 
+class ConversationGoneError(RolecastError):
+    """A reply finished after the conversation it answers was deleted (a memory reset, a
+    member's forget-me): it is not kept."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This conversation was deleted while the reply was being written, so the reply "
+            "is not kept."
+        )
+
+
 class ModelAnswerError(ModelServerError):
     """The model server answered with something the bot cannot read: a body that is not JSON
     or of the wrong shape, or a stream that broke before any reply text."""

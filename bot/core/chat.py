@@ -21,7 +21,7 @@ from bot.core.memory import Memory, Turn
 from bot.core.personas import Persona, PersonaRegistry
 from bot.core.prompt import Prompt, PromptBuilder, substitute
 from bot.core.scene import Scene
-from bot.errors import InputTooLongError, RolecastError
+from bot.errors import ConversationGoneError, InputTooLongError, RolecastError
 from bot.settings import SamplingSettings
 from formats.basemodel import SHIPPED_NAME
 from formats.registry import parse_served_name
@@ -228,6 +228,7 @@ class ChatService:
             finish_reason=None,
             complete=False,
             prompted_by=prompted_by,
+            answers=[prompted_by] if prompted_by is not None else [],
         )
         self._spoke[channel_id] = persona.key
         return turn
@@ -319,6 +320,12 @@ class ChatService:
         # Stop strings cut the text short of the tokens generated: count such replies.
         exact = not sampling.stop and completion.problem is None
         cost = self.prompts.reply_cost(model, completion, text) if exact else None
+        # What the reply answers: the newest turn it saw and the member's turn it is for. One
+        # deleted meanwhile (a reset, forget-me) means the reply is neither shown nor kept.
+        answers = [i for i in (prompt.newest_id, prompted_by) if i is not None]
+        for turn_id in answers:
+            if await self.memory.turn(turn_id) is None:
+                raise ConversationGoneError()
         posted = await deliver(text, note) if deliver is not None else ()
         turn = await self.memory.add_turn(
             channel_id,
@@ -332,6 +339,7 @@ class ChatService:
             finish_reason=completion.finish_reason,
             complete=completion.complete,
             prompted_by=prompted_by,
+            answers=answers,
         )
         self._spoke[channel_id] = persona.key
         if cost is None:

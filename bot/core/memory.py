@@ -30,6 +30,7 @@ import aiosqlite
 from bot.core import sql
 from bot.core.quotes import Quotes
 from bot.core.text import clean_text
+from bot.errors import ConversationGoneError
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,9 @@ class Forgotten:
 class Memory:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
+        # Held while a conversation is deleted (a reset, forget-me) and while a turn is stored:
+        # a reply is stored only if the turns it answers are still there (`add_turn`).
+        self._deleting = asyncio.Lock()
 
     @classmethod
     @asynccontextmanager
@@ -341,13 +345,55 @@ class Memory:
         finish_reason: str | None = None,
         complete: bool = True,
         prompted_by: int | None = None,
+        answers: Sequence[int] = (),
     ) -> Turn:
         """Store one turn and commit before returning: once this returns it is on disk.
 
         In the same transaction: the platform messages the turn was posted as (see
         `link_messages`; the first becomes its `message_id`) and token counts of other turns
         to cache (see `set_token_counts`), so a reply costs one commit. Text that cannot be
-        encoded (lone surrogates) is repaired first, so storing a turn never fails on it."""
+        encoded (lone surrogates) is repaired first, so storing a turn never fails on it.
+
+        `answers`: the turns a reply was written from; when one of them was deleted while it
+        was written (a reset, forget-me), nothing is stored and ConversationGoneError says so."""
+        async with self._deleting:
+            for turn_id in answers:
+                if await self.turn(turn_id) is None:
+                    raise ConversationGoneError()
+            return await self._add_turn(
+                channel_id,
+                persona,
+                role,
+                content,
+                author_id,
+                author_name,
+                token_count,
+                model,
+                message_id,
+                posted_as,
+                counts,
+                finish_reason,
+                complete,
+                prompted_by,
+            )
+
+    async def _add_turn(
+        self,
+        channel_id: str,
+        persona: str,
+        role: Role,
+        content: str,
+        author_id: str | None,
+        author_name: str | None,
+        token_count: int | None,
+        model: str | None,
+        message_id: str | None,
+        posted_as: Sequence[str],
+        counts: Sequence[tuple[int, int]],
+        finish_reason: str | None,
+        complete: bool,
+        prompted_by: int | None,
+    ) -> Turn:
         if posted_as and message_id is None:
             message_id = posted_as[0]
         await self._ensure_channel(channel_id)
@@ -436,9 +482,10 @@ class Memory:
 
     async def clear_channel(self, channel_id: str) -> int:
         """Delete every turn of the channel (an explicit reset); return how many."""
-        cursor = await self.db.execute(sql.DELETE_CHANNEL_TURNS, (channel_id,))
-        await self.db.execute(sql.DELETE_CHANNEL_SUMMARIES, (channel_id,))
-        await self.db.commit()
+        async with self._deleting:
+            cursor = await self.db.execute(sql.DELETE_CHANNEL_TURNS, (channel_id,))
+            await self.db.execute(sql.DELETE_CHANNEL_SUMMARIES, (channel_id,))
+            await self.db.commit()
         return cursor.rowcount
 
     # -- channel settings (Discord) -------------------------------------------------------
@@ -642,6 +689,10 @@ class Memory:
         summaries go too (they may quote them) and are rebuilt from the remaining turns.
         Deleted text is overwritten (`secure_delete`); `compact` then clears it from the file
         and the write-ahead log."""
+        async with self._deleting:
+            return await self._forget_author(guild_id, author_id)
+
+    async def _forget_author(self, guild_id: str, author_id: str) -> Forgotten:
         db = self.db
         mine = [
             Turn.from_row(r)

@@ -5,6 +5,7 @@ everything the bot sends."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -16,8 +17,9 @@ import pytest
 from bot.core.cards import parse_card
 from bot.core.memory import Turn
 from bot.discord.cogs.chat.listener import SERVER_DOWN_NOTICE, UNREADABLE_ANSWER_NOTICE
+from bot.errors import ConversationGoneError
 from tests.discord.conftest import ADMIN, Rig
-from tests.discord.fakediscord import deliver, invoke, message_command_data, slash_data
+from tests.discord.fakediscord import deliver, invoke, message_command_data, press, slash_data
 from tests.hostile.conftest import strict_rig
 from tests.hostile.misbehaving_server import (
     CHAT,
@@ -321,4 +323,36 @@ async def test_unreadable_approved_dialogues_are_left_out_and_still_forgotten(
     # the unreadable row that quotes alice went with bob's (her words were in its context);
     # the unreadable rows that hold nothing of hers stay
     assert [r[0] for r in rows] == [10**6, 10**6 + 1]
+    assert "Traceback" not in caplog.text
+
+
+# -- commands while a reply is being written ------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["memory reset", "memory forget-me"])
+async def test_a_reply_finished_after_its_conversation_was_deleted_is_not_kept(
+    command: str, rig: Rig, server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    await rig.command("persona set", {"name": "haruhi"})  # posts the greeting
+    server.answer(CHAT, Answer(parts=reply_events("You said: my words."), delay=0.5))
+    deliver(rig.channel, rig.alice, f"{rig.mention()} my words")
+    replying = asyncio.ensure_future(dpytest.run_all_events())
+    await asyncio.sleep(0.1)
+    assert [t.content for t in await turns(rig)][-1] == "my words"  # stored, being answered
+    with caplog.at_level(logging.WARNING):
+        await rig.command(command)
+        if command == "memory reset":
+            entity, confirm = next(
+                (entity, item.custom_id)
+                for entity, items in rig.bot._connection._view_store._views.items()
+                for item in items.values()
+                if getattr(item, "label", "") == "Delete the memory"
+            )
+            await press(rig.bot, rig.channel, rig.alice, confirm, entity)
+        await replying
+    stored = [(t.role, t.content) for t in await turns(rig)]
+    assert ("assistant", "You said: my words.") not in stored
+    assert ("user", "my words") not in stored
+    assert "You said: my words." not in rig.replies()
+    assert notices() == [ConversationGoneError().args[0]]
     assert "Traceback" not in caplog.text
