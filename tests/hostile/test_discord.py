@@ -16,7 +16,11 @@ import pytest
 
 from bot.core.cards import parse_card
 from bot.core.memory import Turn
-from bot.discord.cogs.chat.listener import SERVER_DOWN_NOTICE, UNREADABLE_ANSWER_NOTICE
+from bot.discord.cogs.chat.listener import (
+    NOT_STORED_NOTICE,
+    SERVER_DOWN_NOTICE,
+    UNREADABLE_ANSWER_NOTICE,
+)
 from bot.errors import ConversationGoneError
 from tests.discord.conftest import ADMIN, Rig
 from tests.discord.fakediscord import deliver, invoke, message_command_data, press, slash_data
@@ -356,3 +360,23 @@ async def test_a_reply_finished_after_its_conversation_was_deleted_is_not_kept(
     assert "You said: my words." not in rig.replies()
     assert notices() == [ConversationGoneError().args[0]]
     assert "Traceback" not in caplog.text
+
+
+# -- a database that cannot be written --------------------------------------------------------
+
+
+async def test_a_message_that_cannot_be_stored_is_told_not_dropped(
+    rig: Rig, server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    await rig.memory.set_persona(rig.key, "haruhi")
+    await rig.memory.db.execute("PRAGMA query_only = ON")  # as a read-only file answers
+    with caplog.at_level(logging.WARNING):
+        await rig.say("chatter that may not be for the persona")
+        assert notices() == []
+        await rig.say(f"{rig.mention()} hello")
+    assert notices() == [NOT_STORED_NOTICE] and rig.replies() == []
+    assert server.chat_requests() == []  # nothing answered that is not kept
+    assert "readonly database" in caplog.text  # the cause is logged for the operator
+    await rig.memory.db.execute("PRAGMA query_only = OFF")
+    await rig.say(f"{rig.mention()} hello again")
+    assert notices() == [] and rig.replies() == ["Hello there, traveller."]

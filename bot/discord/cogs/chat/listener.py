@@ -56,6 +56,10 @@ FAILURE_NOTICE = (
     "⚠️ Something went wrong on my side while answering; the error was logged. "
     "Your message is saved."
 )
+NOT_STORED_NOTICE = (
+    "⚠️ I could not save your message (a problem with my storage; the error was logged), so "
+    "the persona cannot answer it. Please send it again later."
+)
 COOLDOWN_EMOJI = "⏳"
 ChatChannel = discord.TextChannel | discord.Thread | discord.VoiceChannel
 
@@ -160,7 +164,16 @@ class ChatListener(commands.Cog):
         # however many awaits each message's checks take (a reply-to check or recording the
         # channel's guild would otherwise let a later message overtake an earlier one).
         async with self._intake.slot(key):
-            stored = await self._store(message, key)
+            try:
+                stored = await self._store(message, key)
+            except Exception:
+                # The database is locked, read-only, full or broken: a member who called the
+                # persona hears that their message was not kept, rather than nothing at all
+                # (the others' chatter, which may not have been for it, only goes to the log).
+                log.exception("channel %s: message %s could not be stored", key, message.id)
+                if any(u.id == self.bot.user.id for u in message.mentions):
+                    await self._notice(message, NOT_STORED_NOTICE)
+                return
         if stored is None:
             return
         turn, settings = stored.turn, stored.settings
