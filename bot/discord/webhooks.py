@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import discord
+import regex
 
 from bot.discord.limits import MESSAGE_CHARS, avatar_url, plain_name, webhook_username
 
@@ -28,24 +29,71 @@ NO_MENTIONS = discord.AllowedMentions.none()
 Messageable = discord.TextChannel | discord.Thread | discord.VoiceChannel
 
 
+# Where a part may end, best first: a paragraph, a line, a sentence (CJK replies have no
+# spaces), a word, a clause.
+_BREAKS = ("\n\n", "\n", "。", "！", "？", ". ", "! ", "? ", " ", "，", "、")
+_FENCE = "```"
+_FENCE_LANGUAGE = regex.compile(r"```([\w+#.-]{1,32})\n")
+_GRAPHEME = regex.compile(r"\X")
+_FENCE_ROOM = 200  # parts shorter than this are cut as they come
+
+
+def _grapheme_cut(text: str, at: int) -> int:
+    """The last grapheme boundary at or before `at` (never inside an emoji sequence, a flag
+    or a letter with its accents), or `at` when one grapheme is longer than that."""
+    cut = 0
+    for match in _GRAPHEME.finditer(text, 0, at + 64):
+        if match.end() > at:
+            break
+        cut = match.end()
+    return cut or at
+
+
+def _cut(rest: str, limit: int) -> int:
+    window = rest[:limit]
+    for sep in _BREAKS:
+        at = window.rfind(sep)
+        if at >= limit // 2:
+            return at + len(sep)
+    return _grapheme_cut(rest, limit)
+
+
+def _open_fence(text: str) -> str | None:
+    """The language ("" for none) of a code block left open at the end of `text`; None when
+    every block is closed."""
+    language: str | None = None
+    at = 0
+    while (found := text.find(_FENCE, at)) >= 0:
+        if language is None:
+            opened = _FENCE_LANGUAGE.match(text, found)
+            language = opened.group(1) if opened else ""
+        else:
+            language = None
+        at = found + len(_FENCE)
+    return language
+
+
 def split_text(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
-    """Split `text` into parts of at most `limit` characters, at a paragraph, line or word
-    boundary when one is in the second half of the window. Stable as text grows: a part is
-    fixed once the text extends past it, so streamed edits never rewrite finished parts."""
+    """Split `text` into parts of at most `limit` characters, at a paragraph, line, sentence
+    or word boundary when one is in the second half of the window, else between graphemes. A
+    code block cut in two is closed at the end of one part and opened again (with its
+    language) at the start of the next, so each part renders as code. Stable as text grows: a
+    part is fixed once the text extends past it, so streamed edits never rewrite finished
+    parts."""
     parts: list[str] = []
     rest = text
     while len(rest) > limit:
-        window = rest[:limit]
-        cut = -1
-        for sep in ("\n\n", "\n", " "):
-            at = window.rfind(sep)
-            if at >= limit // 2:
-                cut = at + len(sep)
-                break
-        if cut <= 0:
-            cut = limit
-        parts.append(rest[:cut].rstrip() or rest[:cut])
+        cut = _cut(rest, limit)
+        language = _open_fence(rest[:cut]) if limit >= _FENCE_ROOM else None
+        if language is not None:  # leave room for the closing fence
+            cut = _cut(rest, limit - len(_FENCE) - 1)
+            language = _open_fence(rest[:cut])
+        part = rest[:cut].rstrip() or rest[:cut]
         rest = rest[cut:]
+        if language is not None:
+            part = f"{part}\n{_FENCE}"
+            rest = f"{_FENCE}{language}\n{rest.lstrip(chr(10))}"
+        parts.append(part)
     parts.append(rest)
     return [p for p in parts if p.strip()] or [""]
 

@@ -21,6 +21,7 @@ from bot.discord.cogs.chat.listener import (
     SERVER_DOWN_NOTICE,
     UNREADABLE_ANSWER_NOTICE,
 )
+from bot.discord.webhooks import split_text
 from bot.errors import ConversationGoneError
 from tests.discord.conftest import ADMIN, Rig
 from tests.discord.fakediscord import deliver, invoke, message_command_data, press, slash_data
@@ -380,3 +381,65 @@ async def test_a_message_that_cannot_be_stored_is_told_not_dropped(
     await rig.memory.db.execute("PRAGMA query_only = OFF")
     await rig.say(f"{rig.mention()} hello again")
     assert notices() == [] and rig.replies() == ["Hello there, traveller."]
+
+
+# -- replies split past Discord's limit -------------------------------------------------------
+
+FAMILY = "👩\u200d👩\u200d👧\u200d👦"  # one grapheme of seven code points
+FLAG = "🇯🇵"  # two regional indicators
+ACCENTED = "e\u0301\u0302"  # a letter with two combining accents
+
+
+@pytest.mark.parametrize("unit", [FAMILY, FLAG, ACCENTED, "春"])
+@pytest.mark.parametrize("offset", range(7))
+def test_a_split_never_cuts_a_grapheme(unit: str, offset: int) -> None:
+    text = "x" * offset + unit * (4500 // len(unit))  # no space, no line: cut anywhere
+    parts = split_text(text)
+    assert "".join(parts) == text and all(len(p) <= 2000 for p in parts)
+    for part in parts[1:]:
+        assert part.startswith(unit)
+
+
+def test_a_split_cut_code_block_is_closed_and_opened_again() -> None:
+    code = "\n".join(f"    value_{i:04d} = compute({i})  # step {i}" for i in range(120))
+    text = f"Here is the script:\n```python\n{code}\n```\nThat is all."
+    parts = split_text(text)
+    assert len(parts) >= 3 and all(len(p) <= 2000 for p in parts)
+    for part in parts:
+        assert part.count("```") % 2 == 0, part  # every part renders its code as code
+    assert parts[0].startswith("Here is the script:\n```python\n")
+    for part in parts[1:]:
+        assert part.startswith("```python\n")
+    body = [p.removesuffix("\n```").split("\n", 1)[1] if p.startswith("```") else p for p in parts]
+    lines = "\n".join(body).split("\n")
+    assert [line for line in lines if "value_" in line] == code.split("\n")  # nothing lost
+
+
+def test_a_split_chinese_reply_ends_parts_at_sentences() -> None:
+    sentence = "我们SOS团的活动一定要有足够的创意和亮点！"  # 22 characters, no spaces
+    parts = split_text(sentence * 150)
+    assert len(parts) == 2 and all(p.endswith("！") for p in parts)
+
+
+def test_split_parts_are_stable_as_the_text_grows() -> None:
+    text = "Intro.\n```js\n" + "let x = 1;\n" * 400 + "```\n" + FAMILY * 300
+    finished: list[str] = []
+    for end in range(1800, len(text), 97):
+        parts = split_text(text[:end])
+        assert parts[: len(finished)] == finished  # earlier parts never rewritten
+        finished = parts[:-1]
+
+
+async def test_a_long_reply_with_code_and_emoji_reaches_discord_whole(
+    rig: Rig, server: MisbehavingServer
+) -> None:
+    code = "\n".join(f"print({i})" for i in range(300))
+    reply = f"```py\n{code}\n```\n" + FAMILY * 400
+    server.answer(CHAT, Answer(parts=reply_events(reply)))
+    await rig.memory.set_persona(rig.key, "haruhi")
+    await rig.say(f"{rig.mention()} show me")
+    posts = [p.content for p in rig.api.posts_in(rig.channel.id)]
+    assert rig.api.refused == [] and len(posts) >= 3
+    assert all(p.count("```") % 2 == 0 for p in posts)
+    assert "".join(posts).count(FAMILY) == 400  # no family split between two messages
+    assert (await turns(rig))[-1].content == reply  # stored as the model wrote it
