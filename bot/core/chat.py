@@ -21,6 +21,7 @@ from bot.core.memory import Memory, Turn
 from bot.core.personas import Persona, PersonaRegistry
 from bot.core.prompt import Prompt, PromptBuilder, substitute
 from bot.core.scene import Scene
+from bot.core.text import blank
 from bot.errors import ConversationGoneError, InputTooLongError, RolecastError
 from bot.settings import SamplingSettings
 from formats.basemodel import SHIPPED_NAME
@@ -175,7 +176,7 @@ class ChatService:
         """Store a member's message in a scene with the members that answer it: those it
         addresses (`Scene.addressed`), else, when the message calls for an `answer`, the one
         the channel's turn-taking picks. None (nothing stored) when nobody answers."""
-        text = text.strip()
+        text = "" if blank(text) else text.strip()
         answering = scene.addressed(text, replied_to=replied_to) if text else []
         if not answering and answer and text and scene.members:
             handed = scene.member(scene.next_persona)
@@ -245,7 +246,7 @@ class ChatService:
         """Store the user's turn, then stream the persona's reply: text deltas, then a Reply."""
         persona = await self.require_persona(channel_id)
         text = text.strip()
-        if not text:
+        if blank(text):
             raise RolecastError("Empty message: nothing to send.")
         turn = await self.memory.add_turn(
             channel_id,

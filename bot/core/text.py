@@ -10,6 +10,7 @@ send to a model and show.
   special tokens enabled, so such a string inside a message would otherwise become the real
   control token: a member could close their own turn and open a fake system turn. The joiner
   is invisible in Discord and keeps the text readable for the model.
+- `blank`: whether text shows nothing at all (spaces, zero-width characters, direction marks).
 - `for_terminal`: drops the control characters a terminal would act on (escape sequences,
   carriage returns, bells) from text about to be printed.
 """
@@ -17,6 +18,7 @@ send to a model and show.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 REPLACEMENT = "\ufffd"
 ZWJ = "\u200d"
@@ -84,6 +86,12 @@ def defuse_control_tokens(text: str) -> str:
     if "<" not in text and "[" not in text:
         return text
     return _CONTROL_TOKEN.sub(_defuse, text)
+
+
+def blank(text: str) -> bool:
+    """Whether `text` shows nothing: only spaces and invisible characters (zero-width spaces
+    and joiners, direction marks, a byte-order mark), so there is nothing to answer."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in text)
 
 
 _TERMINAL_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")

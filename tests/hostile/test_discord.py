@@ -17,6 +17,7 @@ import pytest
 from bot.core.cards import parse_card
 from bot.core.memory import Turn
 from bot.discord.cogs.chat.listener import (
+    NO_TEXT_NOTICE,
     NOT_STORED_NOTICE,
     SERVER_DOWN_NOTICE,
     UNREADABLE_ANSWER_NOTICE,
@@ -443,3 +444,25 @@ async def test_a_long_reply_with_code_and_emoji_reaches_discord_whole(
     assert all(p.count("```") % 2 == 0 for p in posts)
     assert "".join(posts).count(FAMILY) == 400  # no family split between two messages
     assert (await turns(rig))[-1].content == reply  # stored as the model wrote it
+
+
+# -- messages without text --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scene", [False, True])
+async def test_a_call_without_text_is_told_what_is_missing(
+    scene: bool, rig: Rig, server: MisbehavingServer, tmp_path: Path
+) -> None:
+    if scene:
+        await rig.memory.set_cast(rig.key, ["haruhi", "atri"])
+    else:
+        await rig.memory.set_persona(rig.key, "haruhi")
+    image = tmp_path / "cat.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n")
+    await dpytest.message(rig.mention(), rig.channel, rig.alice, attachments=[str(image)])
+    await rig.say(f"{rig.mention()} \u200b \u3000 \t")  # zero-width and ideographic spaces
+    await rig.say(str(image.name))  # not for the persona: no notice
+    await rig.say("\u200b")
+    assert notices() == [NO_TEXT_NOTICE, NO_TEXT_NOTICE]
+    assert server.chat_requests() == [] and await turns(rig) == []
+    assert rig.api.refused == []

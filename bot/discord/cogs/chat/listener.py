@@ -33,7 +33,7 @@ from bot.core.memory import ChannelSettings, Turn
 from bot.core.personas import Persona
 from bot.core.queue import ChannelQueue
 from bot.core.scene import Scene
-from bot.core.text import clean_text
+from bot.core.text import blank, clean_text
 from bot.discord import limits
 from bot.discord.bot import NO_MENTIONS, channel_key, permission_message
 from bot.discord.webhooks import ReplyStream
@@ -59,6 +59,10 @@ FAILURE_NOTICE = (
 NOT_STORED_NOTICE = (
     "⚠️ I could not save your message (a problem with my storage; the error was logged), so "
     "the persona cannot answer it. Please send it again later."
+)
+NO_TEXT_NOTICE = (
+    "I can only read the text of a message, and yours has none (an image, a file, a sticker "
+    "or only spaces): write what you want to say."
 )
 COOLDOWN_EMOJI = "⏳"
 ChatChannel = discord.TextChannel | discord.Thread | discord.VoiceChannel
@@ -233,7 +237,9 @@ class ChatListener(commands.Cog):
                 )
             return None
         text = clean_content(message, self.bot.user.id)
-        if not text:
+        if blank(text):
+            if mentioned:
+                await self._notice(message, NO_TEXT_NOTICE)
             return None
         if settings.guild_id is None:
             await memory.set_channel_guild(key, str(message.guild.id))
@@ -257,7 +263,9 @@ class ChatListener(commands.Cog):
         mentioned = any(u.id == self.bot.user.id for u in message.mentions)
         replied = await self._replied_turn(message)
         text = clean_content(message, self.bot.user.id)
-        if not text:
+        if blank(text):
+            if mentioned:
+                await self._notice(message, NO_TEXT_NOTICE)
             return None
         heard = await self.bot.chat.hear(
             key,
