@@ -9,6 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: A seed's range, as vLLM's: torch's int64.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
@@ -115,7 +118,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     n: int | None = 1
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -125,8 +128,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
     tools: list[dict[str, Any]] | None = None
     user: str | None = None
     # vLLM's extra sampling parameters
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    top_k: int | None = None
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1)  # 0 or -1: off
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     add_generation_prompt: bool = True

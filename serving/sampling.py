@@ -62,12 +62,19 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
     temps = torch.tensor(
         [r.params.temperature if not r.params.greedy else 1.0 for r in rows], device=device
     )
-    scaled = logits / temps[:, None]
+    # A temperature near 0 or a penalty that is 0 or infinite in float32 overflows the logits:
+    # an infinite logit is the largest finite one (so a tiny temperature samples what greedy
+    # picks), and a NaN one is never picked.
+    top = torch.finfo(logits.dtype).max
+    scaled = torch.nan_to_num(
+        logits / temps[:, None], nan=-torch.inf, posinf=top, neginf=-torch.inf
+    )
+    best = scaled.argmax(dim=-1)  # greedy rows: temperature 1 here, so their argmax
 
     top_ks = [r.params.top_k for r in rows]
     if any(k > 0 for k in top_ks):
         vocab = logits.shape[-1]
-        ks = torch.tensor([k if k > 0 else vocab for k in top_ks], device=device).clamp(max=vocab)
+        ks = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_ks], device=device)
         sorted_vals = scaled.sort(dim=-1, descending=True).values
         kth = sorted_vals.gather(1, (ks - 1)[:, None])
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -82,6 +89,11 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
         scaled = torch.full_like(scaled, float("-inf")).scatter(1, sorted_idx, sorted_logits)
 
     probs = scaled.softmax(dim=-1)
+    # A row with no finite logit left (NaN from a broken adapter, say) takes its argmax rather
+    # than failing every request of the batch in `torch.multinomial`.
+    dead = ~probs.isfinite().all(dim=-1)
+    if bool(dead.any()):
+        probs[dead] = torch.nn.functional.one_hot(best[dead], probs.shape[-1]).to(probs.dtype)
     out = torch.empty(batch, dtype=torch.long, device=device)
     unseeded = [i for i, r in enumerate(rows) if r.generator is None]
     if unseeded:
@@ -90,4 +102,4 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
     for i, row in enumerate(rows):
         if row.generator is not None:
             out[i] = torch.multinomial(probs[i], 1, generator=row.generator)[0]
-    return torch.where(greedy, logits.argmax(dim=-1), out)
+    return torch.where(greedy, best, out)

@@ -149,6 +149,12 @@ class ServingChat:
                 f"{prompt_len}).",
                 param="max_tokens",
             )
+        if request.min_tokens > max_tokens:
+            raise BadRequestError(
+                f"min_tokens must be less than or equal to max_tokens={max_tokens}, got "
+                f"{request.min_tokens}.",
+                param="min_tokens",
+            )
 
         def pick(name: str, fallback: float) -> Any:
             value = getattr(request, name)

@@ -348,3 +348,74 @@ async def test_disconnect_cancels_non_streaming_request(tiny_server: EmbeddedSer
     await wait_idle(tiny_server)
     generated = metric(tiny_server, "vllm:generation_tokens_total") - before
     assert generated < 450, "generation went on after the client left"
+
+
+def _post_chat(server: EmbeddedServer, **fields: object) -> httpx.Response:
+    """A chat request sent as raw JSON: `Infinity`, `NaN` and integers beyond 64 bits go out as
+    a hostile client writes them, which the openai SDK would not send."""
+    import json
+
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 8, **fields}
+    return httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=json.dumps(body),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"top_k": -2}, "top_k"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"min_tokens": 9}, "min_tokens must be less than or equal to max_tokens=8"),
+    ],
+)
+def test_sampling_values_out_of_range_are_400(
+    tiny_server: EmbeddedServer, fields: dict[str, object], fragment: str
+) -> None:
+    response = _post_chat(tiny_server, **fields)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]["message"]
+
+
+async def test_extreme_sampling_values_do_not_fail_the_batch(tiny_server: EmbeddedServer) -> None:
+    """Values the request model admits but float32 sampling cannot take at face value (a
+    temperature that overflows the logits, a penalty that is 0 or infinite in float32, a top_k
+    beyond 64 bits) are answered, and a reply generating beside them is not cut."""
+    greedy = _post_chat(tiny_server, temperature=0, ignore_eos=True).json()
+    extreme = [
+        {"temperature": 1e-30, "seed": 5},
+        {"repetition_penalty": 1e308},
+        {"repetition_penalty": 1e-300},
+        {"top_k": 10**30},
+    ]
+    async with openai.AsyncOpenAI(base_url=tiny_server.base_url, api_key="x", max_retries=0) as c:
+        stream = await c.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            max_tokens=300,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        replies = []
+        used = 0
+        async for chunk in stream:
+            if not replies:  # the reply is generating: now the extreme requests join its batch
+                replies = [
+                    asyncio.ensure_future(
+                        asyncio.to_thread(_post_chat, tiny_server, ignore_eos=True, **f)
+                    )
+                    for f in extreme
+                ]
+            if chunk.usage:
+                used = chunk.usage.completion_tokens
+        answered = await asyncio.gather(*replies)
+    assert used == 300
+    assert [r.status_code for r in answered] == [200] * len(extreme), answered[-1].text
+    # a temperature this close to 0 samples what greedy decoding picks
+    assert answered[0].json()["choices"][0]["message"] == greedy["choices"][0]["message"]
