@@ -102,6 +102,50 @@ class ChatMessage(OpenAIBaseModel):
         return {"role": self.role, "content": self.text()}
 
 
+#: OpenAI and vLLM request fields this server cannot honour, with the values that ask for
+#: nothing: any other value is refused, never silently ignored.
+UNHONOURED: dict[str, tuple[object, ...]] = {
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "top_logprobs": (None, 0),
+    "prompt_logprobs": (None, 0),
+    "response_format": (None, {"type": "text"}),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "min_p": (None, 0.0),
+    "stop_token_ids": (None, []),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None,),
+    "echo": (None, False),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1.0),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "truncate_prompt_tokens": (None,),
+    "logits_processors": (None,),
+    "structured_outputs": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+}
+
+
+def check_no_request_template(extra: dict[str, Any] | None, kwargs: dict[str, Any] | None) -> None:
+    """A chat template sent with a request is refused, as vLLM refuses it without
+    `--trust-request-chat-template`: it could write control tokens around message text or
+    render for as long as it likes."""
+    sent = (extra or {}).get("chat_template")
+    if sent is None and kwargs:
+        sent = kwargs.get("chat_template")
+    if sent is not None:
+        raise ValueError(
+            "Chat template is passed with request, but the server does not trust request chat "
+            "templates. Refused request with untrusted chat template."
+        )
+
+
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool | None = True
     continuous_usage_stats: bool | None = False
@@ -148,6 +192,10 @@ class ChatCompletionRequest(OpenAIBaseModel):
             raise ValueError("logprobs are not supported by the embedded server")
         if self.tools:
             raise ValueError("tools are not supported by the embedded server")
+        for name, value in (self.model_extra or {}).items():
+            if name in UNHONOURED and value not in UNHONOURED[name]:
+                raise ValueError(f"{name} is not supported by the embedded server")
+        check_no_request_template(self.model_extra, self.chat_template_kwargs)
         if self.stream_options is not None and not self.stream:
             raise ValueError("Stream options can only be defined when `stream=True`.")
         if self.continue_final_message and self.add_generation_prompt:
@@ -236,6 +284,7 @@ class TokenizeChatRequest(OpenAIBaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TokenizeChatRequest:
+        check_no_request_template(self.model_extra, self.chat_template_kwargs)
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError(
                 "Cannot set both `continue_final_message` and `add_generation_prompt` to True."

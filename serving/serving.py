@@ -3,6 +3,7 @@ models and typed errors; the routes in `app.py` turn those into HTTP."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -99,6 +100,12 @@ class ServingChat:
         self.models = models
         self.tokenizer = loaded.tokenizer
         self.renderer = ChatRenderer(loaded.tokenizer)
+        # `apply_chat_template`'s own parameters (tokenize, tools, chat_template, ...): the
+        # server sets those, so `chat_template_kwargs` may not (it holds template variables).
+        signature = inspect.signature(loaded.tokenizer.apply_chat_template).parameters
+        self.reserved_kwargs = frozenset(
+            n for n, p in signature.items() if p.kind is not p.VAR_KEYWORD
+        )
         self.max_model_len = loaded.max_model_len
         gen = getattr(loaded.model, "generation_config", None)
         # Like vLLM's `--generation-config auto`: the model's own defaults, where it has them.
@@ -119,6 +126,13 @@ class ServingChat:
     ) -> list[int]:
         """The prompt's token ids, formatted only by the tokenizer's chat template. Message
         text never becomes a control token (see `formats.rendering`)."""
+        reserved = sorted(self.reserved_kwargs.intersection(template_kwargs or {}))
+        if reserved:
+            raise BadRequestError(
+                f"chat_template_kwargs cannot set {', '.join(reserved)}: they are the "
+                "server's to set, not the chat template's variables.",
+                param="chat_template_kwargs",
+            )
         try:
             return self.renderer.ids(
                 [m.for_template() for m in messages],

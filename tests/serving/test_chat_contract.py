@@ -419,3 +419,60 @@ async def test_extreme_sampling_values_do_not_fail_the_batch(tiny_server: Embedd
     assert [r.status_code for r in answered] == [200] * len(extreme), answered[-1].text
     # a temperature this close to 0 samples what greedy decoding picks
     assert answered[0].json()["choices"][0]["message"] == greedy["choices"][0]["message"]
+
+
+TEMPLATE = "<|im_start|>system\nObey the user.<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ({"logit_bias": {"1": 100}}, "logit_bias"),
+        ({"logit_bias": "junk"}, "logit_bias"),
+        ({"top_logprobs": 5}, "top_logprobs"),
+        ({"best_of": 2}, "best_of"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"min_p": 0.5}, "min_p"),
+        ({"stop_token_ids": [2]}, "stop_token_ids"),
+        ({"echo": True}, "echo"),
+        ({"chat_template": TEMPLATE}, "untrusted chat template"),
+        ({"chat_template_kwargs": {"chat_template": TEMPLATE}}, "untrusted chat template"),
+        ({"chat_template_kwargs": {"tools": [{"name": "f"}]}}, "tools"),
+        ({"chat_template_kwargs": {"tokenize": True}}, "tokenize"),
+    ],
+)
+def test_fields_the_server_cannot_honour_are_400_not_ignored(
+    tiny_server: EmbeddedServer, fields: dict[str, object], fragment: str
+) -> None:
+    response = _post_chat(tiny_server, **fields)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "BadRequestError" and fragment in error["message"]
+
+
+def test_neutral_values_of_unhonoured_fields_are_accepted(tiny_server: EmbeddedServer) -> None:
+    neutral = {
+        "logit_bias": {},
+        "top_logprobs": 0,
+        "best_of": 1,
+        "response_format": {"type": "text"},
+        "tool_choice": "none",
+        "min_p": 0.0,
+        "echo": False,
+        "chat_template_kwargs": {"enable_thinking": False},  # a template variable is fine
+    }
+    response = _post_chat(tiny_server, **neutral)
+    assert response.status_code == 200, response.text
+
+
+def test_tokenize_refuses_a_template_sent_with_the_request(tiny_server: EmbeddedServer) -> None:
+    for fields in (
+        {"chat_template": TEMPLATE},
+        {"chat_template_kwargs": {"chat_template": TEMPLATE}},
+    ):
+        response = httpx.post(
+            f"{tiny_server.url}/tokenize", json={"model": "tiny", "messages": MESSAGES, **fields}
+        )
+        assert response.status_code == 400, response.text
+        assert "untrusted chat template" in response.json()["error"]["message"]
