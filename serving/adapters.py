@@ -8,10 +8,15 @@ adapter to go takes PEFT's LoRA layers out again, so the base runs as it did bef
 
 The bookkeeping (which names are loaded, pending, retiring, and how many requests use each) is
 shared with the event loop under the engine's lock; model code runs only on the engine thread.
+
+A served name is the client's text: inside PEFT each adapter has a name of the server's own
+(`lora1`, `lora2`, ...), since PEFT's names are module keys (no dots, no attribute names of a
+module) and `__base__` means "no adapter" in a mixed batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import Counter
@@ -55,6 +60,8 @@ class Adapters:
         self.retiring: dict[str, Future[None]] = {}  # unloading once their requests finish
         self.inflight: Counter[str] = Counter()  # adapter -> requests waiting or running
         self._layers = _UNKNOWN  # what PEFT's layers are set for: an adapter, the base, MIXED
+        self._peft_names: dict[str, str] = {}  # served name -> PEFT's (engine thread only)
+        self._ids = itertools.count(1)
 
     # --- any thread, with the lock held ---------------------------------------------------
 
@@ -97,7 +104,7 @@ class Adapters:
         the default model with the shipped adapter about a quarter slower on a CPU."""
         if self._peft is None:
             return self._base, {}
-        names = [a or BASE_ADAPTER for a in adapters]
+        names = [self._peft_names[a] if a else BASE_ADAPTER for a in adapters]
         if len(set(names)) == 1:
             self._set_layers(names[0])
             return self._peft, {}
@@ -142,6 +149,7 @@ class Adapters:
                 f"Loading lora {name} failed: {'; '.join(problems)}", param="lora_path"
             )
         weights = adapter_dir / lora.WEIGHTS
+        peft_name = f"lora{next(self._ids)}"
         try:
             # Read the header before PEFT touches the model: a first adapter that fails inside
             # PeftModel.from_pretrained would leave LoRA layers in the base without a handle.
@@ -158,31 +166,38 @@ class Adapters:
         try:
             if self._peft is None:
                 self._peft = PeftModel.from_pretrained(
-                    self._base, path, adapter_name=name, is_trainable=False
+                    self._base, path, adapter_name=peft_name, is_trainable=False
                 )
             else:
-                self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
+                self._peft.load_adapter(path, adapter_name=peft_name, is_trainable=False)
             self._peft.eval()
             self._layers = _UNKNOWN
         except Exception as exc:
             log.warning("loading adapter %s from %s failed: %s", name, path, exc)
-            if self._peft is not None and name in self._peft.peft_config:
-                self._delete(name)
+            if self._peft is not None and peft_name in self._peft.peft_config:
+                self._delete_peft(peft_name)
             raise BadRequestError(f"Loading lora {name} failed: {exc}", param="lora_path") from exc
+        self._peft_names[name] = peft_name
         with self.lock:
             self.loaded[name] = path
         log.info("loaded LoRA adapter %s from %s", name, path)
 
     def _delete(self, name: str) -> None:
+        peft_name = self._peft_names.get(name)
+        if peft_name is not None:
+            self._delete_peft(peft_name)
+        self._peft_names.pop(name, None)
+
+    def _delete_peft(self, peft_name: str) -> None:
         if self._peft is None:
             return
         self._layers = _UNKNOWN
-        if list(self._peft.peft_config) == [name]:
+        if list(self._peft.peft_config) == [peft_name]:
             # The last adapter: take the LoRA layers out again so the base runs as it did.
             self._base = self._peft.unload()
             self._peft = None
         else:
-            self._peft.delete_adapter(name)
+            self._peft.delete_adapter(peft_name)
 
     def finish_drained(self) -> None:
         """Remove retiring adapters that have no request left."""

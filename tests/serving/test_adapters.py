@@ -308,3 +308,21 @@ async def test_hot_publish_while_streaming(
         async with openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0) as c:
             ids = {m.id for m in (await c.models.list()).data}
         assert not any(i.startswith("haruhi@") for i in ids)
+
+
+@pytest.mark.parametrize("name", ["__base__", "persona.v1.2", "training", "lora_A"])
+def test_any_served_name_serves_its_own_weights(
+    server: EmbeddedServer, client: openai.OpenAI, adapters: dict[str, Path], name: str
+) -> None:
+    """A served name is the client's text, not a key of the model's modules: PEFT's reserved
+    name for "no adapter", a dotted version or a module attribute name serve the adapter."""
+    loaded = post(
+        server, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapters["a"])}
+    )
+    assert loaded.status_code == 200, loaded.text
+    try:
+        assert greedy(client, name) == greedy(client, "static-a") != greedy(client, "tiny")
+    finally:
+        gone = post(server, "/v1/unload_lora_adapter", {"lora_name": name})
+        assert gone.status_code == 200, gone.text
+    assert greedy(client, "static-a") != greedy(client, "tiny")
