@@ -177,10 +177,30 @@ class Adapters:
             if self._peft is not None and peft_name in self._peft.peft_config:
                 self._delete_peft(peft_name)
             raise BadRequestError(f"Loading lora {name} failed: {exc}", param="lora_path") from exc
+        broken = self._non_finite(peft_name)
+        if broken:
+            self._delete_peft(peft_name)
+            raise BadRequestError(
+                f"Loading lora {name} failed: {weights.name} holds values that are not finite "
+                f"(NaN or infinity) in {', '.join(broken[:3])}",
+                param="lora_path",
+            )
         self._peft_names[name] = peft_name
         with self.lock:
             self.loaded[name] = path
         log.info("loaded LoRA adapter %s from %s", name, path)
+
+    def _non_finite(self, peft_name: str) -> list[str]:
+        """The adapter's weights that hold NaN or infinity: every reply through them would be
+        garbage, so such an adapter is refused rather than served."""
+        import torch
+
+        marker = f".{peft_name}."
+        return [
+            n.replace(marker, ".")
+            for n, p in self._peft.named_parameters()
+            if marker in n and not bool(torch.isfinite(p).all())
+        ]
 
     def _delete(self, name: str) -> None:
         peft_name = self._peft_names.get(name)

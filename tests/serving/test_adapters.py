@@ -326,3 +326,28 @@ def test_any_served_name_serves_its_own_weights(
         gone = post(server, "/v1/unload_lora_adapter", {"lora_name": name})
         assert gone.status_code == 200, gone.text
     assert greedy(client, "static-a") != greedy(client, "tiny")
+
+
+def test_an_adapter_with_non_finite_weights_is_refused(
+    server: EmbeddedServer, client: openai.OpenAI, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    before = {m.id for m in client.models.list().data}
+    for value in (float("nan"), float("inf")):
+        broken = tmp_path / f"broken-{value}"
+        shutil.copytree(adapters["c"], broken)
+        weights = load_file(broken / "adapter_model.safetensors")
+        first = sorted(weights)[0]
+        weights[first] = torch.full_like(weights[first], value)
+        save_file(weights, broken / "adapter_model.safetensors", metadata={"format": "pt"})
+        response = post(
+            server, "/v1/load_lora_adapter", {"lora_name": "nan", "lora_path": str(broken)}
+        )
+        assert response.status_code == 400, response.text
+        assert "not finite" in response.json()["error"]["message"]
+    assert {m.id for m in client.models.list().data} == before
+    assert greedy(client, "static-a") != greedy(client, "tiny")  # nothing loaded was lost
