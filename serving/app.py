@@ -33,7 +33,13 @@ from serving.protocol import (
     TokenizeCompletionRequest,
     UnloadLoRAAdapterRequest,
 )
-from serving.serving import ServingChat, ServingModels, ServingTokenization, error_response
+from serving.serving import (
+    ServingChat,
+    ServingModels,
+    ServingTokenization,
+    error_response,
+    off_loop,
+)
 from serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -158,7 +164,7 @@ def build_app(settings: ServeSettings, paths: RolecastPaths) -> FastAPI:
     ) -> JSONResponse | StreamingResponse:
         chat = _state(request).chat
         if body.stream:
-            stream = chat.stream(body)
+            stream = await chat.stream(body)
             return StreamingResponse(stream, media_type="text/event-stream")
         response = await _cancel_on_disconnect(request, chat.complete(body))
         return JSONResponse(response.model_dump())
@@ -167,7 +173,8 @@ def build_app(settings: ServeSettings, paths: RolecastPaths) -> FastAPI:
     async def tokenize(
         body: TokenizeChatRequest | TokenizeCompletionRequest, request: Request
     ) -> JSONResponse:
-        result = _state(request).tokenization.tokenize(body)
+        tokenization = _state(request).tokenization
+        result = await off_loop(lambda: tokenization.tokenize(body))
         return JSONResponse(result.model_dump(exclude_none=True))
 
     @app.post("/v1/load_lora_adapter")

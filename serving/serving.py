@@ -3,12 +3,14 @@ models and typed errors; the routes in `app.py` turn those into HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeVar
 
 from formats.rendering import ChatRenderer
 from serving.engine import Engine, RequestOutput
@@ -38,6 +40,17 @@ from serving.protocol import (
 from serving.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Rendering and tokenizing prompts, one at a time beside the event loop (as vLLM tokenizes in
+#: a thread of its own): megabytes of message text take seconds, which on the event loop would
+#: stall every other request and stream.
+_RENDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rolecast-render")
+
+
+async def off_loop(work: Callable[[], T]) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_RENDER, work)
 
 
 def error_response(exc: ServingError) -> ErrorResponse:
@@ -201,7 +214,7 @@ class ServingChat:
         return request.model or self.models.base_name, adapter, prompt_ids, params
 
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        model, adapter, prompt_ids, params = self.prepare(request)
+        model, adapter, prompt_ids, params = await off_loop(lambda: self.prepare(request))
         request_id = random_id("chatcmpl")
         parts: list[str] = []
         reasoning: list[str] = []
@@ -231,9 +244,9 @@ class ServingChat:
         )
         return ChatCompletionResponse(id=request_id, model=model, choices=[choice], usage=usage)
 
-    def stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
         """Check the request (errors raise before the first byte), then return the SSE body."""
-        model, adapter, prompt_ids, params = self.prepare(request)
+        model, adapter, prompt_ids, params = await off_loop(lambda: self.prepare(request))
         request_id = random_id("chatcmpl")
         # Queue it now, so a full queue is a 429 status rather than an error inside the stream.
         queued = self.engine.submit(prompt_ids, params, adapter=adapter, request_id=request_id)

@@ -476,3 +476,23 @@ def test_tokenize_refuses_a_template_sent_with_the_request(tiny_server: Embedded
         )
         assert response.status_code == 400, response.text
         assert "untrusted chat template" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/tokenize"])
+async def test_a_huge_prompt_does_not_stall_the_other_requests(
+    tiny_server: EmbeddedServer, route: str
+) -> None:
+    """Rendering and tokenizing some megabytes of message text takes seconds: it runs beside
+    the event loop, so other clients are answered meanwhile (and the huge one gets its 400 or
+    its count)."""
+    huge = {"model": "tiny", "messages": [{"role": "user", "content": "word " * 3_000_000}]}
+    async with httpx.AsyncClient(timeout=120) as http:
+        big = asyncio.ensure_future(http.post(f"{tiny_server.url}{route}", json=huge))
+        await asyncio.sleep(1.0)  # the body has arrived and is being tokenized
+        started = time.monotonic()
+        health = await http.get(f"{tiny_server.url}/health")
+        waited = time.monotonic() - started
+        answered = await big
+    assert health.status_code == 200
+    assert waited < 1.0, f"/health waited {waited:.1f} s behind the huge prompt"
+    assert answered.status_code == (400 if route != "/tokenize" else 200), answered.text
