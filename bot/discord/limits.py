@@ -37,7 +37,9 @@ HAIR_SPACE = "\u200a"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 # Substrings Discord refuses in webhook names; a hair space inside them keeps the name legible.
-_REFUSED_WORDS = re.compile(r"(c)(lyde)|(d)(iscord)|(`)(``)", re.IGNORECASE)
+# Backticks get one between every two of them: splitting each "```" alone would leave a run of
+# six as "`` ```" + "``" joined again.
+_REFUSED_WORDS = re.compile(r"(c)(lyde)|(d)(iscord)|(`)(?=`)()", re.IGNORECASE)
 _REFUSED_NAMES = re.compile(r"^(e)(veryone)$|^(h)(ere)$", re.IGNORECASE)
 # Characters Discord refuses in usernames (they would read as mentions, channels or emoji):
 # their full-width forms look the same and are accepted.

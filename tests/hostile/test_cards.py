@@ -251,3 +251,13 @@ def test_persona_list_shows_the_good_cards_and_warns_about_the_bad(
 def test_info_embed_fits_whatever_the_server_calls_the_model() -> None:
     persona = Persona("k", parse_card(json.dumps(GOOD).encode()), Path("k.json"), builtin=False)
     assert embed_problems(info_embed(persona, "x" * 5000).to_dict()) == []  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Knight``````", "````", "a```b`````c", "``", "Clyde Discord", "DISCORDclydeDiscord"],
+)
+def test_webhook_names_never_hold_a_word_discord_refuses(name: str) -> None:
+    """Splitting each refused word once is not enough where they touch: a run of six backticks
+    split as two runs of three would join into three again."""
+    assert username_problems(webhook_username(name)) == []
