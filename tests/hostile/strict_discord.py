@@ -2,7 +2,8 @@
 
 `StrictDiscordAPI` is the test suite's `FakeDiscordAPI` that, like Discord, refuses with a 400
 (Invalid Form Body) any webhook post, edit, interaction answer or plain message that breaks a
-limit, and records what it refused. The limits are written here from Discord's documentation,
+limit, or that replies to a message that no longer exists without `fail_if_not_exists: false`,
+and records what it refused. The limits are written here from Discord's documentation,
 independently of the bot's own `bot.discord.limits`, so the two check each other.
 """
 
@@ -121,6 +122,7 @@ class StrictDiscordAPI(FakeDiscordAPI):
     def __init__(self, client: discord.Client) -> None:
         super().__init__(client)
         self.refused: list[str] = []
+        self.replied_to: list[int] = []  # the messages plain messages were sent as replies to
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         super().install(monkeypatch)
@@ -133,6 +135,7 @@ class StrictDiscordAPI(FakeDiscordAPI):
         async def send_message(channel_id: int, *, params: Any) -> Any:
             channel = sys._getframe(1).f_locals.get("channel")  # noqa: F841
             api._check(params.payload or {})
+            api._check_reference(channel_id, params.payload or {})
             return await send(channel_id, params=params)
 
         async def edit_message(channel_id: int, message_id: int, **fields: Any) -> Any:
@@ -143,6 +146,22 @@ class StrictDiscordAPI(FakeDiscordAPI):
 
         monkeypatch.setattr(http, "send_message", send_message)
         monkeypatch.setattr(http, "edit_message", edit_message)
+
+    def _check_reference(self, channel_id: int, payload: dict[str, Any]) -> None:
+        """A reply to a deleted message fails unless it asked to be sent as a plain message
+        then (Discord's `fail_if_not_exists`, true by default); else it is a reply."""
+        reference = payload.get("message_reference")
+        if not reference:
+            return
+        message_id = int(reference["message_id"])
+        config = backend._cur_config
+        assert config is not None
+        there = config.messages.get(int(reference.get("channel_id", channel_id)), [])
+        if any(int(m["id"]) == message_id for m in there):
+            self.replied_to.append(message_id)
+        elif reference.get("fail_if_not_exists", True):
+            self.refused.append("message_reference: Unknown message")
+            raise refuse(["message_reference: Unknown message"])
 
     def _check(self, payload: dict[str, Any]) -> None:
         problems = payload_problems(payload)

@@ -364,6 +364,29 @@ async def test_a_reply_finished_after_its_conversation_was_deleted_is_not_kept(
     assert "Traceback" not in caplog.text
 
 
+# -- notices to messages deleted meanwhile ---------------------------------------------------
+
+
+@pytest.mark.parametrize("why", ["no text", "unreadable answer"])
+async def test_a_notice_reaches_a_member_whose_message_was_deleted(
+    why: str, rig: Rig, server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    await rig.memory.set_persona(rig.key, "haruhi")
+    text, notice = f"{rig.mention()} \u200b", NO_TEXT_NOTICE
+    if why == "unreadable answer":
+        for route, answer in MISBEHAVIOURS["garbage_sse"].items():
+            server.answer(route, answer)
+        text, notice = f"{rig.mention()} hello", UNREADABLE_ANSWER_NOTICE
+    kept = await rig.say(text)  # while the message is there, the notice replies to it
+    assert notices() == [notice] and rig.api.replied_to == [kept.id]
+    with caplog.at_level(logging.WARNING):
+        gone = deliver(rig.channel, rig.alice, text)
+        dpytest.backend.delete_message(gone)  # deleted before the notice is posted
+        await dpytest.run_all_events()
+    assert notices() == [notice] and rig.api.replied_to == [kept.id]
+    assert rig.api.refused == [] and "could not post a notice" not in caplog.text
+
+
 # -- a database that cannot be written --------------------------------------------------------
 
 

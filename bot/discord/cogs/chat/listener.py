@@ -423,10 +423,15 @@ class ChatListener(commands.Cog):
     # -- telling people --------------------------------------------------------------------
 
     async def _notice(self, message: discord.Message, text: str) -> None:
-        """A short plain message from the bot itself (not in the persona's voice)."""
+        """A short plain message from the bot itself (not in the persona's voice), as a reply
+        to the member's message; a plain message when that was deleted meanwhile (Discord
+        refuses a reply to a deleted message unless told not to fail)."""
         try:
-            await message.reply(
-                limits.message(text), allowed_mentions=NO_MENTIONS, mention_author=False
+            await message.channel.send(
+                limits.message(text),
+                reference=message.to_reference(fail_if_not_exists=False),
+                allowed_mentions=NO_MENTIONS,
+                mention_author=False,
             )
         except discord.Forbidden as exc:
             await self._permission_problem(message, exc.text or "forbidden")
