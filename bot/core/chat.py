@@ -281,13 +281,17 @@ class ChatService:
         deliver: Deliver | None = None,
         scene: Scene | None = None,
         prompted_by: int | None = None,
+        redo: Turn | None = None,
     ) -> AsyncIterator[str | Reply]:
         """Stream a reply to the channel as it stands (also used to retry after a failure).
 
         `persona` is the channel's active persona when the caller has just read it (in a
         `scene`, the member that answers). `deliver` posts the finished text before the reply
         is stored, so that the messages it became are stored with it; a reply that could not
-        be delivered is not stored. `prompted_by` is the member's turn it answers."""
+        be delivered is not stored. `prompted_by` is the member's turn it answers. `redo` is a
+        reply to write again (`/retry`): the prompt is the channel as it stood before it, and
+        it is deleted when the new reply is stored, not before, so a retry that fails keeps
+        it."""
         if persona is None:
             persona = await self.require_persona(channel_id)
         model = await self.served_by(persona)
@@ -299,6 +303,7 @@ class ChatService:
             max_tokens=sampling.max_tokens,
             user_name=user_name,
             cast=scene.names if scene is not None and scene.is_scene else None,
+            before_id=redo.id if redo is not None else None,
         )
         completion: Completion | None = None
         async for event in self.client.stream_chat(model, prompt.messages, sampling):
@@ -341,6 +346,7 @@ class ChatService:
             complete=completion.complete,
             prompted_by=prompted_by,
             answers=answers,
+            replaces=redo.id if redo is not None else None,
         )
         self._spoke[channel_id] = persona.key
         if cost is None:

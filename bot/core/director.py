@@ -104,10 +104,13 @@ class Director:
         if line is not None and line.task is not None and not line.committing:
             line.task.cancel()
 
-    async def play(self, turn: Turn, answering: Sequence[Persona]) -> list[Reply]:
+    async def play(
+        self, turn: Turn, answering: Sequence[Persona], *, redo: Turn | None = None
+    ) -> list[Reply]:
         """Answer `turn` (a member's stored message) by `answering`, then chain; returns the
-        replies stored, in order."""
-        replies = await self._answer_together(turn, answering)
+        replies stored, in order. `redo`: the reply of one persona answering that its new one
+        replaces once stored (`ChatService.respond`)."""
+        replies = await self._answer_together(turn, answering, redo)
         bot_turns = len(replies)
         while replies and bot_turns < self.scene.chain_limit and not self.interrupted:
             last = replies[-1]
@@ -121,10 +124,14 @@ class Director:
             bot_turns += 1
         return replies
 
-    async def _answer_together(self, turn: Turn, answering: Sequence[Persona]) -> list[Reply]:
+    async def _answer_together(
+        self, turn: Turn, answering: Sequence[Persona], redo: Turn | None = None
+    ) -> list[Reply]:
         if len(answering) == 1:  # the usual case: no other reply to wait for
-            reply = await self._write(_Line(answering[0], self.stage.perform(answering[0])), turn)
+            line = _Line(answering[0], self.stage.perform(answering[0]))
+            reply = await self._write(line, turn, redo=redo)
             return [reply] if reply is not None else []
+        assert redo is None, "a reply is written again by one persona"
         previous: asyncio.Event | None = None
         tasks = []
         for persona in answering:
@@ -181,6 +188,7 @@ class Director:
         *,
         after: asyncio.Event | None = None,
         done: asyncio.Event | None = None,
+        redo: Turn | None = None,
     ) -> Reply | None:
         """One member's reply: written at once, shown and stored after the one before it."""
         pending: list[str] = []
@@ -212,6 +220,7 @@ class Director:
                 deliver=deliver,
                 scene=self.scene,
                 prompted_by=turn.id,
+                redo=redo,
             ):
                 if isinstance(event, Reply):
                     reply = event

@@ -346,6 +346,7 @@ class Memory:
         complete: bool = True,
         prompted_by: int | None = None,
         answers: Sequence[int] = (),
+        replaces: int | None = None,
     ) -> Turn:
         """Store one turn and commit before returning: once this returns it is on disk.
 
@@ -355,7 +356,9 @@ class Memory:
         encoded (lone surrogates) is repaired first, so storing a turn never fails on it.
 
         `answers`: the turns a reply was written from; when one of them was deleted while it
-        was written (a reset, forget-me), nothing is stored and ConversationGoneError says so."""
+        was written (a reset, forget-me), nothing is stored and ConversationGoneError says so.
+        `replaces`: a turn this one is written again in place of (`/retry`), deleted in the
+        same transaction, so one of the two is always there."""
         async with self._deleting:
             for turn_id in answers:
                 if await self.turn(turn_id) is None:
@@ -375,6 +378,7 @@ class Memory:
                 finish_reason,
                 complete,
                 prompted_by,
+                replaces,
             )
 
     async def _add_turn(
@@ -393,6 +397,7 @@ class Memory:
         finish_reason: str | None,
         complete: bool,
         prompted_by: int | None,
+        replaces: int | None = None,
     ) -> Turn:
         if posted_as and message_id is None:
             message_id = posted_as[0]
@@ -422,6 +427,8 @@ class Memory:
             await self.db.executemany(sql.INSERT_TURN_MESSAGE, [(m, turn_id) for m in posted_as])
         if counts:
             await self.db.executemany(sql.UPDATE_TURN_TOKEN_COUNT, [(n, i) for i, n in counts])
+        if replaces is not None:
+            await self.db.execute(sql.DELETE_TURN, (replaces,))
         await self.db.commit()
         return replace(turn, id=turn_id)
 
@@ -450,12 +457,18 @@ class Memory:
         return [Turn.from_row(row) for row in rows]
 
     async def iter_turns_backwards(
-        self, channel_id: str, persona: Cast, *, page: int = 256, first_page: int | None = None
+        self,
+        channel_id: str,
+        persona: Cast,
+        *,
+        page: int = 256,
+        first_page: int | None = None,
+        before_id: int | None = None,
     ) -> AsyncIterator[Turn]:
-        """Every turn of `persona` (or of a cast) in the channel, newest first, fetched a page
-        at a time (the first page `first_page` long, when the caller knows how many it will
-        want)."""
-        before: int | None = None
+        """Every turn of `persona` (or of a cast) in the channel (older than `before_id` when
+        given), newest first, fetched a page at a time (the first page `first_page` long, when
+        the caller knows how many it will want)."""
+        before = before_id
         limit = first_page or page
         while True:
             turns = await self.recent_turns(channel_id, persona, limit=limit, before_id=before)

@@ -388,10 +388,12 @@ class PromptBuilder:
         max_tokens: int,
         user_name: str = "User",
         cast: Mapping[str, str] | None = None,
+        before_id: int | None = None,
     ) -> Prompt:
         """The prompt for the next reply of `persona` in `channel_id`. In a scene, `cast`
         names every member (the persona too) by key: the prompt then carries the turns of
-        the whole cast, the others' replies as named turns.
+        the whole cast, the others' replies as named turns. With `before_id`, the prompt for
+        that turn written again: from the turns before it.
 
         Raises InputTooLongError when the card and the newest turn alone exceed the budget.
         """
@@ -437,7 +439,13 @@ class PromptBuilder:
                 extra.append(block)
                 used += cost
         lore, lore_cost = await self._lore(
-            channel_id, card, history, model=model, user_name=user_name, room=budget - used
+            channel_id,
+            card,
+            history,
+            model=model,
+            user_name=user_name,
+            room=budget - used,
+            before_id=before_id,
         )
         if lore:
             extra.append(lore_block(lore))
@@ -453,7 +461,7 @@ class PromptBuilder:
         window = self._windows.get((channel_id, persona))
         first_page = window + _PAGE_SLACK if window is not None else None
         async for turn in self.memory.iter_turns_backwards(
-            channel_id, history, first_page=first_page
+            channel_id, history, first_page=first_page, before_id=before_id
         ):
             if turn.id <= after_id:
                 break  # the summary covers this turn and every older one
@@ -527,6 +535,7 @@ class PromptBuilder:
         model: str,
         user_name: str,
         room: int,
+        before_id: int | None = None,
     ) -> tuple[list[str], int]:
         """Lorebook entries triggered by the recent turns, within the book's token budget
         (and the room left in the prompt); returns their texts and their cost."""
@@ -535,7 +544,9 @@ class PromptBuilder:
             return [], 0
         # A card's own scan depth, within sane bounds (it comes from whoever wrote the card).
         depth = min(max(book.scan_depth or self.lore_scan_depth, 1), MAX_LORE_SCAN_DEPTH)
-        recent = await self.memory.recent_turns(channel_id, persona, limit=depth)
+        recent = await self.memory.recent_turns(
+            channel_id, persona, limit=depth, before_id=before_id
+        )
         hits = matching_entries(book, [t.content for t in recent])
         if not hits:
             return [], 0

@@ -29,7 +29,7 @@ from bot.core.text import for_terminal
 from bot.errors import ModelServerError, RolecastError
 from bot.settings import BotSettings, SamplingSettings, sampling_with
 from bot.terminal.keyboard import Keyboard
-from bot.terminal.scene import SCENE_HELP, TerminalScene
+from bot.terminal.scene import RETRY_KEPT, SCENE_HELP, TerminalScene
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +153,11 @@ class TerminalChat:
             )
         return 1 if self.failures else 0
 
-    async def _reply(self, events: AsyncIterator[str | Reply]) -> None:
+    async def _reply(self, events: AsyncIterator[str | Reply], *, failed: str = "") -> None:
         """Stream one reply; at the keyboard, Ctrl-C stops it and the chat goes on, with the
         user's turn kept and nothing of the stopped reply stored (as when the server stops
-        mid-reply: /retry asks again)."""
-        await self._interruptible(self._guard(self._stream(events)))
+        mid-reply: /retry asks again). `failed` goes before the error when it fails."""
+        await self._interruptible(self._guard(self._stream(events), failed=failed))
 
     async def _interruptible(self, work: Awaitable[None]) -> None:
         """Run `work` (one reply, or a scene's replies); at the keyboard Ctrl-C stops it."""
@@ -210,15 +210,16 @@ class TerminalChat:
     def _speaker(self) -> Speaker:
         return Speaker(id=f"terminal:{self.options.user_name}", name=self.options.user_name)
 
-    async def _guard(self, work: object) -> None:
-        """Run one reply; turn user-facing errors into an error line, keep going."""
+    async def _guard(self, work: object, *, failed: str = "") -> None:
+        """Run one reply; turn user-facing errors into an error line (after `failed`), keep
+        going."""
         try:
             await work  # type: ignore[misc]
         except RolecastError as exc:
             if self.interactive:
                 self.out.print()
             self.failures += 1
-            self._error(str(exc))
+            self._error(f"{failed}{exc}")
 
     async def _stream(self, events: AsyncIterator[str | Reply]) -> None:
         persona = await self.chat.require_persona(self.channel)
@@ -334,10 +335,14 @@ class TerminalChat:
         if last is None:
             self._error("nothing to retry yet")
             return
-        if last.role == "assistant":
-            await self.chat.memory.delete_turn(last.id)
+        # The last reply stays until its new version is stored: a retry the server fails
+        # costs nothing.
+        redo = last if last.role == "assistant" else None
         await self._reply(
-            self.chat.respond(self.channel, self.options.sampling, user_name=self.options.user_name)
+            self.chat.respond(
+                self.channel, self.options.sampling, user_name=self.options.user_name, redo=redo
+            ),
+            failed=f"retry failed, {RETRY_KEPT}: " if redo is not None else "",
         )
 
     async def _cmd_approve(self, _: str) -> None:

@@ -37,6 +37,8 @@ SCENE_HELP = """Scene (several --persona flags):
   /turns [round-robin|keywords] [N]
                     who answers a line that names nobody; N bot turns in a row at most
   /sampling NAME KEY=VALUE   sampling of one persona (as /set)"""
+# /retry replaces a reply only once the new one is stored: a retry that fails says this.
+RETRY_KEPT = "the previous reply is kept"
 
 
 class _Performance:
@@ -77,9 +79,10 @@ class _Performance:
 
 
 class _Stage:
-    def __init__(self, session: TerminalChat, turn: Turn) -> None:
+    def __init__(self, session: TerminalChat, turn: Turn, *, redo: Turn | None = None) -> None:
         self.session = session
         self.turn = turn  # the line being answered
+        self.redo = redo  # the reply written again (/retry), kept until a new one is stored
 
     def perform(self, persona: Persona) -> _Performance:
         return _Performance(self.session, persona)
@@ -95,7 +98,8 @@ class _Stage:
             # the line can never be answered; keeping it would only block the history
             await self.session.chat.memory.delete_turn(self.turn.id)
         self.session.failures += 1
-        self.session._error(f"{persona.name}: {error}")
+        retry = f"retry failed, {RETRY_KEPT}: " if self.redo is not None else ""
+        self.session._error(f"{retry}{persona.name}: {error}")
 
 
 class TerminalScene:
@@ -144,13 +148,13 @@ class TerminalScene:
             for greeting in greetings:
                 self.session._show_turn(greeting)
 
-    def _director(self, scene: Scene, turn: Turn) -> Director:
+    def _director(self, scene: Scene, turn: Turn, *, redo: Turn | None = None) -> Director:
         base = self.session.options.sampling
         return Director(
             self.session.chat,
             self.channel,
             scene,
-            _Stage(self.session, turn),
+            _Stage(self.session, turn, redo=redo),
             sampling=lambda persona: scene.sampling_for(persona, base),
             user_name=self.session.options.user_name,
         )
@@ -174,12 +178,13 @@ class TerminalScene:
         persona = scene.member(last.persona)
         if persona is None:
             raise RolecastError(f"{last.persona} is not in this scene any more")
-        asked = last
+        asked, redo = last, None
         if last.role == "assistant":
-            await memory.delete_turn(last.id)
+            redo = last  # deleted when the new reply is stored, not before
             if last.prompted_by is not None:
                 asked = await memory.turn(last.prompted_by) or last
-        await self._director(replace(scene, chain_limit=0), asked).play(asked, [persona])
+        director = self._director(replace(scene, chain_limit=0), asked, redo=redo)
+        await director.play(asked, [persona], redo=redo)
 
     # -- commands ----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ did not finish is stored and shown as not complete."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import subprocess
@@ -266,3 +267,47 @@ def test_the_terminal_marks_replies_that_did_not_finish(
     replies = [(r[2], r[3]) for r in rows if r[0] == "assistant"]
     greeting = (1, None)
     assert replies == [greeting, (0, "length"), (0, None), (1, "stop"), (1, "stop")]
+
+
+@pytest.mark.parametrize("scene", [False, True])
+def test_a_retry_the_server_fails_keeps_the_previous_reply(
+    scene: bool, server: MisbehavingServer, tmp_path: Path
+) -> None:
+    server.answer_once(
+        CHAT,
+        Answer(parts=reply_events("First answer.")),
+        MISBEHAVIOURS["garbage_sse"][CHAT],  # unreadable
+        MISBEHAVIOURS["chat_400"][CHAT],  # refused
+        Answer(parts=reply_events("Second answer.")),
+    )
+    personas = ["--persona", "haruhi"] + (["--persona", "atri"] if scene else [])
+    lines = [b"atri, one" if scene else b"one", b"/retry", b"/retry", b"/history 2", b"/retry"]
+    env = {**os.environ, "ROLECAST_HOME": str(tmp_path), "ROLECAST_RETRY_MAX_WAIT_S": "0.1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rolecast", "chat", *personas, "--server", server.url],
+        input=b"\n".join(lines) + b"\n",
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 1, err  # the two failed retries
+    assert "Traceback" not in err
+    assert err.count("error: retry failed, the previous reply is kept: ") == 2, err
+    name = "ATRI: " if scene else ""
+    user = "atri, one" if scene else "one"
+    assert out.splitlines() == [
+        f"{name}First answer.",
+        f"User> {user}",  # /history after the failed retries: the first reply is still there
+        f"{'ATRI' if scene else '凉宫春日'}> First answer.",
+        f"{name}Second answer.",
+    ]
+    with sqlite3.connect(tmp_path / "rolecast.db") as db:
+        rows = list(db.execute("SELECT role, content FROM turns ORDER BY id"))
+    assert rows[-2:] == [("user", user), ("assistant", "Second answer.")]
+    assert ("assistant", "First answer.") not in rows  # replaced once the new one was stored
+    # every retry was asked from the turns before the reply it replaces
+    for body in server.chat_requests()[1:]:
+        assert body["messages"][-1]["role"] == "user"
+        assert "First answer." not in json.dumps(body["messages"], ensure_ascii=False)
