@@ -49,6 +49,15 @@ class ConversationGoneError(RolecastError):
         )
 
 
+class SceneFullError(RolecastError):
+    """A persona cannot join a scene that has as many members as it may."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(
+            f"This channel's scene has {count} personas, the most it can have; remove one first."
+        )
+
+
 class ModelAnswerError(ModelServerError):
     """The model server answered with something the bot cannot read: a body that is not JSON
     or of the wrong shape, or a stream that broke before any reply text."""

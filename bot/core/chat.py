@@ -142,12 +142,13 @@ class ChatService:
         return [g for g in greetings if g is not None]
 
     async def join(
-        self, channel_id: str, key: str, *, user_name: str = "User"
+        self, channel_id: str, key: str, *, user_name: str = "User", most: int | None = None
     ) -> tuple[bool, Turn | None]:
         """Add a persona to the channel's cast: whether it joined (it was not in it), and its
-        greeting when it never spoke in the channel."""
+        greeting when it never spoke in the channel. SceneFullError when the cast has `most`
+        members already."""
         persona = self.personas.get(key)
-        if not await self.memory.add_cast_member(channel_id, persona.key):
+        if not await self.memory.add_cast_member(channel_id, persona.key, most=most):
             return False, None
         return True, await self._greet(channel_id, persona, user_name)
 

@@ -28,9 +28,10 @@ from typing import Literal
 import aiosqlite
 
 from bot.core import sql
+from bot.core.queue import ChannelQueue
 from bot.core.quotes import Quotes
 from bot.core.text import clean_text
-from bot.errors import ConversationGoneError
+from bot.errors import ConversationGoneError, SceneFullError
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,9 @@ class Memory:
         # Held while a conversation is deleted (a reset, forget-me) and while a turn is stored:
         # a reply is stored only if the turns it answers are still there (`add_turn`).
         self._deleting = asyncio.Lock()
+        # A channel's cast changes one at a time: each reads the cast, decides and writes, and
+        # the connection (one transaction for every caller) cannot keep another's change out.
+        self._casting = ChannelQueue()
 
     @classmethod
     @asynccontextmanager
@@ -231,6 +235,10 @@ class Memory:
 
     async def set_persona(self, channel_id: str, persona: str) -> None:
         """Make `persona` the channel's one persona (a scene's cast, if any, is dissolved)."""
+        async with self._casting.slot(channel_id):
+            await self._set_persona(channel_id, persona)
+
+    async def _set_persona(self, channel_id: str, persona: str) -> None:
         await self._ensure_channel(channel_id)
         await self.db.execute(sql.DELETE_CAST, (channel_id,))
         await self.db.execute(sql.UPDATE_CHANNEL_PERSONA, (persona, time.time(), channel_id))
@@ -242,14 +250,23 @@ class Memory:
         """The channel's cast in order: its scene's members, or its one persona, or nobody."""
         return (await self.channel_settings(channel_id)).cast
 
-    async def add_cast_member(self, channel_id: str, persona: str) -> bool:
+    async def add_cast_member(
+        self, channel_id: str, persona: str, *, most: int | None = None
+    ) -> bool:
         """Add `persona` to the channel's cast (after the others); False if it is in it. A
         channel with no persona gets it as its one persona; a channel with one persona
-        becomes a scene of two, the first member leading."""
-        await self._ensure_channel(channel_id)
-        now = time.time()
+        becomes a scene of two, the first member leading. SceneFullError when the cast has
+        `most` members already."""
+        async with self._casting.slot(channel_id):
+            return await self._add_cast_member(channel_id, persona, most)
+
+    async def _add_cast_member(self, channel_id: str, persona: str, most: int | None) -> bool:
         settings = await self.channel_settings(channel_id)
         added = persona not in settings.cast
+        if added and most is not None and len(settings.cast) >= most:
+            raise SceneFullError(len(settings.cast))
+        await self._ensure_channel(channel_id)
+        now = time.time()
         if added and not settings.cast:
             await self.db.execute(sql.UPDATE_CHANNEL_PERSONA, (persona, now, channel_id))
         elif added:
@@ -262,6 +279,10 @@ class Memory:
     async def remove_cast_member(self, channel_id: str, persona: str) -> bool:
         """Take `persona` out of the channel's cast; False if it was not in it. A scene left
         with one member is a channel with one persona again."""
+        async with self._casting.slot(channel_id):
+            return await self._remove_cast_member(channel_id, persona)
+
+    async def _remove_cast_member(self, channel_id: str, persona: str) -> bool:
         now = time.time()
         settings = await self.channel_settings(channel_id)
         if persona not in settings.cast:
@@ -282,10 +303,14 @@ class Memory:
 
     async def set_cast(self, channel_id: str, personas: Sequence[str]) -> None:
         """Make `personas` the channel's cast, in this order (one: a plain channel)."""
+        async with self._casting.slot(channel_id):
+            await self._set_cast(channel_id, personas)
+
+    async def _set_cast(self, channel_id: str, personas: Sequence[str]) -> None:
         keys = list(dict.fromkeys(personas))
         if len(keys) <= 1:
             if keys:
-                await self.set_persona(channel_id, keys[0])
+                await self._set_persona(channel_id, keys[0])
             return
         await self._ensure_channel(channel_id)
         now = time.time()

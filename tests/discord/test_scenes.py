@@ -7,13 +7,16 @@ forget-me per persona."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from typing import Any
 
 import discord.ext.test as dpytest
 
+from bot.core.cards import parse_card
 from bot.core.prompt import scene_note
+from bot.discord.cogs.scene.commands import MAX_CAST
 from tests.discord.conftest import ADMIN, Rig, read_jsonl
 from tests.discord.fakediscord import channel_texts, deliver, react
 from tests.instant_server import ServerState
@@ -437,3 +440,38 @@ async def test_each_persona_keeps_its_own_summary_of_the_shared_history(
     shown = "\n".join(rig.api.texts()[-2:])
     assert "The scene here (**凉宫春日**, **ATRI**) remembers" in shown
     assert "as ATRI remembers them" in shown and "as 凉宫春日 remembers them" in shown
+
+
+async def test_adds_at_the_same_time_each_report_what_happened(
+    rig: Rig, server_state: ServerState
+) -> None:
+    def answers() -> list[str]:
+        said = [r.content or "" for r in rig.api.responses]
+        rig.api.responses.clear()
+        return said
+
+    async def add_together(*keys: str) -> list[str]:
+        await asyncio.gather(
+            *(rig.command("scene add", {"persona": key}, permissions=ADMIN) for key in keys)
+        )
+        return answers()
+
+    # an empty channel: both join, and both are in the cast
+    said = await add_together("haruhi", "atri")
+    assert sum("joined this channel" in s for s in said) == 2, said
+    assert sorted(await rig.memory.cast(rig.key)) == ["atri", "haruhi"]
+    # the same persona twice: it joins once
+    said = await add_together("xin", "xin")
+    assert sum("joined this channel" in s for s in said) == 1, said
+    assert sum("is here already" in s for s in said) == 1, said
+    # one seat left: one joins, the other is refused, and the cast holds its most
+    for number in range(1, 7):
+        card = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {"name": f"P{number}"}}
+        rig.bot.personas.add(f"p{number}", parse_card(json.dumps(card).encode()))
+    for key in ("p1", "p2", "p3", "p4"):
+        await rig.command("scene add", {"persona": key}, permissions=ADMIN)
+    answers()
+    said = await add_together("p5", "p6")
+    assert sum("joined this channel" in s for s in said) == 1, said
+    assert sum("the most it can have" in s for s in said) == 1, said
+    assert len(await rig.memory.cast(rig.key)) == MAX_CAST

@@ -162,14 +162,10 @@ class SceneCommands(commands.GroupCog, group_name="scene"):
         assert interaction.channel is not None and interaction.guild_id is not None
         key = channel_key(interaction.channel)
         found = self.bot.persona_for(interaction, persona)  # only what this server sees
-        scene = await self.bot.scene(interaction)
-        if found.key not in scene.keys and len(scene.members) >= MAX_CAST:
-            raise RolecastError(
-                f"This channel's scene has {len(scene.members)} personas, the most it can have; "
-                "remove one first (/scene remove)."
-            )
+        # The cast is checked and changed in one step: of adds at the same time, each tells
+        # what happened, and no more than MAX_CAST join.
         joined, greeting = await self.bot.chat.join(
-            key, found.key, user_name=interaction.user.display_name
+            key, found.key, user_name=interaction.user.display_name, most=MAX_CAST
         )
         await self.bot.memory.set_channel_guild(key, str(interaction.guild_id))
         log.info("persona %s joined %s (by %s)", found.key, key, interaction.user.id)
