@@ -42,6 +42,9 @@ class ConversationGoneError(RolecastError):
     """A reply finished after the conversation it answers was deleted (a memory reset, a
     member's forget-me): it is not kept."""
 
+    # Under what was already shown of such a reply.
+    NOTE = "not kept: this conversation was deleted while the reply was being written"
+
     def __init__(self) -> None:
         super().__init__(
             "This conversation was deleted while the reply was being written, so the reply "

@@ -31,6 +31,7 @@ from bot.core.client import ending_note
 from bot.core.memory import Turn
 from bot.core.personas import Persona
 from bot.core.scene import Scene
+from bot.errors import ConversationGoneError
 from bot.settings import SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,17 @@ class Performance(Protocol):
     async def cut(self, note: str) -> Sequence[str]:
         """Stop showing a reply cut off while being written: mark what was shown with
         `note`; returns the ids of the messages shown (none: nothing was)."""
+
+
+async def mark_discarded(performance: Performance, key: str) -> bool:
+    """A reply whose conversation was deleted while it was written (a reset, forget-me) is not
+    kept: mark what was shown of it so, rather than leave it looking like any other reply.
+    False when nothing of it was shown (or the mark could not be made): the member is told."""
+    try:
+        return bool(await performance.cut(ConversationGoneError.NOTE))
+    except Exception as exc:
+        log.warning("channel %s: a discarded reply was not marked: %s", key, exc)
+        return False
 
 
 class Stage(Protocol):
@@ -232,6 +244,10 @@ class Director:
         except Exception as exc:
             if after is not None:
                 await after.wait()  # failures are told in order too
+            if isinstance(exc, ConversationGoneError) and await mark_discarded(
+                performance, self.channel_id
+            ):
+                return None
             await self.stage.failed(line.persona, exc)
             return None
         finally:

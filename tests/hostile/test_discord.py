@@ -387,6 +387,48 @@ async def test_a_notice_reaches_a_member_whose_message_was_deleted(
     assert rig.api.refused == [] and "could not post a notice" not in caplog.text
 
 
+@pytest.mark.parametrize("scene", [False, True])
+@pytest.mark.parametrize("command", ["memory reset", "memory forget-me"])
+async def test_a_reply_streamed_before_its_conversation_was_deleted_says_it_is_not_kept(
+    command: str, scene: bool, rig: Rig, server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (greetings first, as the channel's first turns)
+    if scene:
+        for key in ("haruhi", "atri"):
+            await rig.command("scene add", {"persona": key}, permissions=ADMIN)
+    else:
+        await rig.command("persona set", {"name": "haruhi"})
+    greetings = rig.replies()
+    events = reply_events("You said: my words.")
+    server.answer(CHAT, Answer(parts=[*events[:3], 0.4, *events[3:4], 1.0, *events[4:]]))
+    deliver(rig.channel, rig.alice, f"{rig.mention()} atri, my words")
+    replying = asyncio.ensure_future(dpytest.run_all_events())
+    for _ in range(100):  # until the first part of the reply is on Discord
+        if len(rig.replies()) > len(greetings):
+            break
+        await asyncio.sleep(0.02)
+    assert rig.replies() == [*greetings, "You said: my"]
+    with caplog.at_level(logging.WARNING):
+        await rig.command(command)
+        if command == "memory reset":
+            entity, confirm = next(
+                (entity, item.custom_id)
+                for entity, items in rig.bot._connection._view_store._views.items()
+                for item in items.values()
+                if getattr(item, "label", "") == "Delete the memory"
+            )
+            await press(rig.bot, rig.channel, rig.alice, confirm, entity)
+        await replying
+    # what was shown stays on Discord, marked as not kept (a reset's greetings come after it);
+    # nothing of it is stored
+    shown = rig.replies()[len(greetings)]
+    assert shown == f"You said: my words.\n*[{ConversationGoneError.NOTE}]*"
+    assert notices() == []  # the mark says it: no notice besides
+    assert "You said: my words." not in [t.content for t in await turns(rig, "atri")]
+    assert "You said: my words." not in [t.content for t in await turns(rig, "haruhi")]
+    assert rig.api.refused == [] and "Traceback" not in caplog.text
+
+
 # -- a database that cannot be written --------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ import discord
 from discord.ext import commands
 
 from bot.core.chat import Reply, Speaker
-from bot.core.director import Director
+from bot.core.director import Director, mark_discarded
 from bot.core.memory import ChannelSettings, Turn
 from bot.core.personas import Persona
 from bot.core.queue import ChannelQueue
@@ -37,7 +37,13 @@ from bot.core.text import blank, clean_text
 from bot.discord import limits
 from bot.discord.bot import NO_MENTIONS, channel_key, permission_message
 from bot.discord.webhooks import ReplyStream
-from bot.errors import InputTooLongError, ModelAnswerError, ModelServerError, RolecastError
+from bot.errors import (
+    ConversationGoneError,
+    InputTooLongError,
+    ModelAnswerError,
+    ModelServerError,
+    RolecastError,
+)
 
 if TYPE_CHECKING:
     from bot.discord.bot import RolecastBot
@@ -325,6 +331,10 @@ class ChatListener(commands.Cog):
                 else:
                     await stream.feed(event)
             assert reply is not None
+        except ConversationGoneError as exc:
+            if not await mark_discarded(stream, key):
+                await self._report(message, turn.id, exc)
+            return
         except Exception as exc:
             await self._report(message, turn.id, exc)
             return
