@@ -7,9 +7,7 @@ The row shapes (ShareGPT and OpenAI, as LLaMA-Factory reads them) and `dataset_i
 
 from __future__ import annotations
 
-import codecs
 import hashlib
-import json
 import logging
 import re
 import statistics
@@ -18,12 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any, TextIO
 
 from finetune.dedup import check_threshold
 from finetune.errors import DataError, RefusedDialogue
-from formats import sharegpt
-from formats.jsonfile import replacing
+from formats import jsonfile, sharegpt
+from formats.errors import FormatError
+from formats.jsonfile import Line, replacing
 from formats.sharegpt import ASSISTANT, SYSTEM, USER, Message
 
 log = logging.getLogger(__name__)
@@ -191,63 +190,13 @@ def _unencodable(obj: Any, where: str = "row") -> str | None:
     return None
 
 
-def _row_id(obj: Any, fallback: str) -> str:
-    """The row's own id: a non-blank string or a number; else (missing, null, empty, a list...)
-    `fallback`, its place in the file, so rows without ids are not duplicates of one another."""
-    row_id = obj.get("id") if isinstance(obj, dict) else None
-    if isinstance(row_id, str) and row_id.strip():
-        return row_id
-    if isinstance(row_id, int | float) and not isinstance(row_id, bool):
-        return str(row_id)
-    return fallback
-
-
-@dataclass(frozen=True)
-class Line:
-    """One non-blank line of a JSONL file: its value, or why it has none."""
-
-    number: int
-    value: Any = None
-    code: str | None = None  # "bad_utf8" or "bad_json" when the line is not UTF-8 JSON
-    message: str = ""
-
-
 def read_jsonl(path: str | Path) -> list[Line]:
-    """The non-blank lines of a JSONL file, parsed; bad lines say why, not raise. The file may
-    start with a byte order mark and end its lines in CRLF. DataError when it cannot be read."""
-    path = Path(path)
+    """The non-blank lines of a JSONL file, parsed (`formats.jsonfile.read_jsonl`); bad lines
+    say why, not raise. DataError when it cannot be read."""
     try:
-        with _open_data_file(path) as fh:
-            return [line for n, raw in enumerate(fh, start=1) if (line := _line(n, raw))]
-    except OSError as exc:
-        raise DataError(f"{path} cannot be read: {exc.strerror or exc}") from None
-
-
-def _open_data_file(path: Path) -> BinaryIO:
-    """`path` opened for reading, or DataError saying why it is not a data file."""
-    if path.is_dir():
-        raise DataError(f"{path} is a directory, not a data file")
-    if not path.exists():
-        raise DataError(f"no such data file: {path}")
-    if not path.is_file():  # a FIFO or a device would block or never end
-        raise DataError(f"{path} is not a regular file")
-    return path.open("rb")
-
-
-def _line(number: int, raw: bytes) -> Line | None:
-    """Line `number` parsed (None when blank)."""
-    if number == 1:  # editors on Windows start UTF-8 files with a byte order mark
-        raw = raw.removeprefix(codecs.BOM_UTF8)
-    if not raw.strip():
-        return None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return Line(number, code="bad_utf8", message=str(exc))
-    try:
-        return Line(number, json.loads(text))
-    except (ValueError, RecursionError) as exc:  # also absurd numbers and nesting
-        return Line(number, code="bad_json", message=str(exc)[:300])
+        return jsonfile.read_jsonl(path)
+    except FormatError as exc:
+        raise DataError(str(exc)) from None
 
 
 def read_rows(path: str | Path) -> list[Row]:
@@ -263,7 +212,7 @@ def read_rows(path: str | Path) -> list[Row]:
             rows.append(Row(fallback_id, source, None, [problem]))
             continue
         obj = line.value
-        row_id = _row_id(obj, fallback_id)
+        row_id = sharegpt.row_id(obj, fallback_id)
         if (bad := _unencodable(obj)) is not None:
             # JSON escapes can carry lone UTF-16 surrogates ("\ud800"), which no encoder
             # accepts: such a row can be neither tokenized nor written back.

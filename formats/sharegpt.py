@@ -73,6 +73,17 @@ def read_messages(obj: Any) -> tuple[list[Message] | None, list[tuple[str, str]]
     return messages, problems
 
 
+def row_id(obj: Any, fallback: str) -> str:
+    """A row's own id: a non-blank string or a number; else (missing, null, empty, a list...)
+    `fallback`, its place in the file, so rows without ids are not duplicates of one another."""
+    found = obj.get("id") if isinstance(obj, dict) else None
+    if isinstance(found, str) and found.strip():
+        return found
+    if isinstance(found, int | float) and not isinstance(found, bool):
+        return str(found)
+    return fallback
+
+
 def sharegpt_row(row_id: str, messages: Sequence[Message]) -> dict[str, Any]:
     """OpenAI-style messages as one ShareGPT row."""
     return {

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
@@ -34,7 +35,8 @@ from bot.retrain.jobs import Job
 from bot.retrain.progress import replay_note
 from bot.retrain.workdir import Paths, count_lines
 from bot.settings import RetrainSettings
-from formats import sharegpt
+from formats import jsonfile, sharegpt
+from formats.errors import FormatError
 
 NamesFor = Callable[[Job, Sequence[Dialogue]], Names]
 
@@ -61,14 +63,17 @@ class Datasets:
         Rejected when there are too few dialogues."""
         persona = self.personas.get(job.persona)
         paths.export.parent.mkdir(parents=True, exist_ok=True)
-        records = await self._export_own(job, persona, paths)
+        records, problems = await self._export_own(job, persona, paths)
         needed = job.min_approved
         where = f"{job.source} has" if job.source else f"{persona.name} has"
         scope = " in this server" if job.guild_id and not job.source else ""
         what = "usable dialogues" if job.source else "approved dialogues"
         if records < needed:
             more = "" if job.source else f": approve {needed - records} more"
-            raise Rejected(f"{where} {records} {what}{scope}; a retrain needs {needed}{more}.")
+            raise Rejected(
+                f"{where} {records} {what}{scope}; a retrain needs {needed}{more}."
+                + problem_lines(problems, paths)
+            )
         await self._clean(paths.export, paths.clean, paths)
         kept = count_lines(paths.clean)
         if kept < needed:
@@ -91,12 +96,18 @@ class Datasets:
             log.write(f"{replay_note(replay)}\n")
         return kept, replay
 
-    async def _export_own(self, job: Job, persona: Persona, paths: Paths) -> int:
-        """The persona's dialogues as ShareGPT in `paths.export`; how many rows it has."""
+    async def _export_own(self, job: Job, persona: Persona, paths: Paths) -> tuple[int, list[str]]:
+        """The persona's dialogues as ShareGPT in `paths.export`; how many rows it has, and the
+        lines of a dialogue file that are not dialogues (written to the steps log)."""
+        problems: list[str] = []
         if job.source:
-            rows = file_rows(Path(job.source), persona)
+            rows, problems = await asyncio.to_thread(file_rows, Path(job.source), persona)
             paths.export.write_text("".join(map(sharegpt.jsonl_line, rows)), encoding="utf-8")
             records = len(rows)
+            if problems:
+                with paths.steps_log.open("a", encoding="utf-8") as log:
+                    log.write(f"{len(problems)} lines of {job.source} are left out:\n")
+                    log.writelines(f"  {problem}\n" for problem in problems)
         else:
             dialogues = await self.memory.dialogues(job.persona, guild_id=job.guild_id)
             exported = export_dialogues(
@@ -107,7 +118,7 @@ class Datasets:
         (paths.export.parent / sharegpt.DATASET_INFO).write_bytes(
             sharegpt.dataset_info_bytes({f"rolecast_{job.persona}": paths.export.name})
         )
-        return records
+        return records, problems
 
     async def _clean(self, source: Path, output: Path, paths: Paths) -> None:
         cfg = self.config
@@ -178,6 +189,16 @@ class Datasets:
         return pool
 
 
+def problem_lines(problems: Sequence[str], paths: Paths, shown: int = 5) -> str:
+    """The first lines of a dialogue file that are not dialogues, said under a rejection."""
+    if not problems:
+        return ""
+    more = len(problems) - shown
+    tail = f"\n  ... and {more} more in {paths.steps_log}" if more > 0 else ""
+    listed = "".join(f"\n  {problem[:300]}" for problem in problems[:shown])
+    return f"\n{len(problems)} lines are not usable dialogues:{listed}{tail}"
+
+
 def draw(pool: dict[str, list[str]], cap: int, seed: int) -> dict[str, list[str]]:
     """At most `cap` lines of the pool, all when they fit, else a seeded draw (the same pool and
     seed draw the same lines); persona -> its lines drawn, in pool order."""
@@ -191,32 +212,46 @@ def draw(pool: dict[str, list[str]], cap: int, seed: int) -> dict[str, list[str]
 
 
 def read_lines(path: Path) -> list[str]:
-    """The non-empty lines of a JSONL file, each ending in a newline."""
-    text = path.read_text(encoding="utf-8")
-    return [line + "\n" for line in text.splitlines() if line.strip()]
-
-
-def file_rows(path: Path, persona: Persona) -> list[dict[str, Any]]:
-    """The dialogues of a ShareGPT or OpenAI JSONL file as ShareGPT rows; a row without a system
-    prompt gets the persona card's. Rows that are not dialogues at all are left out here, and
-    `rolecast data clean` drops the malformed ones with their reasons."""
-    if not path.is_file():
-        raise Failed(f"the dialogue file {path} is not there (any more)")
-    system = render_system(persona.card, user="User")
-    rows = []
+    """The non-blank lines of a JSONL file, each ending in a newline. Lines end at "\\n" only
+    (JSONL): a JSON string may hold U+2028, U+0085 or a form feed raw."""
     with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            messages, _ = sharegpt.read_messages(obj)
-            if not messages:
-                continue
-            if messages[0]["role"] != sharegpt.SYSTEM:
-                messages = [{"role": sharegpt.SYSTEM, "content": system}, *messages]
-            row_id = str(obj.get("id") or f"{path.stem}_{number}")
-            rows.append(sharegpt.sharegpt_row(row_id, messages))
-    return rows
+        return [raw.decode("utf-8").rstrip("\r\n") + "\n" for raw in f if raw.strip()]
+
+
+def file_rows(path: Path, persona: Persona) -> tuple[list[dict[str, Any]], list[str]]:
+    """The dialogues of a ShareGPT or OpenAI JSONL file as ShareGPT rows, and what is wrong
+    with each line that is not one (`line N: code: why`). A row without a system prompt gets
+    the persona card's. A row is taken whole or not at all: one with a turn that cannot be
+    read is a problem of its line, not a shorter dialogue; `rolecast data clean` then checks
+    the rows taken."""
+    try:
+        lines = jsonfile.read_jsonl(path)
+    except FormatError as exc:
+        raise Failed(f"cannot read the dialogue file: {exc}") from None
+    system = render_system(persona.card, user="User")
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for line in lines:
+        if line.code is not None:
+            problems.append(f"line {line.number}: {line.code}: {line.message}")
+            continue
+        messages, wrong = sharegpt.read_messages(line.value)
+        if not wrong and not messages:
+            wrong = [("bad_format", "has no turns")]
+        if wrong or not messages:
+            problems.append(f"line {line.number}: " + "; ".join(f"{c}: {m}" for c, m in wrong))
+            continue
+        if messages[0]["role"] != sharegpt.SYSTEM:
+            messages = [{"role": sharegpt.SYSTEM, "content": system}, *messages]
+        row_id = sharegpt.row_id(line.value, f"{path.stem}:{line.number}")
+        row = sharegpt.sharegpt_row(row_id, messages)
+        try:
+            sharegpt.jsonl_line(row).encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON escapes can carry lone surrogates ("\ud800")
+            problems.append(
+                f"line {line.number}: bad_text: {exc.object[exc.start : exc.end]!r} at character "
+                f"{exc.start} cannot be encoded"
+            )
+            continue
+        rows.append(row)
+    return rows, problems
