@@ -215,23 +215,39 @@ class Publisher:
             for server in self.servers:
                 server.load(new.served_name, new.path)
                 loaded.append(server)
-        except RegistryError:
-            # never served: drop the copy so the registry lists only usable versions
-            for server in loaded:
-                try:
-                    server.unload(new.served_name)
-                except RegistryError as exc:
-                    log.warning("%s", exc)
+            self.registry.set_current(persona, new.version)
+        except BaseException:
+            # never live: drop it from the servers and the registry, which lists only versions
+            # that were usable, and keeps pointing at the old one
+            self._unload_quietly(loaded, new.served_name)
             shutil.rmtree(new.path, ignore_errors=True)
             raise
-        self.registry.set_current(persona, new.version)
         log.warning("%s now speaks through %s", persona, new.served_name)
+        # the switch is done: what follows is tidying up, and a server failing at it from now
+        # on is a warning, never a publish that failed (it took effect)
         unloaded = self._retire(old)
         servers = [s.root for s in self.servers]
-        fallback = self._unpublished(
-            persona, [s.loaded() for s in self.servers] if old is None else []
-        )
+        fallback = self._unpublished(persona, self._loaded_quietly() if old is None else [])
         return PublishResult(persona, new, old, unloaded, servers, fallback)
+
+    @staticmethod
+    def _unload_quietly(servers: Sequence[ServerClient], name: str) -> None:
+        for server in servers:
+            try:
+                server.unload(name)
+            except RegistryError as exc:
+                log.warning("%s", exc)
+
+    def _loaded_quietly(self) -> list[set[str]]:
+        """Each server's loaded adapters, an empty set for one that does not answer (logged)."""
+        found = []
+        for server in self.servers:
+            try:
+                found.append(server.loaded())
+            except RegistryError as exc:
+                log.warning("%s", exc)
+                found.append(set())
+        return found
 
     def rollback(self, persona: str) -> PublishResult:
         """Back to the version published before the live one; from the first version, back to
@@ -240,14 +256,31 @@ class Publisher:
         if current is None:
             raise RegistryError(f"{persona} has no published adapter")
         previous = self.registry.previous(persona)
+        if previous is not None:
+            # its files may have been deleted or damaged since it was live: never point at a
+            # version that cannot be served
+            problems = lora.problems(
+                previous.path, max_rank=self.max_rank, base_model=self.base_model
+            )
+            if problems:
+                raise RegistryError(
+                    f"cannot roll {persona} back to {previous.served_name}; it stays on "
+                    f"{current.served_name}:\n" + "\n".join(f"  - {p}" for p in problems)
+                )
         loaded = [server.loaded() for server in self.servers]  # each answers before any change
         if previous is None:
             self.registry.clear_current(persona)
         else:
-            for server, names in zip(self.servers, loaded, strict=True):
-                if previous.served_name not in names:
-                    server.load(previous.served_name, previous.path)
-            self.registry.set_current(persona, previous.version, rollback=True)
+            added: list[ServerClient] = []
+            try:
+                for server, names in zip(self.servers, loaded, strict=True):
+                    if previous.served_name not in names:
+                        server.load(previous.served_name, previous.path)
+                        added.append(server)
+                self.registry.set_current(persona, previous.version, rollback=True)
+            except BaseException:
+                self._unload_quietly(added, previous.served_name)
+                raise
         servers = [s.root for s in self.servers]
         fallback = self._unpublished(persona, loaded)
         result = PublishResult(persona, previous, current, False, servers, fallback)
@@ -271,22 +304,26 @@ class Publisher:
         )
 
     def _retire(self, old: AdapterVersion | None) -> bool:
-        """Unload `old` from every server that has it, once its requests have finished."""
+        """Unload `old` from every server that has it, once its requests have finished; a server
+        that fails at it keeps `old` loaded (logged), which serves nobody once the pointer moved."""
         if old is None:
             return False
         unloaded = False
         for server in self.servers:
-            if old.served_name not in server.loaded():
-                continue
-            if not server.wait_drained(old.served_name, self.drain_timeout):
-                log.warning(
-                    "%s still had requests on %s after %.0f s; unloading anyway",
-                    old.served_name,
-                    server.root,
-                    self.drain_timeout,
-                )
-            server.unload(old.served_name)
-            unloaded = True
+            try:
+                if old.served_name not in server.loaded():
+                    continue
+                if not server.wait_drained(old.served_name, self.drain_timeout):
+                    log.warning(
+                        "%s still had requests on %s after %.0f s; unloading anyway",
+                        old.served_name,
+                        server.root,
+                        self.drain_timeout,
+                    )
+                server.unload(old.served_name)
+                unloaded = True
+            except RegistryError as exc:  # the switch stands; the old version stays loaded
+                log.warning("%s; %s stays loaded there", exc, old.served_name)
         return unloaded
 
 
