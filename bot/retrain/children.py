@@ -31,12 +31,17 @@ class RolecastCommands:
         """Run `rolecast ARGS`; returns the exit code and its output (stdout and stderr)."""
         argv = [self.python, "-m", "rolecast", *args]
         log.info("running %s", shlex.join(argv))
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        except OSError as exc:  # no such interpreter, not executable...
+            raise Failed(
+                f"could not start {self.python!r} (retrain.python): {exc.strerror or exc}"
+            ) from None
         try:
             out, _ = await proc.communicate()
         except asyncio.CancelledError:

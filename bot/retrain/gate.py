@@ -16,16 +16,23 @@ switches the registry's pointer and retires the old version after its requests d
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
 
 from bot.retrain.children import Failed, RolecastCommands, json_result
 from bot.retrain.jobs import Job, JobStore
 from bot.retrain.workdir import Paths
 from bot.settings import BotSettings
-from formats import basemodel
+from formats import basemodel, jsonfile
+from formats.errors import RegistryError
 from formats.manifest import EvalInfo, Manifest, read_manifest, write_manifest
-from formats.registry import AdapterRegistry
+from formats.registry import AdapterRegistry, AdapterVersion
+
+log = logging.getLogger(__name__)
 
 GATE_METRICS = ("bleu-4", "rouge-l")
 
@@ -75,6 +82,36 @@ def record_eval(paths: Paths, job_id: int, scores: dict[str, float], against: st
     write_manifest(paths.adapter, manifest)
 
 
+class Report(BaseModel):
+    """The part of `rolecast eval`'s `metrics.json` the gate reads."""
+
+    scores: dict[str, dict[str, float]]
+    dialogues: int | None = None
+    consistency: dict[str, Any] = Field(default_factory=dict)
+
+
+def read_report(path: Path, models: Sequence[str], metrics: Sequence[str]) -> Report:
+    """The evaluation's report, with a score of each of `metrics` for each of `models`; Failed,
+    saying what is wrong, when the evaluation wrote none or another file."""
+    try:
+        data = jsonfile.read_object(path)
+        if data is None:
+            raise ValueError("it is not there")
+        report = Report.model_validate(data)
+    except (ValueError, ValidationError) as exc:  # a ValidationError is a ValueError too
+        why = str(exc).replace("\n", " ")[:300]
+        raise Failed(f"the evaluation's {path} cannot be used: {why}") from None
+    missing = [
+        f"{m} of {model}"
+        for model in models
+        for m in metrics
+        if m not in report.scores.get(model, {})
+    ]
+    if missing:
+        raise Failed(f"the evaluation's {path} has no {', '.join(missing)}")
+    return report
+
+
 def published_by(live: Manifest, job: Job, paths: Paths) -> bool:
     """Whether the live version is this job's adapter (a publish done before a restart): its
     job number and its training's timestamp both match; job numbers alone repeat across the
@@ -99,11 +136,21 @@ class GateAndPublish:
         self.server_url = server_url
         self.registry = AdapterRegistry(settings.adapters)
 
+    def _current(self, persona: str) -> AdapterVersion | None:
+        """The persona's current version; None, logged, when its pointer cannot be read (a
+        pointer that is not JSON, or names a missing version): the bot then speaks as if it
+        had none, and a publish writes a fresh one."""
+        try:
+            return self.registry.current(persona)
+        except RegistryError as exc:
+            log.warning("%s; taken as no published version", exc)
+            return None
+
     def live(self, persona: str, *, shipped: bool) -> tuple[Path, str] | None:
         """What the persona speaks through now, as (adapter folder, name), or None for the base
         model: its current version, else for a `shipped` persona (one of the cards that ship) on
         the default model, the adapter that ships for it."""
-        current = self.registry.current(persona)
+        current = self._current(persona)
         if current is not None:
             return current.path, current.served_name
         if shipped and basemodel.shipped_adapter(self.config.base):
@@ -122,12 +169,13 @@ class GateAndPublish:
         if live is not None:
             args += ["--baseline", str(live[0])]
         await self.commands.check("evaluation", args, paths.steps_log)
-        report = json.loads((paths.eval_dir / "metrics.json").read_text(encoding="utf-8"))
-        scores: dict[str, dict[str, float]] = report["scores"]
         against = "baseline" if live is not None else "base"
         label = live[1] if live is not None else "the base model"
         config = self.config
         consistency = (config.consistency_metric, config.consistency_tolerance)
+        metrics_file = paths.eval_dir / "metrics.json"
+        report = read_report(metrics_file, ("adapter", against), (*GATE_METRICS, consistency[0]))
+        scores = report.scores
         passed, lines = gate(scores, against, config.tolerance, consistency)
         named = {
             (label if k == against else "new" if k == "adapter" else k): v
@@ -136,13 +184,13 @@ class GateAndPublish:
         metrics: dict[str, Any] = {
             **(job.metrics or {}),  # what the export step said (the replay)
             "against": label,
-            "dialogues": report.get("dialogues"),
+            "dialogues": report.dialogues,
             "scores": named,
             "tolerance": config.tolerance,
             "consistency": {
                 "metric": config.consistency_metric,
                 "tolerance": config.consistency_tolerance,
-                **report.get("consistency", {}),
+                **report.consistency,
             },
             "checks": lines,
             "passed": passed,
@@ -173,19 +221,31 @@ class GateAndPublish:
                 args += ["--consistency-data", f"{other}={paths.replayed(other)}"]
         return args
 
+    def _published(self, job: Job, paths: Paths) -> AdapterVersion | None:
+        """The persona's current version when it is this job's adapter, else None."""
+        live = self._current(job.persona)
+        return live if live is not None and published_by(live.manifest, job, paths) else None
+
     async def publish(self, job: Job, paths: Paths) -> Job:
-        live = self.registry.current(job.persona)
-        if live is None or not published_by(live.manifest, job, paths):  # not done before
+        live = self._published(job, paths)
+        if live is None:  # not done before
             args = [
                 "adapters", "publish", str(paths.adapter), "--persona", job.persona,
                 "--adapters-dir", str(self.registry.root), "--json",
             ]  # fmt: skip
             if self.server_url:
                 args += ["--server", self.server_url]
-            output = await self.commands.check("publishing", args, paths.steps_log)
-            if json_result(output) is None:
-                raise Failed(f"publishing printed no result:\n{output[-2000:]}")
-            live = self.registry.current(job.persona)
+            try:
+                output = await self.commands.check("publishing", args, paths.steps_log)
+                if json_result(output) is None:
+                    raise Failed(f"publishing printed no result:\n{output[-2000:]}")
+            except Failed:
+                # the command may have died after the switch, which is the publish: the
+                # registry, not its exit status, says what users get now
+                if self._published(job, paths) is None:
+                    raise
+                log.warning("job #%d: publishing failed after it took effect", job.id)
+            live = self._current(job.persona)
         if live is None:
             raise Failed(
                 f"the registry at {self.registry.root} has no current version after publishing"

@@ -32,9 +32,13 @@ from bot.retrain.jobs import Job, JobStore, State
 from bot.retrain.training import TrainingSupervisor
 from bot.retrain.workdir import Paths
 from bot.settings import BotSettings
+from formats.errors import FormatError
 from formats.registry import AdapterRegistry, AdapterVersion
 
 log = logging.getLogger(__name__)
+
+#: The fewest dialogues a job may ask for: one to train on and one held out for the gate.
+MIN_DIALOGUES = 2
 
 Listener = Callable[[Job], Awaitable[None]]
 NamesFor = Callable[[Job, Sequence[Dialogue]], Names]
@@ -89,10 +93,16 @@ class RetrainService:
         """Queue a job and run it in the background; JobActive if one is unfinished. With
         `data`, the job trains on that dialogue file instead of the approved dialogues."""
         key = self.personas.get(persona).key
+        needed = self.config.min_approved if min_approved is None else min_approved
+        if needed < MIN_DIALOGUES:
+            raise RolecastError(
+                f"a retrain needs at least {MIN_DIALOGUES} dialogues (one to train on, one held "
+                f"out for the gate), not {needed}"
+            )
         source = await asyncio.to_thread(dialogue_file, data) if data is not None else None
         job = await self.store.create(
             key,
-            min_approved=min_approved or self.config.min_approved,
+            min_approved=needed,
             requested_by=requested_by,
             guild_id=guild_id,
             channel_id=channel_id,
@@ -185,8 +195,13 @@ class RetrainService:
                 await self._notify(job)
         except Rejected as exc:
             job = await self._end(job, "rejected", str(exc))
-        except (Failed, RolecastError) as exc:
+        except (Failed, RolecastError, FormatError) as exc:
             job = await self._end(job, "failed", str(exc))
+        except OSError as exc:  # a work directory that cannot be written, a full disk...
+            log.warning("retrain job #%d: %s", job.id, exc)
+            job = await self._end(
+                job, "failed", f"{job.state} stopped: {file_error(exc, self.paths(job).workdir)}"
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -229,6 +244,14 @@ class RetrainService:
 
     async def _publish(self, job: Job) -> Job:
         return await self.gate.publish(job, self.paths(job))
+
+
+def file_error(exc: OSError, workdir: Path) -> str:
+    """An OSError in one line, with the file it is about (`Not a directory: PATH`), or for one
+    that names none (a write to a full disk), the job's work directory."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    files = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{what}: {' -> '.join(files)}" if files else f"{what} (in {workdir})"
 
 
 def dialogue_file(path: Path) -> str:
