@@ -14,6 +14,7 @@ Discord status message) show a job.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,21 +67,30 @@ class TrainLog:
         return self.latest if moved else None
 
     def _take(self, event: dict[str, Any]) -> bool:
+        """Take one of the run's JSON lines; a field of the wrong type counts as not given, and
+        a progress or checkpoint line without a step is not the run's (a launch wrapper or a
+        library may print JSON objects with a `type` of their own)."""
         kind = event["type"]
         if kind == "start":
-            self.total_steps = event.get("total_steps")
+            self.total_steps = _count(event.get("total_steps"))
             self.error = None  # a new attempt
         elif kind == "progress":
+            step = _count(event.get("step"))
+            if step is None:
+                return False
+            total = _count(event.get("total_steps"))
             self.latest = Progress(
-                step=int(event["step"]),
-                total_steps=event.get("total_steps", self.total_steps),
-                loss=event.get("loss"),
-                tokens_per_s=event.get("tokens_per_s"),
-                eta_s=event.get("eta_s"),
+                step=step,
+                total_steps=total if total is not None else self.total_steps,
+                loss=_number(event.get("loss")),
+                tokens_per_s=_number(event.get("tokens_per_s")),
+                eta_s=_number(event.get("eta_s")),
             )
             return True
         elif kind == "checkpoint":
-            self.checkpoint_step = int(event["step"])
+            step = _count(event.get("step"))
+            if step is not None:
+                self.checkpoint_step = step
         elif kind == "result":
             self.result = event
         elif kind == "error":
@@ -102,13 +112,25 @@ class TrainLog:
         return "\n".join(kept[-lines:])
 
 
+def _count(value: Any) -> int | None:
+    """`value` when it is a whole number of 0 or more (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a float when it is a finite number (not a bool), else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def _event(line: bytes) -> dict[str, Any] | None:
     """A JSON line of the trainer's (an object with a `type`), or None for any other line."""
     if not line.lstrip().startswith(b"{"):
         return None
     try:
         event = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # also bad UTF-8, and nesting too deep
         return None
     return event if isinstance(event, dict) and isinstance(event.get("type"), str) else None
 

@@ -12,9 +12,13 @@ launched again with `--resume` when it reported a checkpoint, up to `retrain.max
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import shlex
+import signal
 import subprocess
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -48,6 +52,27 @@ class TrainingProcess:
             return same and process.status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
+
+
+def stop(process: TrainingProcess, grace_s: float = 10.0) -> None:
+    """Stop a training run and what it started (its session): SIGTERM, then SIGKILL after
+    `grace_s`. Nothing happens when it has ended, or its pid is another process's now."""
+    if not process.alive():
+        return
+    log.warning("stopping training process %d", process.pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)  # launched in its own session: the group is its pid
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(process.pid).send_signal(sig)
+        deadline = time.monotonic() + grace_s
+        while process.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not process.alive():
+            return
 
 
 class TrainingSupervisor:
@@ -110,7 +135,13 @@ class TrainingSupervisor:
                 resume = train_log.checkpoint_step is not None
                 proc, process = self._launch(job, paths, resume=resume)
                 job = await self.store.set_pid(job, process.pid, process.started, launched=True)
-            job = await self._follow(job, train_log, proc, process)
+            try:
+                job = await self._follow(job, train_log, proc, process)
+            except Exception:
+                # the job is about to fail: its run must not go on unseen, beside the next
+                # job's (a cancelled loop, the bot stopping, leaves it running to be resumed)
+                await asyncio.to_thread(stop, process)
+                raise
             if proc is not None and train_log.result is None:
                 code = proc.returncode
                 why = f"killed by signal {-code}" if code and code < 0 else f"exit code {code}"

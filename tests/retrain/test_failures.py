@@ -6,10 +6,14 @@ that serves changes unless the job published. Fast: no training, stand-ins for t
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bot.core.memory import Memory
@@ -18,6 +22,7 @@ from bot.errors import RolecastError
 from bot.retrain.children import Failed, RolecastCommands
 from bot.retrain.gate import GateAndPublish
 from bot.retrain.jobs import Job, JobStore
+from bot.retrain.progress import Progress, TrainLog, describe
 from bot.retrain.runner import RetrainService
 from bot.retrain.workdir import Paths
 from bot.settings import BotSettings
@@ -218,3 +223,66 @@ async def test_a_publish_that_failed_before_switching_fails_and_changes_nothing(
     with pytest.raises(Failed, match="refused to load"):
         await gate.publish(job, paths)
     assert (registry.root / "haruhi" / "current.json").read_text() == "{half a pointer"
+
+
+def test_training_lines_of_the_wrong_shape_are_not_taken_for_progress(tmp_path: Path) -> None:
+    # a launch wrapper or a library may print JSON objects with a "type" of its own
+    log = tmp_path / "train.log"
+    garbage = [
+        {"type": "start", "total_steps": "many"},
+        {"type": "progress"},
+        {"type": "progress", "step": "three"},
+        {"type": "progress", "step": None},
+        {"type": "progress", "step": 1e400},
+        {"type": "progress", "step": True},
+        {"type": "progress", "step": -1},
+        {"type": "checkpoint", "step": "x"},
+        {"type": "checkpoint"},
+        {"type": "result", "adapter": "x", "nested": 1},  # a result is an object: taken below
+    ]
+    good = {"type": "progress", "step": 2, "total_steps": 8, "loss": "low", "eta_s": 1e400}
+    text = "".join(json.dumps(e) + "\n" for e in garbage[:-1])
+    text += '{"type": "progress", "step": ' + "[" * 100_000 + "\n"  # nests too deep
+    log.write_text(text + json.dumps(good) + "\n")
+    reader = TrainLog(log)
+    progress = reader.poll()
+    assert progress == Progress(step=2, total_steps=8, loss=None, tokens_per_s=None, eta_s=None)
+    assert reader.total_steps is None and reader.checkpoint_step is None
+    assert describe(replace_job(progress)) == "job #1 haruhi: training, step 2/8"
+
+
+def replace_job(progress: Progress) -> Job:
+    values = dict.fromkeys(Job.__dataclass_fields__)
+    values.update(
+        id=1, persona="haruhi", state="training", min_approved=2, attempts=1, created_at=0.0,
+        updated_at=0.0, step=progress.step, total_steps=progress.total_steps,
+        loss=progress.loss, tokens_per_s=progress.tokens_per_s, eta_s=progress.eta_s,
+    )  # fmt: skip
+    return Job(**values)  # type: ignore[arg-type]
+
+
+async def test_a_job_that_fails_while_training_runs_stops_its_training(
+    memory: Memory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the run would go on for minutes; following it breaks (the database cannot be written)
+    slow = (
+        "{python} -c 'import json, time; "
+        'print(json.dumps({{"type": "progress", "step": 1}}), flush=True); time.sleep(120)\' '
+        "{output}"
+    )
+    settings = settings_for(tmp_path, launch=slow, poll_s=0.05)
+    service = service_for(memory, settings)
+    job = await job_at(service.store, "training")
+
+    async def disk_io_error(*args: object, **kwargs: object) -> Job:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(service.store, "set_progress", disk_io_error)
+    with pytest.raises(sqlite3.OperationalError):
+        await service.training.run(job, Paths(tmp_path / "w", "haruhi"))
+    pid = (await service.store.get(job.id)).pid
+    assert pid is not None
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the training process still runs"
+        await asyncio.sleep(0.05)
