@@ -42,6 +42,8 @@ ALLOWED = ("data", "train", "eval", "adapters")
 GPU_COMMANDS = frozenset({"train", "eval"})
 BEAT_S = 5.0
 STOP_GRACE_S = 10.0
+#: The exit status of a command that could not be started (as a shell's).
+NOT_STARTED = 127
 
 
 class RunRequest(BaseModel):
@@ -71,16 +73,24 @@ async def _run(args: list[str], python: str, gpu: asyncio.Lock) -> AsyncIterator
     async with contextlib.AsyncExitStack() as stack:
         if args[0] in GPU_COMMANDS:
             await stack.enter_async_context(gpu)
-        proc = await asyncio.create_subprocess_exec(
-            python,
-            "-m",
-            "rolecast",
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # its own process group, stopped as one
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                python,
+                "-m",
+                "rolecast",
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # its own process group, stopped as one
+            )
+        except (OSError, ValueError) as exc:  # no such interpreter, a NUL in an argument...
+            why = getattr(exc, "strerror", None) or str(exc)
+            log.warning("cannot start rolecast %s: %s", args[0], why)
+            message = f"rolecast runner: cannot start `{python} -m rolecast {args[0]}`: {why}\n"
+            yield json.dumps({"out": message}, ensure_ascii=False) + "\n"
+            yield json.dumps({"exit": NOT_STARTED}) + "\n"
+            return
         log.warning("running rolecast %s (pid %d)", " ".join(args), proc.pid)
         stack.push_async_callback(_stop, proc)  # also when the caller has gone away
         assert proc.stdout is not None

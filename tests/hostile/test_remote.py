@@ -4,9 +4,14 @@ then fails the step with that line), never with a traceback."""
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
+from fastapi.testclient import TestClient
 
 from rolecast import remote
+from rolecast.runner import build_app
 from tests.hostile.misbehaving_server import Answer, MisbehavingServer
 
 ARGS = ["-m", "rolecast", "train", "--json"]
@@ -54,3 +59,20 @@ def test_a_runner_address_that_is_not_one_is_said(
     assert remote.main(ARGS) == 2
     err = capsys.readouterr().err
     assert "ROLECAST_RUNNER_URL" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("python", "args", "said"),
+    [
+        ("/no/such/python", ["data", "--help"], "/no/such/python"),
+        (sys.executable, ["data", "a\x00b"], "null"),
+    ],
+)
+def test_a_command_the_runner_cannot_start_ends_with_its_reason(
+    python: str, args: list[str], said: str
+) -> None:
+    client = TestClient(build_app(python=python), raise_server_exceptions=False)
+    response = client.post("/run", json={"args": args})
+    events = [json.loads(line) for line in response.text.splitlines()]
+    assert events[-1] == {"exit": 127}
+    assert len(events) == 2 and "cannot start" in events[0]["out"] and said in events[0]["out"]
