@@ -164,12 +164,11 @@ class RetrainService:
         code, output = await self.commands.run(args, None)
         result = json_result(output) if code == 0 else None
         if result is None:
-            errors = [line for line in output.splitlines() if line.startswith("error: ")]
-            raise RolecastError(
-                errors[-1].removeprefix("error: ")
-                if errors
-                else output.strip() or "rollback failed"
-            )
+            lines = output.strip().splitlines()
+            starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+            # the last error with the lines under it (a refusal lists its reasons there)
+            said = "\n".join(lines[starts[-1] :]).removeprefix("error: ") if starts else ""
+            raise RolecastError(said or output.strip() or "rollback failed")
         return str(result["message"])
 
     # -- the state machine ----------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -286,3 +287,19 @@ async def test_a_job_that_fails_while_training_runs_stops_its_training(
     while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, "the training process still runs"
         await asyncio.sleep(0.05)
+
+
+async def test_a_refused_rollback_says_every_reason(memory: Memory, tmp_path: Path) -> None:
+    service = service_for(memory, settings_for(tmp_path))
+    registry = AdapterRegistry(service.registry.root)
+    for n in (1, 2):
+        publisher = Publisher(registry, max_rank=64)
+        publisher.publish("haruhi", fake_lora(tmp_path / f"a{n}"))
+    (registry.root / "haruhi" / "v1" / "adapter_config.json").unlink()
+    service.commands = RolecastCommands(sys.executable)  # the real `rolecast adapters rollback`
+    with pytest.raises(RolecastError) as refused:
+        await service.rollback("haruhi")
+    said = str(refused.value)
+    assert said.startswith("cannot roll haruhi back to haruhi@v1; it stays on haruhi@v2:")
+    assert "adapter_config.json" in said.splitlines()[-1]
+    assert registry.current_served_name("haruhi") == "haruhi@v2"
