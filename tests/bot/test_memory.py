@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from bot.core import sql
 from bot.core.memory import Memory
 
@@ -101,3 +103,168 @@ async def test_a_reply_is_stored_with_its_messages_and_counts_in_one_commit(
         assert reply.message_id == "m1"
         assert (await memory.turn(reply.id)).token_count == 9  # type: ignore[union-attr]
         assert (await memory.turn(user.id)).token_count == 5  # type: ignore[union-attr]
+
+
+async def test_a_turn_stored_after_the_newest_were_deleted_gets_a_new_id(tmp_path: Path) -> None:
+    async with Memory.open(tmp_path / "m.db") as memory:
+        used: set[int] = set()
+
+        async def store(channel: str, **fields: object) -> int:
+            turn = await memory.add_turn(channel, persona="p", role="user", content="x", **fields)  # type: ignore[arg-type]
+            assert turn.id not in used  # never the id of a turn deleted before
+            used.add(turn.id)
+            return turn.id
+
+        for _ in range(3):
+            await store("a")
+        await memory.clear_channel("a")  # a reset deletes the newest turns
+        await store("b")  # in another channel
+        newest = await store("b")
+        await memory.delete_turn(newest)
+        await store("a")
+        asked = await store("a")
+        await store("a", replaces=asked)  # a retry replaces the newest
+        await store("a")
+    async with Memory.open(tmp_path / "m.db") as memory:  # and after a reopen
+        await memory.clear_channel("a")
+        await memory.clear_channel("b")
+        await store("c")
+
+
+async def test_a_dialogue_approved_after_the_newest_was_withdrawn_gets_a_new_id(
+    tmp_path: Path,
+) -> None:
+    async with Memory.open(tmp_path / "m.db") as memory:
+        turns = [
+            await memory.add_turn("c", persona="p", role="assistant", content=str(i))
+            for i in range(2)
+        ]
+        messages: list[dict[str, str | None]] = [{"role": "assistant", "content": "0"}]
+        first = await memory.add_dialogue(
+            turns[0], messages, guild_id=None, approved_by="u", source="command"
+        )
+        assert await memory.withdraw_dialogue(turns[0].id, "command")
+        second = await memory.add_dialogue(
+            turns[1], messages, guild_id=None, approved_by="u", source="command"
+        )
+        assert second.id > first.id
+
+
+# The schema before turn and dialogue ids were AUTOINCREMENT: the migrations up to m007.
+OLD_SCHEMA = [m for m in sql.MIGRATIONS[: [n for n, _ in sql.MIGRATIONS].index("m007_scenes") + 1]]
+
+
+def _old_database(path: Path, migrations: list[tuple[str, str]]) -> None:
+    """A database of an older schema with rows in every table, turns 1-3 and 7 kept (4-6 and
+    9 deleted, 9 still named by an approved dialogue) and dialogues 1 and 3 (2 withdrawn)."""
+    with sqlite3.connect(path) as conn:
+        conn.execute(sql.CREATE_MIGRATIONS_TABLE)
+        for name, script in migrations:
+            conn.executescript(sql.migration_transaction(name, script))
+        applied = {name for name, _ in migrations}
+        conn.execute(
+            "INSERT INTO channels (id, persona, created_at, updated_at) "
+            "VALUES ('c', 'p', 1, 1), ('d', 'q', 1, 1)"
+        )
+        for i, channel in ((1, "c"), (2, "c"), (3, "d"), (7, "c")):
+            conn.execute(
+                "INSERT INTO turns (id, channel_id, persona, role, author_id, author_name, "
+                "content, token_count, model, message_id, created_at) "
+                "VALUES (?, ?, 'p', ?, 'u1', 'Ann', ?, ?, NULL, ?, ?)",
+                (i, channel, "user" if i % 2 else "assistant", f"turn {i}", i * 10, f"m{i}", i),
+            )
+        if "m002_discord" in applied:
+            conn.execute("UPDATE channels SET guild_id = 'g', mode = 'always' WHERE id = 'c'")
+            conn.execute("INSERT INTO guilds VALUES ('g', 'admins', 1)")
+            conn.executemany(
+                "INSERT INTO turn_messages VALUES (?, ?)", [("m2", 2), ("m2b", 2), ("m7", 7)]
+            )
+            conn.execute("INSERT INTO feedback VALUES (2, 'u2', 1, 1), (7, 'u2', -1, 1)")
+            conn.execute(
+                "INSERT INTO dialogues VALUES (1, 2, 'c', 'g', 'p', '[]', 'u2', 'command', 1), "
+                "(3, 9, 'c', 'g', 'p', '[]', NULL, 'reactions', 1)"
+            )
+            conn.execute("INSERT INTO dialogue_authors VALUES (1, 'u1'), (3, 'u1'), (3, 'u2')")
+            conn.execute("INSERT INTO summaries VALUES ('c', 'p', 'so far', 2, 5, 1)")
+        if "m003_retrain" in applied:
+            conn.execute(
+                "INSERT INTO retrain_jobs (persona, state, min_approved, created_at, updated_at) "
+                "VALUES ('p', 'done', 1, 1, 1)"
+            )
+        if "m005_turn_endings" in applied:
+            conn.execute("UPDATE turns SET finish_reason = 'length', complete = 0 WHERE id = 2")
+        if "m007_scenes" in applied:
+            conn.execute(
+                "INSERT INTO cast_members VALUES ('d', 'q', 0, NULL, 1), "
+                "('d', 'r', 1, '{\"temperature\": 1}', 1)"
+            )
+            conn.execute("UPDATE turns SET prompted_by = 1 WHERE id = 7")
+
+
+def _rows(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    with sqlite3.connect(path) as conn:
+        tables = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT IN ('_migrations', 'sqlite_sequence') ORDER BY name"
+            )
+        ]
+        return {t: sorted(conn.execute(f"SELECT * FROM {t}"), key=repr) for t in tables}
+
+
+@pytest.mark.parametrize("oldest", [False, True], ids=["m007", "m001"])
+async def test_an_older_database_is_migrated_with_every_row_and_id_kept(
+    tmp_path: Path, oldest: bool
+) -> None:
+    db = tmp_path / "m.db"
+    _old_database(db, OLD_SCHEMA[:1] if oldest else OLD_SCHEMA)
+    async with Memory.open(tmp_path / "plain.db"):
+        pass  # (the older schema brought up to date with no rows, for comparison)
+    async with Memory.open(db):
+        pass
+    expected = _rows(db)  # read once migrated, as the columns are now
+    assert [r[0] for r in expected["turns"]] == [1, 2, 3, 7]
+    if not oldest:
+        with sqlite3.connect(db) as conn:
+            assert conn.execute(
+                "SELECT finish_reason, complete FROM turns WHERE id = 2"
+            ).fetchone() == ("length", 0)
+            assert conn.execute("SELECT prompted_by FROM turns WHERE id = 7").fetchone() == (1,)
+            assert conn.execute(
+                "SELECT turn_id FROM turn_messages ORDER BY message_id"
+            ).fetchall() == [(2,), (2,), (7,)]
+            assert conn.execute("SELECT turn_id FROM feedback ORDER BY turn_id").fetchall() == [
+                (2,),
+                (7,),
+            ]
+            assert conn.execute("SELECT id, turn_id FROM dialogues ORDER BY id").fetchall() == [
+                (1, 2),
+                (3, 9),
+            ]
+            assert conn.execute("SELECT COUNT(*) FROM dialogue_authors").fetchone() == (3,)
+            assert conn.execute("SELECT through_id FROM summaries").fetchone() == (2,)
+            assert conn.execute("SELECT COUNT(*) FROM cast_members").fetchone() == (2,)
+            assert conn.execute("SELECT COUNT(*) FROM retrain_jobs").fetchone() == (1,)
+    with sqlite3.connect(db) as conn, sqlite3.connect(tmp_path / "plain.db") as plain:
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        schema = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+        assert conn.execute(schema).fetchall() == plain.execute(schema).fetchall()
+    async with Memory.open(db) as memory:  # opened again: nothing applied, nothing lost
+        assert await memory.migrate() == []
+        assert _rows(db) == expected
+        assert (await memory.turn(7)).content == "turn 7"  # type: ignore[union-attr]
+        new = await memory.add_turn("c", persona="p", role="user", content="new")
+        assert new.id > (7 if oldest else 9)  # above every turn id stored or still named
+        if not oldest:
+            turn = await memory.turn(new.id)
+            assert turn is not None
+            dialogue = await memory.add_dialogue(
+                turn, [], guild_id="g", approved_by="u2", source="command"
+            )
+            assert dialogue.id > 3 and dialogue.turn_id == new.id
+        await memory.clear_channel("c")
+        assert await memory.count_turns("c") == 0 and await memory.count_turns("d") == 1
+        again = await memory.add_turn("c", persona="p", role="user", content="again")
+        assert again.id > new.id

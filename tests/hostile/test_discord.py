@@ -429,6 +429,44 @@ async def test_a_reply_streamed_before_its_conversation_was_deleted_says_it_is_n
     assert rig.api.refused == [] and "Traceback" not in caplog.text
 
 
+@pytest.mark.parametrize("scene", [False, True])
+async def test_a_reply_is_not_kept_when_a_reset_stored_new_turns_before_it_finished(
+    scene: bool, rig: Rig, server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No greeting first: the member's message is the channel's first turn, and the reset's
+    # greetings are stored while the reply is still being written.
+    await rig.memory.set_cast(rig.key, ["haruhi", "atri"] if scene else ["haruhi"])
+    events = reply_events("You said: my words.")
+    server.answer(CHAT, Answer(parts=[*events[:3], 0.4, *events[3:4], 1.0, *events[4:]]))
+    deliver(rig.channel, rig.alice, f"{rig.mention()} atri, my words")
+    replying = asyncio.ensure_future(dpytest.run_all_events())
+    for _ in range(100):  # until the first part of the reply is on Discord
+        if rig.replies():
+            break
+        await asyncio.sleep(0.02)
+    assert rig.replies() == ["You said: my"]
+    answered = [t.id for t in await turns(rig, "atri" if scene else "haruhi")]
+    with caplog.at_level(logging.WARNING):
+        await rig.command("memory reset")
+        entity, confirm = next(
+            (entity, item.custom_id)
+            for entity, items in rig.bot._connection._view_store._views.items()
+            for item in items.values()
+            if getattr(item, "label", "") == "Delete the memory"
+        )
+        await press(rig.bot, rig.channel, rig.alice, confirm, entity)
+        greetings = [*await turns(rig, "haruhi"), *await turns(rig, "atri")]
+        assert greetings and all(t.role == "assistant" for t in greetings)
+        await replying
+    assert rig.replies()[0] == f"You said: my words.\n*[{ConversationGoneError.NOTE}]*"
+    assert notices() == []
+    stored = [*await turns(rig, "haruhi"), *await turns(rig, "atri")]
+    assert sorted(t.id for t in stored) == sorted(t.id for t in greetings)
+    assert "You said: my words." not in [t.content for t in stored]
+    assert not {t.id for t in greetings} & set(answered)  # a new turn, never a deleted one's id
+    assert rig.api.refused == [] and "Traceback" not in caplog.text
+
+
 # -- a database that cannot be written --------------------------------------------------------
 
 
