@@ -205,17 +205,40 @@ class Memory:
             await db.close()
 
     async def migrate(self) -> list[str]:
-        """Apply the migrations not yet recorded; return their names."""
+        """Apply the migrations not yet recorded; return their names.
+
+        Each is one transaction with its record. Foreign keys are off while they run (a
+        table is changed by rebuilding it, and dropping the old one must not delete the rows
+        that reference it), and each is checked for references to missing rows before it
+        commits: one that leaves any is rolled back and raises sqlite3.IntegrityError."""
         await self.db.execute(sql.CREATE_MIGRATIONS_TABLE)
         async with self.db.execute(sql.SELECT_APPLIED_MIGRATIONS) as cursor:
             applied = {row[0] async for row in cursor}
+        pending = [(name, script) for name, script in sql.MIGRATIONS if name not in applied]
+        if not pending:
+            return []
         done = []
-        for name, script in sql.MIGRATIONS:
-            if name in applied:
-                continue
-            log.info("applying migration %s", name)
-            await self.db.executescript(sql.migration_transaction(name, script))
-            done.append(name)
+        await self.db.execute(sql.FOREIGN_KEYS_OFF)
+        try:
+            for name, script in pending:
+                log.info("applying migration %s", name)
+                try:
+                    await self.db.executescript(
+                        sql.migration_transaction(name, script, commit=False)
+                    )
+                    broken = list(await self.db.execute_fetchall(sql.FOREIGN_KEY_CHECK))
+                    if broken:
+                        raise sqlite3.IntegrityError(
+                            f"migration {name} would leave {len(broken)} references to "
+                            f"missing rows, such as {tuple(broken[0])}"
+                        )
+                except BaseException:
+                    await self.db.rollback()
+                    raise
+                await self.db.commit()
+                done.append(name)
+        finally:
+            await self.db.execute(sql.FOREIGN_KEYS_ON)
         return done
 
     # -- channels -------------------------------------------------------------------------

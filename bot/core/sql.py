@@ -222,13 +222,23 @@ CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL N
 SELECT_APPLIED_MIGRATIONS = "SELECT name FROM _migrations"
 
 
-def migration_transaction(name: str, script: str) -> str:
-    """The migration and its record as one transaction, for `executescript`."""
+def migration_transaction(name: str, script: str, *, commit: bool = True) -> str:
+    """The migration and its record as one transaction, for `executescript`; left open
+    (`commit=False`) for the caller to check before it commits."""
     return (
         f"BEGIN;\n{script}\n"
         f"INSERT INTO _migrations (name, applied_at) "
-        f"VALUES ('{name}', (julianday('now') - 2440587.5) * 86400.0);\nCOMMIT;"
+        f"VALUES ('{name}', (julianday('now') - 2440587.5) * 86400.0);\n"
+        + ("COMMIT;" if commit else "")
     )
+
+
+# While migrations run: a table rebuilt is dropped, and with foreign keys on that would delete
+# the rows referencing it (ON DELETE CASCADE). The pragma is a no-op inside a transaction.
+FOREIGN_KEYS_OFF = "PRAGMA foreign_keys=OFF"
+FOREIGN_KEYS_ON = "PRAGMA foreign_keys=ON"
+# table, rowid, referenced table, constraint index: one row per reference to a missing row
+FOREIGN_KEY_CHECK = "PRAGMA foreign_key_check"
 
 
 # channels

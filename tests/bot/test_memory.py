@@ -268,3 +268,27 @@ async def test_an_older_database_is_migrated_with_every_row_and_id_kept(
         assert await memory.count_turns("c") == 0 and await memory.count_turns("d") == 1
         again = await memory.add_turn("c", persona="p", role="user", content="again")
         assert again.id > new.id
+
+
+async def test_a_migration_that_breaks_a_reference_is_rolled_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "m.db"
+    async with Memory.open(db) as memory:
+        turn = await memory.add_turn("c", persona="p", role="user", content="kept")
+        await memory.link_messages(turn.id, ["m1"])
+    broken = "UPDATE turns SET content = 'changed'; DELETE FROM turns;"
+    monkeypatch.setattr(sql, "MIGRATIONS", [*sql.MIGRATIONS, ("m999_broken", broken)])
+    with pytest.raises(sqlite3.IntegrityError, match="m999_broken"):
+        async with Memory.open(db):
+            pass
+    monkeypatch.undo()
+    async with Memory.open(db) as memory:  # nothing of it applied or recorded
+        assert await memory.migrate() == []
+        found = await memory.turn_by_message("m1")
+        assert found is not None and found.content == "kept"
+        # foreign keys are on again: a reset deletes the turn's message links with it
+        await memory.clear_channel("c")
+        assert await memory.turn_by_message("m1") is None
+        rows = await memory.db.execute_fetchall("SELECT * FROM turn_messages")
+        assert list(rows) == []
