@@ -437,7 +437,8 @@ async def test_a_reply_is_not_kept_when_a_reset_stored_new_turns_before_it_finis
     # greetings are stored while the reply is still being written.
     await rig.memory.set_cast(rig.key, ["haruhi", "atri"] if scene else ["haruhi"])
     events = reply_events("You said: my words.")
-    server.answer(CHAT, Answer(parts=[*events[:3], 0.4, *events[3:4], 1.0, *events[4:]]))
+    # (each pause shorter than the client's read timeout)
+    server.answer(CHAT, Answer(parts=[*events[:3], 0.4, *events[3:4], 0.7, *events[4:]]))
     deliver(rig.channel, rig.alice, f"{rig.mention()} atri, my words")
     replying = asyncio.ensure_future(dpytest.run_all_events())
     for _ in range(100):  # until the first part of the reply is on Discord
