@@ -193,6 +193,82 @@ CREATE INDEX turns_prompted_by ON turns (prompted_by) WHERE prompted_by IS NOT N
 CREATE INDEX turns_channel_id ON turns (channel_id, id);
 """
 
+M008_IDS_NEVER_REUSED = """
+-- Turn and dialogue ids are never given again: SQLite gives a row the largest id plus one,
+-- so once the newest rows were deleted (a reset, forget-me, a retry, a withdrawn approval)
+-- the next row took a deleted one's id, and whatever still held that id (a reply checking
+-- that the turns it answers are there, a message link, an approval, an export) found the
+-- newer row. With AUTOINCREMENT ids only grow (the largest is kept in sqlite_sequence).
+-- SQLite cannot add it to a table: both tables are rebuilt as its documentation says for
+-- changing a table (create, copy with their ids, drop, rename, recreate the indexes), with
+-- foreign keys off while it runs and checked before it commits (`Memory.migrate`).
+CREATE TABLE turns_new (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel_id     TEXT NOT NULL REFERENCES channels(id) ON DELETE CASCADE,
+    persona        TEXT NOT NULL,         -- the persona this turn was spoken to / by
+    role           TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    author_id      TEXT,                  -- who wrote a user turn (Discord user id, terminal user)
+    author_name    TEXT,
+    content        TEXT NOT NULL,
+    token_count    INTEGER,               -- prompt tokens this turn costs; NULL until counted
+    model          TEXT,                  -- served model name that wrote an assistant turn
+    message_id     TEXT,                  -- the platform's message id, when there is one
+    created_at     REAL NOT NULL,
+    finish_reason  TEXT,                  -- see m005
+    complete       INTEGER NOT NULL DEFAULT 1 CHECK (complete IN (0, 1)),
+    prompted_by    INTEGER                -- see m007
+);
+INSERT INTO turns_new (id, channel_id, persona, role, author_id, author_name, content,
+                       token_count, model, message_id, created_at, finish_reason, complete,
+                       prompted_by)
+SELECT id, channel_id, persona, role, author_id, author_name, content, token_count, model,
+       message_id, created_at, finish_reason, complete, prompted_by
+FROM turns;
+DROP TABLE turns;
+ALTER TABLE turns_new RENAME TO turns;
+CREATE INDEX turns_channel_persona_id ON turns (channel_id, persona, id);
+CREATE INDEX turns_author ON turns (author_id);
+CREATE INDEX turns_prompted_by ON turns (prompted_by) WHERE prompted_by IS NOT NULL;
+CREATE INDEX turns_channel_id ON turns (channel_id, id);
+
+CREATE TABLE dialogues_new (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    turn_id      INTEGER NOT NULL UNIQUE,  -- the approved assistant turn
+    channel_id   TEXT NOT NULL,
+    guild_id     TEXT,
+    persona      TEXT NOT NULL,
+    messages     TEXT NOT NULL,            -- JSON list of {role, content, author_id, author_name}
+    approved_by  TEXT,                     -- who approved it, NULL when reactions did
+    source       TEXT NOT NULL CHECK (source IN ('command', 'reactions')),
+    created_at   REAL NOT NULL
+);
+INSERT INTO dialogues_new (id, turn_id, channel_id, guild_id, persona, messages, approved_by,
+                           source, created_at)
+SELECT id, turn_id, channel_id, guild_id, persona, messages, approved_by, source, created_at
+FROM dialogues;
+DROP TABLE dialogues;
+ALTER TABLE dialogues_new RENAME TO dialogues;
+CREATE INDEX dialogues_persona ON dialogues (persona, id);
+
+-- New ids start above every id a row holds or still names: an approved dialogue, a summary
+-- and a scene's reply keep the ids of turns deleted since.
+DELETE FROM sqlite_sequence WHERE name IN ('turns', 'dialogues');
+INSERT INTO sqlite_sequence (name, seq)
+SELECT 'turns', COALESCE(MAX(id), 0) FROM (
+    SELECT MAX(id) AS id FROM turns
+    UNION ALL SELECT MAX(prompted_by) FROM turns
+    UNION ALL SELECT MAX(turn_id) FROM turn_messages
+    UNION ALL SELECT MAX(turn_id) FROM feedback
+    UNION ALL SELECT MAX(turn_id) FROM dialogues
+    UNION ALL SELECT MAX(through_id) FROM summaries
+);
+INSERT INTO sqlite_sequence (name, seq)
+SELECT 'dialogues', COALESCE(MAX(id), 0) FROM (
+    SELECT MAX(id) AS id FROM dialogues
+    UNION ALL SELECT MAX(dialogue_id) FROM dialogue_authors
+);
+"""
+
 MIGRATIONS: list[tuple[str, str]] = [
     ("m001_initial", M001_INITIAL),
     ("m002_discord", M002_DISCORD),
@@ -201,6 +277,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("m005_turn_endings", M005_TURN_ENDINGS),
     ("m006_retrain_source", M006_RETRAIN_SOURCE),
     ("m007_scenes", M007_SCENES),
+    ("m008_ids_never_reused", M008_IDS_NEVER_REUSED),
 ]
 
 PRAGMAS = (
