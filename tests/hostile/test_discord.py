@@ -400,7 +400,8 @@ async def test_a_reply_streamed_before_its_conversation_was_deleted_says_it_is_n
         await rig.command("persona set", {"name": "haruhi"})
     greetings = rig.replies()
     events = reply_events("You said: my words.")
-    server.answer(CHAT, Answer(parts=[*events[:3], 0.4, *events[3:4], 1.0, *events[4:]]))
+    # (each pause shorter than the client's read timeout)
+    server.answer(CHAT, Answer(parts=[*events[:3], 0.4, *events[3:4], 0.7, *events[4:]]))
     deliver(rig.channel, rig.alice, f"{rig.mention()} atri, my words")
     replying = asyncio.ensure_future(dpytest.run_all_events())
     for _ in range(100):  # until the first part of the reply is on Discord
