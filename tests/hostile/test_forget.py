@@ -152,6 +152,23 @@ async def test_forget_me_is_per_server_and_compacts_the_database(tmp_path: Path)
         assert (tmp_path / "r.db-wal").stat().st_size == 0
 
 
+async def test_forget_me_drops_the_summaries_built_from_the_members_words(tmp_path: Path) -> None:
+    async with Memory.open(tmp_path / "r.db") as memory:
+        channel = "discord:10"
+        await memory.set_channel_guild(channel, "1")
+        said = await memory.add_turn(channel, persona="haruhi", role="user",
+                                     content=f"my secret is {MARKER}",
+                                     author_id="42", author_name="bob")  # fmt: skip
+        await memory.set_summary(
+            channel, "haruhi", f"Bob's secret is {MARKER}.", through_id=said.id
+        )
+        # someone who wrote nothing here: the summary holds none of their words and stays
+        await memory.forget_author("1", "43")
+        assert await memory.summary(channel, "haruhi") is not None
+        await memory.forget_author("1", "42")
+        assert await memory.summary(channel, "haruhi") is None
+
+
 @pytest.mark.parametrize(
     "text, quoted",
     [
