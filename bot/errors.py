@@ -39,8 +39,8 @@ class InputTooLongError(RolecastError):
 
 
 class ConversationGoneError(RolecastError):
-    """A reply finished after the conversation it answers was deleted (a memory reset, a
-    member's forget-me): it is not kept."""
+    """A reply (or a summary) finished after the conversation it was written from was
+    deleted (a memory reset, a member's forget-me): it is not kept."""
 
     # Under what was already shown of such a reply.
     NOTE = "not kept: this conversation was deleted while the reply was being written"

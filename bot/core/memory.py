@@ -19,7 +19,7 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
@@ -181,8 +181,9 @@ class Forgotten:
 class Memory:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
-        # Held while a conversation is deleted (a reset, forget-me) and while a turn is stored:
-        # a reply is stored only if the turns it answers are still there (`add_turn`).
+        # Held while a conversation is deleted (a reset, forget-me) and while a turn or a
+        # summary is stored: a reply or a summary is stored only if the turns it was written
+        # from are still there (`add_turn`, `set_summary`).
         self._deleting = asyncio.Lock()
         # A channel's cast changes one at a time: each reads the cast, decides and writes, and
         # the connection (one transaction for every caller) cannot keep another's change out.
@@ -408,9 +409,7 @@ class Memory:
         `replaces`: a turn this one is written again in place of (`/retry`), deleted in the
         same transaction, so one of the two is always there."""
         async with self._deleting:
-            for turn_id in answers:
-                if await self.turn(turn_id) is None:
-                    raise ConversationGoneError()
+            await self._require_turns(answers)
             return await self._add_turn(
                 channel_id,
                 persona,
@@ -479,6 +478,14 @@ class Memory:
             await self.db.execute(sql.DELETE_TURN, (replaces,))
         await self.db.commit()
         return replace(turn, id=turn_id)
+
+    async def _require_turns(self, turn_ids: Iterable[int]) -> None:
+        """ConversationGoneError unless every one of these turns is still stored; hold
+        `_deleting`, so that none goes before what was written from them is stored. (Ids are
+        never given again: a missing one was deleted, never replaced.)"""
+        for turn_id in turn_ids:
+            if await self.turn(turn_id) is None:
+                raise ConversationGoneError()
 
     async def turn(self, turn_id: int) -> Turn | None:
         async with self.db.execute(sql.SELECT_TURN, (turn_id,)) as cursor:
@@ -889,14 +896,31 @@ class Memory:
         *,
         through_id: int,
         token_count: int | None = None,
+        covers: Sequence[int] = (),
+        extends: Summary | None = None,
     ) -> Summary:
-        now = time.time()
-        content = clean_text(content)
-        await self._ensure_channel(channel_id)
-        await self.db.execute(
-            sql.UPSERT_SUMMARY, (channel_id, persona, content, through_id, token_count, now)
-        )
-        await self.db.commit()
+        """Store the persona's summary of the channel's turns up to `through_id`.
+
+        `covers`: the turns it was written from; `extends`: the summary it folds them into.
+        When one of those turns was deleted while it was written (a reset, forget-me), or that
+        summary is no longer the channel's (forget-me drops the summaries that may hold a
+        member's words), nothing is stored and ConversationGoneError says so."""
+        async with self._deleting:
+            await self._require_turns(covers)
+            if extends is not None:
+                kept = await self.summary(channel_id, persona)
+                if kept is None or (kept.content, kept.through_id) != (
+                    extends.content,
+                    extends.through_id,
+                ):
+                    raise ConversationGoneError()
+            now = time.time()
+            content = clean_text(content)
+            await self._ensure_channel(channel_id)
+            await self.db.execute(
+                sql.UPSERT_SUMMARY, (channel_id, persona, content, through_id, token_count, now)
+            )
+            await self.db.commit()
         return Summary(content, through_id, token_count, now)
 
     async def set_summary_token_count(

@@ -15,6 +15,7 @@ import pytest
 from bot.core.memory import Memory
 from bot.core.personas import PersonaRegistry
 from bot.core.quotes import Quotes
+from bot.errors import ConversationGoneError
 from bot.retrain.runner import RetrainService
 from bot.settings import BotSettings
 from tests.discord import conftest as discord_fixtures
@@ -166,6 +167,34 @@ async def test_forget_me_drops_the_summaries_built_from_the_members_words(tmp_pa
         await memory.forget_author("1", "43")
         assert await memory.summary(channel, "haruhi") is not None
         await memory.forget_author("1", "42")
+        assert await memory.summary(channel, "haruhi") is None
+
+
+async def test_a_summary_that_extends_one_forget_me_dropped_is_not_stored(tmp_path: Path) -> None:
+    async with Memory.open(tmp_path / "r.db") as memory:
+        channel = "discord:10"
+        await memory.set_channel_guild(channel, "1")
+        said = await memory.add_turn(channel, persona="haruhi", role="user",
+                                     content=f"my secret is {MARKER}",
+                                     author_id="42", author_name="bob")  # fmt: skip
+        previous = await memory.set_summary(
+            channel, "haruhi", f"Bob's secret is {MARKER}.", through_id=said.id
+        )
+        later = await memory.add_turn(channel, persona="haruhi", role="user",
+                                      content="the club room is ours",
+                                      author_id="43", author_name="alice")  # fmt: skip
+        # the next summary folds alice's turn into bob's summary; bob is forgotten meanwhile
+        await memory.forget_author("1", "42")
+        assert await memory.turn(later.id) is not None  # the turn it covers is still there
+        with pytest.raises(ConversationGoneError):
+            await memory.set_summary(
+                channel,
+                "haruhi",
+                f"Bob's secret is {MARKER}; alice claims the club room.",
+                through_id=later.id,
+                covers=[later.id],
+                extends=previous,
+            )
         assert await memory.summary(channel, "haruhi") is None
 
 
