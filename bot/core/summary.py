@@ -4,6 +4,8 @@ When a channel's history no longer fits the token budget, the turns that fell ou
 prompt (older than the oldest turn it still carries, newer than what the summary covers) are
 folded into the channel's summary by the model, a bounded batch at a time. The prompt then
 carries the summary in place of those turns (`PromptBuilder`), and `/memory show` shows it.
+A summary that finishes after a reset or forget-me deleted what it was written from (a turn it
+covers, the summary it extends) is not kept (`Memory.set_summary`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Mapping
 from bot.core.client import Completion, Message, ModelClient
 from bot.core.memory import Memory, Summary, Turn
 from bot.core.prompt import Prompt
-from bot.errors import ModelServerError
+from bot.errors import ConversationGoneError, ModelServerError
 from bot.settings import SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -101,8 +103,9 @@ class Summarizer:
         cast: Mapping[str, str] | None = None,
     ) -> Summary | None:
         """Fold the turns that fell out of `prompt` into the summary (one batch). Returns the
-        new summary, or None when nothing needed summarising. In a scene, `cast` names its
-        members by key: the persona's summary then covers the whole cast's turns."""
+        new summary, or None when nothing needed summarising or what it was written from was
+        deleted meanwhile (a reset, forget-me). In a scene, `cast` names its members by key:
+        the persona's summary then covers the whole cast's turns."""
         if not prompt.history_truncated or prompt.oldest_included_id is None:
             return None
         scene = cast is not None and len(cast) > 1
@@ -139,7 +142,18 @@ class Summarizer:
         if not text:
             log.warning("channel %s: the model returned an empty summary", channel_id)
             return None
-        summary = await self.memory.set_summary(channel_id, persona, text, through_id=turns[-1].id)
+        try:
+            summary = await self.memory.set_summary(
+                channel_id,
+                persona,
+                text,
+                through_id=turns[-1].id,
+                covers=[t.id for t in turns],
+                extends=previous,
+            )
+        except ConversationGoneError:
+            log.info("channel %s: summary not kept: the conversation was deleted", channel_id)
+            return None
         log.info(
             "channel %s: summary of %s now covers turns up to %d (%d new)",
             channel_id,

@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import discord
 import discord.ext.test as dpytest
@@ -29,9 +30,11 @@ from tests.discord.fakediscord import deliver, invoke, message_command_data, pre
 from tests.hostile.conftest import strict_rig
 from tests.hostile.misbehaving_server import (
     CHAT,
+    MAX_MODEL_LEN,
     MISBEHAVIOURS,
     Answer,
     MisbehavingServer,
+    good_chat,
     reply_events,
 )
 from tests.hostile.test_model_server import OUTCOMES
@@ -467,6 +470,63 @@ async def test_a_reply_is_not_kept_when_a_reset_stored_new_turns_before_it_finis
     assert "You said: my words." not in [t.content for t in stored]
     assert not {t.id for t in greetings} & set(answered)  # a new turn, never a deleted one's id
     assert rig.api.refused == [] and "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("command", [None, "memory reset", "memory forget-me"])
+async def test_a_summary_finished_after_its_conversation_was_deleted_is_not_kept(
+    command: str | None, rig: Rig, server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    late = "Alice told Haruhi about the blue door."
+    events = reply_events(late)
+    asked: list[dict[str, Any]] = []  # the summary requests the server was sent
+
+    def answer(body: dict[str, Any] | None) -> Answer:
+        if body is None or "keep the memory" not in body["messages"][0]["content"]:
+            return good_chat(body)
+        asked.append(body)
+        # the first summary comes at once; the next pauses mid-stream (each pause shorter
+        # than the client's read timeout)
+        if len(asked) == 1:
+            return Answer(parts=reply_events("Alice spoke to Haruhi."))
+        return Answer(parts=[*events[:3], 0.4, *events[3:4], 0.7, *events[4:]])
+
+    server.answer(CHAT, answer)
+    await rig.command("persona set", {"name": "haruhi"})  # posts the greeting
+    # a small window: the oldest turns fall out of the prompt and are summarised
+    await rig.memory.set_channel_sampling(rig.key, {"max_tokens": MAX_MODEL_LEN - 200})
+    for i in range(20):
+        await rig.say(f"{rig.mention()} message {i} about the blue door in the old club room")
+        if asked:
+            break
+    first = await rig.memory.summary(rig.key, "haruhi")
+    assert first is not None and first.content == "Alice spoke to Haruhi."
+    deliver(rig.channel, rig.alice, f"{rig.mention()} and the door was locked")
+    replying = asyncio.ensure_future(dpytest.run_all_events())
+    for _ in range(100):  # until the next summary is being written
+        if len(asked) > 1:
+            break
+        await asyncio.sleep(0.02)
+    assert len(asked) == 2
+    with caplog.at_level(logging.WARNING):
+        if command is not None:
+            await rig.command(command)
+        if command == "memory reset":
+            entity, confirm = next(
+                (entity, item.custom_id)
+                for entity, items in rig.bot._connection._view_store._views.items()
+                for item in items.values()
+                if getattr(item, "label", "") == "Delete the memory"
+            )
+            await press(rig.bot, rig.channel, rig.alice, confirm, entity)
+        assert not replying.done()  # the summary is still being written
+        await replying
+    summary = await rig.memory.summary(rig.key, "haruhi")
+    if command is None:  # nothing was deleted: the summary is kept as it came
+        assert summary is not None and summary.content == late
+        assert summary.through_id > first.through_id
+    else:  # the turns it covers are gone: so is it, and the one it extended
+        assert summary is None
+    assert "Traceback" not in caplog.text
 
 
 # -- a database that cannot be written --------------------------------------------------------
