@@ -669,6 +669,7 @@ async def check_retrain(args: argparse.Namespace, server: Server) -> bool:
         async with Memory.open(work / "rolecast.db") as memory:
             t0 = time.monotonic()
             approved = await loop.store_and_approve(memory, dialogues)
+            seed_s = time.monotonic() - t0
             settings = BotSettings(home=work / "home", server_url=args.server,
                                    adapters_dir=args.adapters_dir, retrain=retrain)  # type: ignore[arg-type]  # fmt: skip
             personas = PersonaRegistry(settings.user_personas).load()
@@ -690,7 +691,7 @@ async def check_retrain(args: argparse.Namespace, server: Server) -> bool:
         and reply.completion.model == expected == job.new_version
     )
     emit({"event": "summary", "check": "retrain", "kind": server.kind, "approved": approved,
-          "seed_s": rounded(time.monotonic() - t0, 1), "state": job.state, "reason": job.reason,
+          "seed_s": rounded(seed_s, 1), "state": job.state, "reason": job.reason,
           "new_version": job.new_version, "reply_model": reply.completion.model if reply else None,
           "phases_s": loop.phase_seconds(job, service.started, reply_done),
           "total_s": rounded(reply_done - (job.exporting_at or job.created_at), 2),
