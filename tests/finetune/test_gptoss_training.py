@@ -268,3 +268,37 @@ def test_mxfp4_rounds_to_the_nearest_code_and_back() -> None:
     step = torch.exp2(scales.float() - mxfp4.SCALE_BIAS)  # (experts, out, groups)
     bound = step.repeat_interleave(32, -1).transpose(1, 2)
     assert bool(((again - weight).abs() <= bound + 1e-12).all())
+
+
+def test_the_vllm_checks_base_reference_is_the_plain_model(tiny_gptoss_mxfp4_dir: Path) -> None:
+    """`benchmarks/gptoss_vllm.py --check` takes transformers + PEFT with the adapter disabled as
+    the base model's reference: with LoRA on the attention and on the experts of an MXFP4
+    checkpoint loaded for training, that is the plain model's output exactly, so a base reply
+    that parts from it is the server's doing."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
+
+    from finetune.moe import quantization_kwargs
+
+    kwargs = quantization_kwargs(AutoConfig.from_pretrained(tiny_gptoss_mxfp4_dir))
+    assert kwargs  # the MXFP4 path, as on the GPU
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_gptoss_mxfp4_dir, dtype=torch.float32, **kwargs
+    ).eval()
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        init_lora_weights=False,
+    )
+    peft = get_peft_model(model, config).eval()
+    with torch.no_grad():
+        adapted = peft(input_ids=ids).logits
+        with peft.disable_adapter():
+            disabled = peft(input_ids=ids).logits
+    assert not torch.equal(adapted, plain)  # the adapter changes the output...
+    assert torch.equal(disabled, plain)  # ...and disabling it gives the plain model back
