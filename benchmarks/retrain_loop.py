@@ -108,10 +108,12 @@ def read_dialogues(path: Path, n: int) -> list[list[dict[str, str]]]:
     return dialogues
 
 
-async def store_and_approve(memory: Memory, dialogues: list[list[dict[str, str]]]) -> int:
-    """Members chat with the persona in one channel; each dialogue's last reply is approved.
+async def store_and_approve(
+    memory: Memory, dialogues: list[list[dict[str, str]]], persona: str = PERSONA
+) -> int:
+    """Members chat with `persona` in one channel; each dialogue's last reply is approved.
     Returns how many dialogues were approved."""
-    await memory.set_persona(CHANNEL, PERSONA)
+    await memory.set_persona(CHANNEL, persona)
     await memory.set_channel_guild(CHANNEL, GUILD)
     approved = 0
     for i, turns in enumerate(dialogues):
@@ -121,12 +123,12 @@ async def store_and_approve(memory: Memory, dialogues: list[list[dict[str, str]]
                 m = SPEAKER.match(t["value"].strip())
                 name, text = (m.group(1).strip(), m.group(2)) if m else ("member", t["value"])
                 turn = await memory.add_turn(
-                    CHANNEL, persona=PERSONA, role="user", content=text,
+                    CHANNEL, persona=persona, role="user", content=text,
                     author_id=member_id(name), author_name=name,
                 )  # fmt: skip
             else:
                 turn = await memory.add_turn(
-                    CHANNEL, persona=PERSONA, role="assistant", content=t["value"], model=PERSONA
+                    CHANNEL, persona=persona, role="assistant", content=t["value"], model=persona
                 )
             stored.append(turn)
         last = max(j for j, t in enumerate(stored) if t.role == "assistant")
@@ -162,7 +164,7 @@ def phase_seconds(job: Job, started: dict[str, float], reply_done: float) -> dic
         ("export", job.exporting_at, cleaning),
         ("clean_split", cleaning, job.training_at),
         ("train", job.training_at, job.evaluating_at),
-        ("eval_gate", job.evaluating_at, job.publishing_at),
+        ("eval_gate", job.evaluating_at, job.publishing_at or job.finished_at),
         ("publish", job.publishing_at, job.finished_at),
         ("first_reply", job.finished_at, reply_done),
     ]
@@ -170,13 +172,18 @@ def phase_seconds(job: Job, started: dict[str, float], reply_done: float) -> dic
 
 
 async def first_reply(
-    memory: Memory, personas: PersonaRegistry, settings: BotSettings, base_url: str, max_tokens: int
+    memory: Memory,
+    personas: PersonaRegistry,
+    settings: BotSettings,
+    base_url: str,
+    max_tokens: int,
+    persona: str = PERSONA,
 ) -> tuple[Reply, float]:
-    """A member's message to the persona's channel, answered through the chat core."""
+    """A member's message to `persona`'s channel, answered through the chat core."""
     async with ModelClient.from_settings(settings, base_url) as client:
         chat = ChatService(memory, personas, client)
         try:
-            await chat.set_persona(REPLY_CHANNEL, PERSONA, user_name="阿虚")
+            await chat.set_persona(REPLY_CHANNEL, persona, user_name="阿虚")
             await memory.set_channel_guild(REPLY_CHANNEL, GUILD)
             reply = None
             sampling = SamplingSettings(max_tokens=max_tokens, seed=42)

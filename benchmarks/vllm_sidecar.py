@@ -649,9 +649,9 @@ async def check_publish(args: argparse.Namespace, server: Server) -> bool:
 async def check_retrain(args: argparse.Namespace, server: Server) -> bool:
     import benchmarks.retrain_loop as loop
 
-    persona = loop.PERSONA
+    persona = args.persona
     numbers = [v.version for v in AdapterRegistry(args.adapters_dir).versions(persona)]
-    dialogues = loop.read_dialogues(args.data / f"{persona}.jsonl", args.dialogues)
+    dialogues = loop.read_dialogues(args.data / f"{loop.PERSONA}.jsonl", args.dialogues)
     with tempfile.TemporaryDirectory(prefix="rolecast-retrain-check-") as tmp:
         work = Path(tmp)
         retrain: dict[str, Any] = {
@@ -668,11 +668,13 @@ async def check_retrain(args: argparse.Namespace, server: Server) -> bool:
         }
         async with Memory.open(work / "rolecast.db") as memory:
             t0 = time.monotonic()
-            approved = await loop.store_and_approve(memory, dialogues)
+            approved = await loop.store_and_approve(memory, dialogues, persona)
             seed_s = time.monotonic() - t0
             settings = BotSettings(home=work / "home", server_url=args.server,
                                    adapters_dir=args.adapters_dir, retrain=retrain)  # type: ignore[arg-type]  # fmt: skip
             personas = PersonaRegistry(settings.user_personas).load()
+            if persona != loop.PERSONA:  # haruhi's card under a new key: nothing live for it
+                personas.add(persona, personas.get(loop.PERSONA).card)
             service = loop.TimedRetrainService(memory, personas, settings, server_url=args.server)
             try:
                 job = await service.start(persona, requested_by=loop.ADMIN, guild_id=loop.GUILD)
@@ -682,7 +684,7 @@ async def check_retrain(args: argparse.Namespace, server: Server) -> bool:
             reply, reply_done = None, time.time()
             if job.state == "done":
                 reply, reply_done = await loop.first_reply(
-                    memory, personas, settings, args.server, 64
+                    memory, personas, settings, args.server, 64, persona
                 )
     expected = f"{persona}@v{max(numbers, default=0) + 1}"  # numbers are never reused
     ok = (
@@ -852,7 +854,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="bot: the template's control tokens",
     )
     p.add_argument(
-        "--persona", default="haruhi", help="publish: the persona published and rolled back"
+        "--persona",
+        default="haruhi",
+        help="publish: the persona published and rolled back; retrain: the persona retrained, "
+        "haruhi (built in: its live version may be the shipped adapter, trained on these "
+        "dialogues) or a new key that gets haruhi's card as an imported persona with nothing "
+        "live, so the gate compares with the base model",
     )
     p.add_argument("--publish-adapter", type=Path, help="publish: the adapter published (twice)")
     p.add_argument("--streams", type=int, default=32, help="publish: concurrent streams")
@@ -869,6 +876,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--validation", type=float, default=0.1, help="retrain: held-out fraction")
     p.add_argument("--max-length", type=int, default=2048, help="retrain: longest dialogue, tokens")
     p.add_argument("--tolerance", type=float, default=1.0, help="retrain: the gate's tolerance")
+
     p.add_argument(
         "--consistency-tolerance", type=float, default=5.0,
         help="retrain: the gate's persona-consistency tolerance (points)",
