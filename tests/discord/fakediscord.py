@@ -363,6 +363,17 @@ async def invoke(
     return interaction
 
 
+def find_button(client: discord.Client, label: str) -> tuple[int | None, str]:
+    """The message id a view of the bot waits under and the custom id of its button `label`
+    (the view store keys views by the id Discord gave their message)."""
+    return next(
+        (entity, item.custom_id)  # type: ignore[attr-defined]
+        for entity, items in client._connection._view_store._views.items()  # type: ignore[attr-defined]
+        for item in items.values()
+        if getattr(item, "label", "") == label
+    )
+
+
 async def press(
     client: discord.Client,
     channel: discord.abc.GuildChannel,

@@ -12,6 +12,7 @@ import discord.ext.test as dpytest
 from bot.core.cards import Card, card_to_png
 from tests.discord.conftest import ADMIN, Rig, read_jsonl
 from tests.discord.fakediscord import (
+    find_button,
     invoke,
     message_command_data,
     press,
@@ -179,12 +180,7 @@ async def test_memory_show_reset_with_confirmation(rig: Rig):
     question = rig.api.responses[-1]
     assert question.type == 4 and question.ephemeral and "Delete all 3 turns" in question.content
     # The view waits under the id Discord gave its message; find its "confirm" button.
-    entity, confirm = next(
-        (entity, item.custom_id)
-        for entity, items in rig.bot._connection._view_store._views.items()
-        for item in items.values()
-        if getattr(item, "label", "") == "Delete the memory"
-    )
+    entity, confirm = find_button(rig.bot, "Delete the memory")
     await press(rig.bot, rig.channel, rig.bob, confirm, entity)  # not the caller: ignored
     await dpytest.run_all_events()
     assert await rig.memory.count_turns(rig.key) == 3

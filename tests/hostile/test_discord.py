@@ -26,7 +26,14 @@ from bot.discord.cogs.chat.listener import (
 from bot.discord.webhooks import split_text
 from bot.errors import ConversationGoneError
 from tests.discord.conftest import ADMIN, Rig
-from tests.discord.fakediscord import deliver, invoke, message_command_data, press, slash_data
+from tests.discord.fakediscord import (
+    deliver,
+    find_button,
+    invoke,
+    message_command_data,
+    press,
+    slash_data,
+)
 from tests.hostile.conftest import strict_rig
 from tests.hostile.misbehaving_server import (
     CHAT,
@@ -351,12 +358,7 @@ async def test_a_reply_finished_after_its_conversation_was_deleted_is_not_kept(
     with caplog.at_level(logging.WARNING):
         await rig.command(command)
         if command == "memory reset":
-            entity, confirm = next(
-                (entity, item.custom_id)
-                for entity, items in rig.bot._connection._view_store._views.items()
-                for item in items.values()
-                if getattr(item, "label", "") == "Delete the memory"
-            )
+            entity, confirm = find_button(rig.bot, "Delete the memory")
             await press(rig.bot, rig.channel, rig.alice, confirm, entity)
         await replying
     stored = [(t.role, t.content) for t in await turns(rig)]
@@ -415,12 +417,7 @@ async def test_a_reply_streamed_before_its_conversation_was_deleted_says_it_is_n
     with caplog.at_level(logging.WARNING):
         await rig.command(command)
         if command == "memory reset":
-            entity, confirm = next(
-                (entity, item.custom_id)
-                for entity, items in rig.bot._connection._view_store._views.items()
-                for item in items.values()
-                if getattr(item, "label", "") == "Delete the memory"
-            )
+            entity, confirm = find_button(rig.bot, "Delete the memory")
             await press(rig.bot, rig.channel, rig.alice, confirm, entity)
         await replying
     # what was shown stays on Discord, marked as not kept (a reset's greetings come after it);
@@ -453,12 +450,7 @@ async def test_a_reply_is_not_kept_when_a_reset_stored_new_turns_before_it_finis
     answered = [t.id for t in await turns(rig, "atri" if scene else "haruhi")]
     with caplog.at_level(logging.WARNING):
         await rig.command("memory reset")
-        entity, confirm = next(
-            (entity, item.custom_id)
-            for entity, items in rig.bot._connection._view_store._views.items()
-            for item in items.values()
-            if getattr(item, "label", "") == "Delete the memory"
-        )
+        entity, confirm = find_button(rig.bot, "Delete the memory")
         await press(rig.bot, rig.channel, rig.alice, confirm, entity)
         greetings = [*await turns(rig, "haruhi"), *await turns(rig, "atri")]
         assert greetings and all(t.role == "assistant" for t in greetings)
@@ -511,12 +503,7 @@ async def test_a_summary_finished_after_its_conversation_was_deleted_is_not_kept
         if command is not None:
             await rig.command(command)
         if command == "memory reset":
-            entity, confirm = next(
-                (entity, item.custom_id)
-                for entity, items in rig.bot._connection._view_store._views.items()
-                for item in items.values()
-                if getattr(item, "label", "") == "Delete the memory"
-            )
+            entity, confirm = find_button(rig.bot, "Delete the memory")
             await press(rig.bot, rig.channel, rig.alice, confirm, entity)
         assert not replying.done()  # the summary is still being written
         await replying
