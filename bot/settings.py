@@ -7,7 +7,8 @@ Secrets (the Discord token) come from the environment only and are never printed
 
 The directories the bot shares with the model server and the training side (`home`,
 `cache_dir`, `adapters_dir`) are `formats.paths.RolecastPaths`'s, which these settings extend:
-the bot resolves them exactly as `rolecast serve` and `rolecast adapters` do.
+the bot resolves them exactly as `rolecast serve` and `rolecast adapters` do. Paths are made
+absolute (`~` expanded), and a variable set to the empty string counts as unset.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from formats.paths import ENV_PREFIX, RolecastPaths
+from formats.paths import ENV_PREFIX, RolecastPaths, absolute, folder
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,11 @@ class RetrainSettings(BaseModel):
         3.0, ge=0.5, description="a Discord status message is edited at most this often"
     )
 
+    @field_validator("workdir", mode="after")
+    @classmethod
+    def _folder(cls, value: Path | None) -> Path | None:
+        return folder(value) if value is not None else None
+
 
 class BotSettings(RolecastPaths):
     """The bot's settings, with the shared directories (`home`, `cache_dir`, `adapters_dir`)."""
@@ -218,6 +224,30 @@ class BotSettings(RolecastPaths):
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
     prompt: PromptSettings = Field(default_factory=PromptSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+
+    @field_validator("personas_dir", mode="after")
+    @classmethod
+    def _folder(cls, value: Path | None) -> Path | None:
+        return folder(value) if value is not None else None
+
+    @field_validator("db_path", mode="after")
+    @classmethod
+    def _file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if (value := absolute(value)).is_dir():
+            raise ValueError(f"{value} is a folder; the database is a file in it, e.g. rolecast.db")
+        folder(value.parent)
+        return value
+
+    @field_validator("discord_token", mode="before")
+    @classmethod
+    def _no_blank_token(cls, value: object) -> object:
+        # an env file's `ROLECAST_DISCORD_TOKEN=` or a pasted token's stray newline: Discord
+        # would refuse both after a connection, where "no token" can be said before one
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        return (value.strip() or None) if isinstance(value, str) else value
 
     @property
     def database(self) -> Path:

@@ -33,7 +33,7 @@ from filelock import FileLock
 
 from formats.errors import BaseModelError, FormatError
 from formats.manifest import read_manifest
-from formats.paths import RolecastPaths
+from formats.paths import resolve
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def gguf_path() -> Path:
 
 def checkpoint_dir(cache_dir: Path | None = None) -> Path:
     """The one folder of the converted checkpoint: `<cache>/models/SmolLM2-135M-Instruct`."""
-    cache = cache_dir if cache_dir is not None else RolecastPaths().cache_dir
+    cache = cache_dir if cache_dir is not None else resolve().cache_dir
     return cache / "models" / SERVED_NAME
 
 

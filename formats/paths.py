@@ -13,7 +13,10 @@ Each may also come from the TOML file (`$ROLECAST_CONFIG`, default `./rolecast.t
 `RolecastPaths`, and `rolecast serve`, `rolecast adapters` and `rolecast train` resolve theirs
 through it, so the bot, the CLI and every model server see the same registry.
 
-Old variable names still work and warn once per process (`DEPRECATED`).
+Old variable names still work and warn once per process (`DEPRECATED`). A variable set to the
+empty string (an env file's `ROLECAST_HOME=`) counts as unset. Every command loads its settings
+through `load`, which turns whatever is wrong (a variable, a flag, the TOML file) into one
+`SettingsProblem` whose message names it.
 """
 
 from __future__ import annotations
@@ -21,15 +24,19 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import platformdirs
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -74,7 +81,7 @@ class RolecastPaths(BaseSettings):
     """The directories every package shares. Extra keys (the bot's own settings in the same
     environment or TOML file) are ignored here; `BotSettings` extends this class and forbids them."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
 
     home: Path = Field(
         default_factory=default_home,
@@ -122,7 +129,7 @@ class RolecastPaths(BaseSettings):
     @field_validator("home", "cache_dir", "adapters_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
+        return folder(value) if value is not None else None
 
     @property
     def adapters(self) -> Path:
@@ -135,6 +142,111 @@ class RolecastPaths(BaseSettings):
         return self.home / "run"
 
 
+def absolute(path: Path) -> Path:
+    """`~` expanded and made absolute: the same place for every process, whatever its working
+    directory (a child process, a model server told where the registry is)."""
+    return path.expanduser().absolute()
+
+
+def folder(path: Path) -> Path:
+    """`absolute(path)`, refused (ValueError) when it, or the nearest part of it that exists,
+    is not a folder: found out when the settings load, not by the first write under it."""
+    path = absolute(path)
+    for part in (path, *path.parents):
+        try:
+            if not part.exists():
+                continue
+        except OSError:  # cannot be looked at: the write that needs it will say why
+            break
+        if not part.is_dir():
+            raise ValueError(f"{part} is a file, not a folder")
+        break
+    return path
+
+
 def resolve(**overrides: Any) -> RolecastPaths:
     """The shared directories, with the flags a command was given (None = not given)."""
-    return RolecastPaths(**{k: v for k, v in overrides.items() if v is not None})
+    return load(RolecastPaths, **overrides)
+
+
+class SettingsProblem(ValueError):
+    """Settings that cannot be loaded: the message names each variable, flag or file that is
+    wrong and says why, one line each."""
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load(cls: type[S], flags: Mapping[str, str] | None = None, **given: Any) -> S:
+    """`cls`'s settings with the values a command was given (None = not given), or a
+    `SettingsProblem`. `flags` names the flag of each given field (default: `--field-name`)."""
+    given = {k: v for k, v in given.items() if v is not None}
+    try:
+        return cls(**given)
+    except ValidationError as exc:
+        names = {k: (flags or {}).get(k, "--" + k.replace("_", "-")) for k in given}
+        problems = [_problem(cls, error, names) for error in exc.errors()]
+    except SettingsError as exc:
+        problems = [_unparsed(cls, exc)]
+    except tomllib.TOMLDecodeError as exc:
+        problems = [f"{config_file()} is not valid TOML: {exc}"]
+    except OSError as exc:  # the TOML file exists but cannot be read
+        problems = [f"{config_file()} cannot be read: {exc.strerror or exc}"]
+    if len(problems) == 1:
+        raise SettingsProblem(problems[0]) from None
+    raise SettingsProblem("invalid settings:\n" + "\n".join(f"  - {p}" for p in problems)) from None
+
+
+def _variable(cls: type[BaseSettings], loc: tuple[str, ...]) -> str:
+    prefix = cls.model_config.get("env_prefix", "")
+    delimiter = cls.model_config.get("env_nested_delimiter") or ""
+    return (prefix + (delimiter or "_").join(loc)).upper()
+
+
+def _from_environment(name: str) -> bool:
+    return any(key.upper() == name and value for key, value in os.environ.items())
+
+
+def _problem(cls: type[BaseSettings], error: Any, flags: Mapping[str, str]) -> str:
+    """One line for one pydantic error: where the value came from, what it was, what is wrong."""
+    loc = tuple(str(part) for part in error["loc"])
+    if not loc:
+        return str(error["msg"])
+    # the most precise place that was set: a flag, a variable (nested or whole), the TOML file
+    where = ".".join(loc)
+    if loc[0] in flags:
+        where = flags[loc[0]]
+    else:
+        for n in range(len(loc), 0, -1):
+            if _from_environment(variable := _variable(cls, loc[:n])):
+                where = ", ".join([variable, *([".".join(loc[n:])] if n < len(loc) else [])])
+                break
+        else:
+            if config_file().is_file() and issubclass(cls, RolecastPaths):
+                where = f"{where} in {config_file()}"
+    message = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        message = "not a setting (misspelt?)"
+    elif error["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+    shown = error.get("input")
+    shown = str(shown) if isinstance(shown, Path) else shown
+    secret = any(word in loc[-1] for word in ("token", "api_key", "secret"))  # never shown
+    if isinstance(shown, str | int | float | bool) and not secret and error["type"] != "missing":
+        return f"{where}={shown!r}: {message}"
+    return f"{where}: {message}"
+
+
+def _unparsed(cls: type[BaseSettings], exc: SettingsError) -> str:
+    """A variable of a list or table setting that is not JSON (pydantic-settings parses them)."""
+    found = re.search(r'field "([^"]+)"', str(exc))
+    if found is None:
+        return str(exc)
+    variable = _variable(cls, (found.group(1),))
+    if cls.model_config.get("env_nested_delimiter"):
+        delimiter = cls.model_config.get("env_nested_delimiter")
+        variable = f"{variable} (or a {variable}{delimiter}... variable)"
+    return (
+        f"{variable} is not valid JSON: a list or table setting is written as JSON, "
+        'e.g. ["--epochs", "2"] or {"name": "value"}'
+    )

@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from formats.paths import RolecastPaths, resolve
+from formats.paths import RolecastPaths, load, resolve
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,6 @@ def serve(
     ),
 ) -> None:
     """Serve the OpenAI-compatible API (as vLLM does) with the embedded engine."""
-    from pydantic import ValidationError
-
     from serving.settings import ServeSettings
 
     given: dict[str, Any] = {
@@ -118,11 +116,8 @@ def serve(
     }
     if lora_modules:
         given["lora_modules"] = _parse_lora_modules(lora_modules)
-    try:
-        settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
-        paths = resolve(adapters_dir=adapters_dir)
-    except ValidationError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    settings = load(ServeSettings, **given)
+    paths = resolve(adapters_dir=adapters_dir)
     if settings.engine == "vllm":
         if prepare_only and print_command:
             raise typer.BadParameter("--prepare-only and --print-command exclude each other")
@@ -267,7 +262,7 @@ def _publisher(
     publisher = Publisher(
         AdapterRegistry(paths.adapters),
         servers,
-        max_rank=ServeSettings().max_lora_rank,
+        max_rank=load(ServeSettings).max_lora_rank,
         base_model=base_model,
         cache_dir=paths.cache_dir,
     )

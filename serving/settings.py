@@ -1,7 +1,8 @@
 """Typed settings of the model server, loaded once at the entry point.
 
 Every field can come from the command line (`rolecast serve --port 8001`) or from the environment
-with the `ROLECAST_SERVE_` prefix (`ROLECAST_SERVE_PORT=8001`); the command line wins.
+with the `ROLECAST_SERVE_` prefix (`ROLECAST_SERVE_PORT=8001`); the command line wins. A variable
+set to the empty string counts as unset.
 
 The directories the server shares with the other packages (home, cache, the adapter registry)
 are not server settings: they resolve in `formats.paths`, one variable each
@@ -22,7 +23,7 @@ class ServeSettings(BaseSettings):
     """How `rolecast serve` runs: which model, where, and how much work it takes at once."""
 
     model_config = SettingsConfigDict(
-        env_prefix="ROLECAST_SERVE_", extra="forbid", protected_namespaces=()
+        env_prefix="ROLECAST_SERVE_", extra="forbid", protected_namespaces=(), env_ignore_empty=True
     )
 
     model: str = Field(

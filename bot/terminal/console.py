@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from bot.settings import BotSettings
+from formats.paths import SettingsProblem, load
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line
 
@@ -19,8 +20,12 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+#: The flag of each setting a terminal command can be given.
+FLAGS = {"db_path": "--db", "server_url": "--server", "adapters_dir": "--adapters-dir"}
+
+
 def load_settings(**overrides: Any) -> BotSettings:
     try:
-        return BotSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise fail(f"invalid settings: {exc}") from None
+        return load(BotSettings, FLAGS, **overrides)
+    except SettingsProblem as exc:
+        raise fail(str(exc)) from None
