@@ -52,6 +52,9 @@ def chat(
     seed: int | None = typer.Option(None, help="Seed for reproducible replies."),
 ) -> None:
     """Chat with a persona in the terminal. Pipe lines in to script it: one reply per line."""
+    from pydantic import ValidationError
+
+    from bot.settings import SamplingSettings
     from bot.terminal.chat import ChatOptions, run_chat
 
     settings = load_settings(db_path=db, server_url=server)
@@ -62,13 +65,17 @@ def chat(
         "repetition_penalty": repetition_penalty,
         "seed": seed,
     }
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        sampling = settings.sampling.model_validate(
-            {
-                **settings.sampling.model_dump(),
-                **{k: v for k, v in overrides.items() if v is not None},
-            }
-        )
+        sampling = SamplingSettings.model_validate({**settings.sampling.model_dump(), **given})
+    except ValidationError as exc:  # only a flag can be wrong: the settings were valid
+        raise fail(
+            "; ".join(
+                f"--{str(e['loc'][0]).replace('_', '-')}={e['input']}: {e['msg']}"
+                for e in exc.errors()
+            )
+        ) from None
+    try:
         options = ChatOptions(
             persona=persona[0] if persona else None,
             session=session,

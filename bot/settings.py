@@ -37,7 +37,12 @@ class SamplingSettings(BaseModel):
     repetition_penalty: float = Field(
         1.0, gt=0.0, le=2.0, description="1 = none (1.1 cost 1-4 BLEU-4 held out: RESULTS.md)"
     )
-    seed: int | None = Field(None, description="fixed seed for reproducible replies")
+    seed: int | None = Field(
+        None,
+        ge=-(2**63),
+        le=2**63 - 1,
+        description="fixed seed for reproducible replies (int64, as the model server takes it)",
+    )
     stop: list[str] = Field(default_factory=list)
 
 

@@ -167,7 +167,12 @@ def train(ctx: typer.Context) -> None:
     from finetune.errors import DataError
     from finetune.progress import JsonLines
 
-    config, as_json = parse_train_command(list(ctx.args))
+    try:
+        config, as_json = parse_train_command(list(ctx.args))
+    except _errors() as exc:  # flags that contradict each other (argparse says the rest)
+        if "--json" in ctx.args:
+            JsonLines().error(str(exc), [])
+        _fail(exc)
     lines = JsonLines() if as_json else None
     if lines is not None:
         config = replace(config, progress=False)

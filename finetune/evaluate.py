@@ -69,6 +69,10 @@ class GenerationSettings:
     sample: bool = False  # sample one reply (as a chat server does) instead of greedy
 
     def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("max_new_tokens and batch_size must be at least 1")
+        if self.repetition_penalty <= 0:
+            raise ConfigError("repetition_penalty must be positive (1.0 = none)")
         if self.num_beams < 1 or self.samples < 1:
             raise ConfigError("num_beams and samples must be at least 1")
         if self.num_beams > 1 and self.sampling:

@@ -3,6 +3,7 @@ names it, exit code 2, no traceback, and every command says it the same way."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,67 @@ def test_a_folder_the_system_refuses_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 1 and not isinstance(result.exception, OSError), result.output
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: ") and "File name too long" in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--max-tokens", "0"], "--max-tokens=0"),
+        (["--max-tokens", "100000"], "--max-tokens=100000"),
+        (["--temperature", "-1"], "--temperature=-1.0"),
+        (["--seed", str(2**64)], f"--seed={2**64}"),
+        (["--seed", str(-(2**63) - 1)], "--seed="),
+    ],
+)
+def test_a_bad_sampling_flag_is_one_line_before_the_chat_starts(
+    flags: list[str], named: str, own_home: Path
+) -> None:
+    # a seed the model server refuses (vLLM's range, int64) would fail every reply instead
+    dead = "http://127.0.0.1:9/v1"
+    (line,) = assert_one_clear_error(rolecast("chat", "-p", "haruhi", "--server", dead, *flags))
+    assert line.startswith(f"error: {named}")
+    assert not (own_home / "rolecast.db").exists()
+
+
+def test_a_seed_in_range_is_kept() -> None:
+    assert BotSettings(sampling={"seed": -(2**63)}).sampling.seed == -(2**63)
+    assert BotSettings(sampling={"seed": 2**63 - 1}).sampling.seed == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lora_r", "-1"], "--lora_r must be positive"),
+        (["--packing", "true", "--max_length", "4096", "--batch_tokens", "1024"], "--batch_tokens"),
+        (["--persona", "a/b"], "--persona must be a plain name"),
+    ],
+)
+def test_contradictory_train_flags_are_one_line(flags: list[str], message: str) -> None:
+    result = rolecast("train", "--data", "absent.jsonl", "--persona", "nia", *flags)
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ") and message in line
+    # a program that follows the run reads it as its error line
+    followed = rolecast("train", "--json", "--data", "absent.jsonl", "--persona", "nia", *flags)
+    event = json.loads(followed.stdout.splitlines()[0])
+    assert event["type"] == "error" and message in event["message"]
+
+
+@pytest.mark.parametrize(
+    ("command", "flags", "named"),
+    [
+        ("eval", ["--data", "absent.jsonl", "--max-new-tokens", "0"], "max_new_tokens"),
+        ("eval", ["--data", "absent.jsonl", "--batch-size", "0"], "batch_size"),
+        ("eval", ["--data", "absent.jsonl", "--repetition-penalty", "0"], "repetition_penalty"),
+        ("compare", ["hi", "--adapter", "absent", "--max-new-tokens", "-5"], "max_new_tokens"),
+    ],
+)
+def test_a_generation_setting_out_of_range_is_refused_before_a_model_loads(
+    command: str, flags: list[str], named: str
+) -> None:
+    result = rolecast(command, *flags)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ") and named in line
