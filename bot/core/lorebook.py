@@ -5,16 +5,34 @@ fire; `constant` entries always do; an entry fires when one of its `keys` occurs
 text (case-insensitive unless `case_sensitive`); a `selective` entry also needs one of its
 `secondary_keys`. When the entries do not all fit the lorebook's token budget, those with the
 lower `priority` are left out first; the chosen ones go into the prompt in `insertion_order`.
+
+A card may hold a thousand entries of 64 keys each, and the scanned turns may be long, so a
+key is searched for only where it could occur: every word of a whole-word key must be a word
+of the text, and every pair of adjacent characters of another key a pair in the text (sets
+built once per scan). The searches left are counted, characters scanned per key, and stop at
+`MAX_SCAN_WORK` (the more important entries are scanned first), so no card makes a reply
+wait; only the newest `MAX_SCAN_CHARS` characters of the turns are scanned.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bot.core.cards import CharacterBook, LoreEntry
+
+log = logging.getLogger(__name__)
+
+# The newest characters of the recent turns that are scanned for keys.
+MAX_SCAN_CHARS = 100_000
+# Key searches per scan, counted as characters scanned times keys searched for: a few
+# hundredths of a second.
+MAX_SCAN_WORK = 20_000_000
+
+_WORD = re.compile(r"\w+")
 
 
 @dataclass(frozen=True)
@@ -23,13 +41,51 @@ class LoreHit:
     entry: LoreEntry
 
 
-def _key_regex(key: str) -> str:
-    escaped = re.escape(key)
+def _whole_words(key: str) -> bool:
     # Word boundaries only make sense for keys that start/end with a word character in a
     # space-separated script; for CJK text (no spaces) a plain substring match is right.
-    if key.isascii() and re.match(r"\w", key) and re.search(r"\w$", key):
-        escaped = rf"\b{escaped}\b"
-    return escaped
+    return key.isascii() and re.match(r"\w", key) is not None and re.search(r"\w$", key) is not None
+
+
+def _key_regex(key: str) -> str:
+    escaped = re.escape(key)
+    return rf"\b{escaped}\b" if _whole_words(key) else escaped
+
+
+class _Scan:
+    """The scanned text, and the words and character pairs in it (built when first needed):
+    a key none of whose occurrences could be there is not searched for."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.work = 0  # characters scanned times keys searched for, so far
+        self._words: dict[bool, frozenset[str]] = {}
+        self._pairs: dict[bool, frozenset[str]] = {}
+
+    def _folded(self, text: str, case_sensitive: bool) -> str:
+        # casefold, not lower: it maps the Kelvin sign and the long s to the ASCII letters
+        # that an IGNORECASE search matches them with
+        return text if case_sensitive else text.casefold()
+
+    def could_occur(self, key: str, case_sensitive: bool) -> bool:
+        folded = self._folded(key, case_sensitive)
+        if _whole_words(key):
+            words = self._words.get(case_sensitive)
+            if words is None:
+                found = _WORD.findall(self.text)
+                words = self._words[case_sensitive] = frozenset(
+                    self._folded(w, case_sensitive) for w in found
+                )
+            return all(w in words for w in _WORD.findall(folded))
+        pairs = self._pairs.get(case_sensitive)
+        if pairs is None:
+            text = self._folded(self.text, case_sensitive)
+            pairs = self._pairs[case_sensitive] = frozenset(
+                {text[i : i + 2] for i in range(len(text) - 1)} | set(text)
+            )
+        if len(folded) == 1:
+            return folded in pairs
+        return all(folded[i : i + 2] in pairs for i in range(len(folded) - 1))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -41,31 +97,70 @@ def _keys_pattern(keys: tuple[str, ...], case_sensitive: bool) -> re.Pattern[str
     return re.compile("|".join(alternatives), 0 if case_sensitive else re.IGNORECASE)
 
 
-def _any_key(keys: Iterable[str], text: str, case_sensitive: bool) -> bool:
-    pattern = _keys_pattern(tuple(keys), case_sensitive)
-    return pattern is not None and pattern.search(text) is not None
+def _any_key(keys: Iterable[str], scan: _Scan, case_sensitive: bool) -> bool | None:
+    """Whether one of `keys` occurs in the scan; None when the scan's work is spent."""
+    possible = tuple(k for k in keys if k.strip() and scan.could_occur(k.strip(), case_sensitive))
+    pattern = _keys_pattern(possible, case_sensitive)
+    if pattern is None:
+        return False
+    scan.work += len(scan.text) * len(possible)
+    if scan.work > MAX_SCAN_WORK:
+        return None
+    return pattern.search(scan.text) is not None
+
+
+def _newest(texts: Iterable[str]) -> str:
+    """The texts joined, newest first, to at most MAX_SCAN_CHARS characters."""
+    kept: list[str] = []
+    size = 0
+    for text in texts:
+        kept.append(text[: MAX_SCAN_CHARS - size])
+        size += len(kept[-1]) + 1
+        if size >= MAX_SCAN_CHARS:
+            break
+    return "\n".join(kept)
+
+
+def _importance(hit: LoreHit) -> tuple[int, int, int]:
+    return (-(hit.entry.priority or 0), hit.entry.insertion_order, hit.index)
 
 
 def matching_entries(book: CharacterBook | None, texts: Iterable[str]) -> list[LoreHit]:
-    """Entries that fire for `texts` (the recent turns), most important first."""
+    """Entries that fire for `texts` (the recent turns, newest first), most important first."""
     if book is None or not book.entries:
         return []
-    scanned = "\n".join(texts)
+    scan = _Scan(_newest(texts))
+    candidates = sorted(
+        (
+            LoreHit(index, entry)
+            for index, entry in enumerate(book.entries)
+            if entry.enabled and entry.content.strip()
+        ),
+        key=_importance,
+    )
     hits: list[LoreHit] = []
-    for index, entry in enumerate(book.entries):
-        if not entry.enabled or not entry.content.strip():
-            continue
+    for hit in candidates:
+        entry = hit.entry
         if entry.constant:
-            hits.append(LoreHit(index, entry))
+            hits.append(hit)
             continue
         case = bool(entry.case_sensitive)
-        if not _any_key(entry.keys, scanned, case):
-            continue
-        if entry.selective and entry.secondary_keys:
-            if not _any_key(entry.secondary_keys, scanned, case):
-                continue
-        hits.append(LoreHit(index, entry))
-    hits.sort(key=lambda h: (-(h.entry.priority or 0), h.entry.insertion_order, h.index))
+        found = _any_key(entry.keys, scan, case)
+        if found and entry.selective and entry.secondary_keys:
+            found = _any_key(entry.secondary_keys, scan, case)
+        if found is None:
+            log.warning(
+                "lorebook %r: keys of %d entries too many to scan; the less important left out",
+                book.name,
+                len(candidates),
+            )
+            hits += [
+                h for h in candidates if h.entry.constant and _importance(h) > _importance(hit)
+            ]
+            hits.sort(key=_importance)
+            break
+        if found:
+            hits.append(hit)
     return hits
 
 

@@ -1,0 +1,145 @@
+"""Lorebook matching: the entries that fire are those whose keys the recent turns hold, and a
+card cannot make the scan slow, however many entries and keys it has."""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+import time
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bot.core import lorebook
+from bot.core.cards import MAX_LORE_ENTRIES, MAX_LORE_KEYS, CharacterBook, LoreEntry
+from bot.core.lorebook import matching_entries
+
+
+def _naive_fires(key: str, text: str, case_sensitive: bool) -> bool:
+    """The matching rule written out plainly: a key is found as a substring, and an ASCII key
+    that starts and ends with a word character only as a whole word (or words)."""
+    key = key.strip()
+    if not key:
+        return False
+    escaped = re.escape(key)
+    if key.isascii() and re.match(r"\w", key) and re.search(r"\w$", key):
+        escaped = rf"\b{escaped}\b"
+    return re.search(escaped, text, 0 if case_sensitive else re.IGNORECASE) is not None
+
+
+def _naive(book: CharacterBook, texts: list[str]) -> set[int]:
+    scanned = "\n".join(texts)
+    fired = set()
+    for index, entry in enumerate(book.entries):
+        if not entry.enabled or not entry.content.strip():
+            continue
+        case = bool(entry.case_sensitive)
+        if entry.constant or (
+            any(_naive_fires(k, scanned, case) for k in entry.keys)
+            and (
+                not (entry.selective and entry.secondary_keys)
+                or any(_naive_fires(k, scanned, case) for k in entry.secondary_keys)
+            )
+        ):
+            fired.add(index)
+    return fired
+
+
+# Text in the scripts and cases that make matching tricky: word and non-word characters,
+# CJK, letters whose case folds to ASCII (the Kelvin sign, the long s), the sharp s, dotted I.
+_ALPHABET = "ab AB-_.'#\n1猫咪の日ſKßẞİı\u0307é"
+_pieces = st.text(alphabet=_ALPHABET, max_size=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(_pieces, max_size=3),
+            st.lists(_pieces, max_size=2),
+            st.booleans(),
+            st.booleans(),
+        ),
+        max_size=5,
+    ),
+    st.lists(st.text(alphabet=_ALPHABET, max_size=30), max_size=3),
+)
+def test_entries_fire_exactly_when_a_key_occurs(
+    specs: list[tuple[list[str], list[str], bool, bool]], texts: list[str]
+) -> None:
+    book = CharacterBook(
+        entries=[
+            LoreEntry(
+                keys=keys,
+                secondary_keys=secondary,
+                selective=selective,
+                case_sensitive=case,
+                content="lore",
+            )
+            for keys, secondary, selective, case in specs
+        ]
+    )
+    assert {hit.index for hit in matching_entries(book, texts)} == _naive(book, texts)
+
+
+def _random_words(rng: random.Random, count: int, alphabet: str, size: int) -> list[str]:
+    return ["".join(rng.choice(alphabet) for _ in range(size)) for _ in range(count)]
+
+
+def test_a_book_of_the_most_keys_allowed_scans_long_turns_quickly() -> None:
+    """A card may hold 1000 entries of 64 keys and 64 secondary keys; scanned against 50 long
+    turns one regex search per entry took half a minute, on every reply."""
+    rng = random.Random(7)
+    cjk = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 300))
+    vocabulary = _random_words(rng, 300, string.ascii_lowercase, 6)
+    turns = [
+        " ".join(rng.choice(vocabulary) for _ in range(400)),
+        "".join(rng.choice(cjk) for _ in range(2000)),
+    ] * 25
+
+    def book(key: Callable[[], str]) -> CharacterBook:
+        return CharacterBook(
+            entries=[
+                LoreEntry(
+                    keys=[key() for _ in range(MAX_LORE_KEYS)],
+                    secondary_keys=[key() for _ in range(MAX_LORE_KEYS)],
+                    selective=True,
+                    content="lore",
+                )
+                for _ in range(MAX_LORE_ENTRIES)
+            ]
+        )
+
+    books = [
+        book(lambda: _random_words(rng, 1, string.ascii_lowercase, 8)[0]),
+        book(lambda: _random_words(rng, 1, cjk, 4)[0]),
+        # every word of every key is in the turns, in orders they never come in
+        book(lambda: " ".join(rng.sample(vocabulary, 3))),
+    ]
+    for each in books:
+        start = time.perf_counter()
+        matching_entries(each, turns)
+        # generous: a scan linear in the text and the keys takes a few hundredths of a second
+        assert time.perf_counter() - start < 3.0
+
+
+def test_past_the_scan_limit_the_important_entries_and_the_constant_ones_stay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    book = CharacterBook(
+        entries=[
+            LoreEntry(keys=["door"], content="minor", priority=0),
+            LoreEntry(keys=["x"], content="always", constant=True, priority=-5),
+            LoreEntry(keys=["door"], content="major", priority=10),
+        ]
+    )
+    assert [h.entry.content for h in matching_entries(book, ["a door"])] == [
+        "major",
+        "minor",
+        "always",
+    ]
+    monkeypatch.setattr(lorebook, "MAX_SCAN_WORK", len("a door"))  # one key search
+    assert [h.entry.content for h in matching_entries(book, ["a door"])] == ["major", "always"]
