@@ -38,6 +38,11 @@ class InputTooLongError(RolecastError):
     """A user turn that cannot fit the model's context even with no history."""
 
 
+class PromptBudgetError(RolecastError):
+    """The persona's card, or the reply's max_tokens, leaves no room in the model's context:
+    no message can be answered until one of them changes (the member's message is kept)."""
+
+
 class ConversationGoneError(RolecastError):
     """A reply (or a summary) finished after the conversation it was written from was
     deleted (a memory reset, a member's forget-me): it is not kept."""

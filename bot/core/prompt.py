@@ -37,7 +37,7 @@ from bot.core.client import Completion, Message, ModelClient
 from bot.core.lorebook import in_insertion_order, matching_entries
 from bot.core.memory import Memory, Turn
 from bot.core.text import clean_text, defuse_control_tokens
-from bot.errors import InputTooLongError, RolecastError
+from bot.errors import InputTooLongError, PromptBudgetError, RolecastError
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +395,8 @@ class PromptBuilder:
         the whole cast, the others' replies as named turns. With `before_id`, the prompt for
         that turn written again: from the turns before it.
 
-        Raises InputTooLongError when the card and the newest turn alone exceed the budget.
+        Raises InputTooLongError when the card and the newest turn alone exceed the budget,
+        PromptBudgetError when the card alone does (or max_tokens leaves no room at all).
         """
         if self._counting:
             # shielded: a reply cancelled while waiting (a scene's chain, interrupted) leaves
@@ -415,29 +416,87 @@ class PromptBuilder:
             counts.cards[card_key] = (await self.client.tokenize(model, [system])).count
         used = counts.cards[card_key]
         if used >= budget:
-            raise InputTooLongError(
-                f"The persona card alone takes {used} tokens, more than this model's budget of "
-                f"{budget} (context {counts.max_model_len} minus max_tokens {max_tokens} and "
-                "a small reserve). "
-                "Lower max_tokens or shorten the card."
+            # Not the member's message: no message fits until the card or max_tokens changes.
+            room = counts.max_model_len - counts.generation_prompt - ESTIMATE_RESERVE
+            if used < room:
+                raise PromptBudgetError(
+                    f"This channel's max_tokens ({max_tokens}) leaves no room for a prompt in "
+                    f"this model's context of {counts.max_model_len} tokens (the persona card "
+                    f"alone takes {used}). Lower max_tokens well below {room - used}."
+                )
+            raise PromptBudgetError(
+                f"The persona card alone takes {used} tokens, more than this model's context "
+                f"of {counts.max_model_len}. Shorten the card."
             )
 
+        chosen: list[Turn] = []
+        new_counts: list[tuple[int, int]] = []
+        estimated: tuple[int, int] | None = None
+        truncated = False
+
+        async def cost_of(turn: Turn, room: int) -> int:
+            nonlocal estimated
+            if scene and turn.role == "assistant" and turn.persona != persona:
+                # another persona's reply: its own cost and its name's, both known in the
+                # steady state (no await); measured or counted here otherwise
+                name = names.get(turn.persona, turn.persona)
+                delta = counts.named.get(name)
+                if turn.token_count is not None and delta is not None:
+                    return max(turn.token_count + delta, 1)
+                return await self._named_cost(model, turn, persona, names, new_counts)
+            if turn.token_count is not None:
+                return turn.token_count
+            message = turn_message(turn, speaker_names=self.speaker_names)
+            if not chosen and turn.role == "user":
+                # A loose bound (bytes) would crowd out the summary and the lore: only a
+                # message small beside the room left is bounded instead of counted.
+                bound = await self.upper_bound(model, message)
+                if bound <= room // 2:
+                    estimated = (turn.id, bound)
+                    return bound
+            cost = await self.message_cost(model, message)
+            new_counts.append((turn.id, cost))
+            return cost
+
         # Memory beyond the window: the rolling summary stands in for the turns it covers, and
-        # lorebook entries whose keys occur in the recent turns get their own small budget.
-        extra: list[str] = []
+        # lorebook entries whose keys occur in the recent turns get their own small budget. Both
+        # take only the room that the newest turn (the member's message) leaves: it is placed
+        # first, and refused only when it does not fit beside the card alone.
         summary = await self.memory.summary(channel_id, persona) if self.summaries else None
         after_id = summary.through_id if summary is not None else 0
+        # A prompt holds about as many turns as the last one did: read that many and a few.
+        window = self._windows.get((channel_id, persona))
+        first_page = window + _PAGE_SLACK if window is not None else None
+        # (pages are read whole: nothing is held open between turns)
+        turns = aiter(
+            self.memory.iter_turns_backwards(
+                channel_id, history, first_page=first_page, before_id=before_id
+            )
+        )
+        newest = await anext(turns, None)
+        if newest is not None and newest.id > after_id:
+            cost = await cost_of(newest, budget - used)
+            if used + cost > budget:
+                await self._save(new_counts)
+                raise InputTooLongError(
+                    f"That message is about {cost} tokens; with the persona card only "
+                    f"{budget - used} fit this model's context. Please shorten it."
+                )
+            used += cost
+            chosen.append(newest)
+
+        extra: list[str] = []
         if summary is not None:
             block = summary_block(summary.content)
-            cost = summary.token_count
-            if cost is None:
-                cost = await self.message_cost(model, {"role": "system", "content": block})
+            summary_cost = summary.token_count
+            if summary_cost is None:
+                summary_cost = await self.message_cost(model, {"role": "system", "content": block})
                 await self.memory.set_summary_token_count(
-                    channel_id, persona, summary.through_id, cost
+                    channel_id, persona, summary.through_id, summary_cost
                 )
-            if used + cost < budget:
+            if used + summary_cost < budget:
                 extra.append(block)
-                used += cost
+                used += summary_cost
         lore, lore_cost = await self._lore(
             channel_id,
             card,
@@ -453,49 +512,16 @@ class PromptBuilder:
         if extra:
             system = {"role": "system", "content": "\n\n".join([system["content"], *extra])}
 
-        chosen: list[Turn] = []
-        new_counts: list[tuple[int, int]] = []
-        estimated: tuple[int, int] | None = None
-        truncated = False
-        # A prompt holds about as many turns as the last one did: read that many and a few.
-        window = self._windows.get((channel_id, persona))
-        first_page = window + _PAGE_SLACK if window is not None else None
-        async for turn in self.memory.iter_turns_backwards(
-            channel_id, history, first_page=first_page, before_id=before_id
-        ):
-            if turn.id <= after_id:
-                break  # the summary covers this turn and every older one
-            if scene and turn.role == "assistant" and turn.persona != persona:
-                # another persona's reply: its own cost and its name's, both known in the
-                # steady state (no await); measured or counted here otherwise
-                name = names.get(turn.persona, turn.persona)
-                delta = counts.named.get(name)
-                if turn.token_count is not None and delta is not None:
-                    cost = max(turn.token_count + delta, 1)
-                else:
-                    cost = await self._named_cost(model, turn, persona, names, new_counts)
-            else:
-                cost = turn.token_count
-            if cost is None:
-                message = turn_message(turn, speaker_names=self.speaker_names)
-                if not chosen and turn.role == "user":
-                    bound = await self.upper_bound(model, message)
-                    if used + bound <= budget:
-                        cost, estimated = bound, (turn.id, bound)
-                if cost is None:
-                    cost = await self.message_cost(model, message)
-                    new_counts.append((turn.id, cost))
-            if used + cost > budget:
-                truncated = True
-                if not chosen:
-                    await self._save(new_counts)
-                    raise InputTooLongError(
-                        f"That message is about {cost} tokens; with the persona card only "
-                        f"{budget - used} fit this model's context. Please shorten it."
-                    )
-                break
-            used += cost
-            chosen.append(turn)
+        if chosen:
+            async for turn in turns:
+                if turn.id <= after_id:
+                    break  # the summary covers this turn and every older one
+                cost = await cost_of(turn, budget - used)
+                if used + cost > budget:
+                    truncated = True
+                    break
+                used += cost
+                chosen.append(turn)
         await self._save(new_counts)
         self._windows[(channel_id, persona)] = len(chosen)
         oldest_id = chosen[-1].id if chosen else None

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from bot.core.cards import CharacterBook, LoreEntry
 from bot.core.chat import ChatService, Speaker
 from bot.core.client import Completion, ModelClient
 from bot.core.memory import Memory
@@ -20,7 +21,7 @@ from bot.core.prompt import (
     substitute,
     turn_message,
 )
-from bot.errors import InputTooLongError
+from bot.errors import InputTooLongError, RolecastError
 from bot.settings import SamplingSettings
 from tests.instant_server import InstantServer, ServerState
 
@@ -260,3 +261,59 @@ async def test_a_long_chat_stays_in_the_context_without_a_tokenize_call_per_mess
         for turn in await memory.recent_turns("c", "haruhi", limit=100):
             message = turn_message(turn, speaker_names=False)
             assert turn.token_count == await builder.message_cost("instant-base", message)
+
+
+async def test_the_summary_and_the_lore_give_way_to_the_newest_message(
+    builder: PromptBuilder, server: InstantServer
+) -> None:
+    """What stands in for older turns (the summary, lorebook entries) takes only the room that
+    the member's newest message leaves: a message that fits with the card is answered."""
+    persona = PersonaRegistry(None).load().get("haruhi")
+    card = persona.card.model_copy(deep=True)
+    card.data.character_book = CharacterBook(
+        token_budget=10_000, entries=[LoreEntry(keys=["x"], content="传说" * 50, constant=True)]
+    )
+    builder.lore_budget = 10_000
+    old = await builder.memory.add_turn("c", persona="haruhi", role="user", content="很久以前")
+    await builder.memory.set_summary("c", "haruhi", "之前的事。" * 80, through_id=old.id)
+    message = "今天" * 150
+    await builder.memory.add_turn("c", persona="haruhi", role="user", content=message)
+
+    prompt = await builder.build("c", card, "haruhi", model="instant-base", max_tokens=MAX_TOKENS)
+    assert prompt.messages[-1] == {"role": "user", "content": message}
+    assert "传说" in prompt.messages[0]["content"]  # the lore fits beside it; the summary not
+    assert "Summary of the conversation so far:" not in prompt.messages[0]["content"]
+    assert server.state.counter(prompt.messages, True) + MAX_TOKENS <= CONTEXT
+    # with a short message, the room is theirs
+    await builder.memory.add_turn("c", persona="haruhi", role="user", content="好")
+    prompt = await builder.build("c", card, "haruhi", model="instant-base", max_tokens=MAX_TOKENS)
+    assert "Summary of the conversation so far:" in prompt.messages[0]["content"]
+    assert server.state.counter(prompt.messages, True) + MAX_TOKENS <= CONTEXT
+
+
+@pytest.mark.parametrize("max_tokens", [CONTEXT - 50, CONTEXT, CONTEXT * 4])
+async def test_max_tokens_that_leave_no_room_say_so_and_keep_the_message(
+    builder: PromptBuilder, max_tokens: int
+) -> None:
+    """Not the member's message is too long but the reply's limit: the member is told to lower
+    it, and the message is not treated as one that can never be answered (which deletes it)."""
+    persona = PersonaRegistry(None).load().get("haruhi")
+    await builder.memory.add_turn("c", persona="haruhi", role="user", content="你好")
+    with pytest.raises(RolecastError, match="max_tokens") as raised:
+        await builder.build(
+            "c", persona.card, "haruhi", model="instant-base", max_tokens=max_tokens
+        )
+    assert not isinstance(raised.value, InputTooLongError)
+    assert "shorten the card" not in str(raised.value)
+
+
+async def test_a_card_larger_than_the_context_is_not_the_members_fault(
+    builder: PromptBuilder,
+) -> None:
+    persona = PersonaRegistry(None).load().get("haruhi")
+    card = persona.card.model_copy(deep=True)
+    card.data.mes_example = "<START>\n{{char}}: 哼。" * 2000
+    await builder.memory.add_turn("c", persona="haruhi", role="user", content="你好")
+    with pytest.raises(RolecastError, match="Shorten the card") as raised:
+        await builder.build("c", card, "haruhi", model="instant-base", max_tokens=MAX_TOKENS)
+    assert not isinstance(raised.value, InputTooLongError)
