@@ -584,7 +584,10 @@ class PromptBuilder:
             key = (model, digest, hit.index, user_name)
             cost = self._lore_costs.get(key)
             if cost is None:
-                cost = await self.message_cost(model, {"role": "system", "content": text})
+                # with the block's heading and bullet: more than an entry adds beside others,
+                # never less than one alone adds
+                block = lore_block([text])
+                cost = await self.message_cost(model, {"role": "system", "content": block})
                 self._lore_costs[key] = cost
             if spent + cost > allowance:
                 continue

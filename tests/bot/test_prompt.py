@@ -284,6 +284,8 @@ async def test_the_summary_and_the_lore_give_way_to_the_newest_message(
     assert "传说" in prompt.messages[0]["content"]  # the lore fits beside it; the summary not
     assert "Summary of the conversation so far:" not in prompt.messages[0]["content"]
     assert server.state.counter(prompt.messages, True) + MAX_TOKENS <= CONTEXT
+    # the lore is costed with its heading: the prompt's size is a bound, never less
+    assert prompt.prompt_tokens >= server.state.counter(prompt.messages, True)
     # with a short message, the room is theirs
     await builder.memory.add_turn("c", persona="haruhi", role="user", content="好")
     prompt = await builder.build("c", card, "haruhi", model="instant-base", max_tokens=MAX_TOKENS)
