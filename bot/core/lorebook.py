@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -52,6 +53,36 @@ def _key_regex(key: str) -> str:
     return rf"\b{escaped}\b" if _whole_words(key) else escaped
 
 
+@functools.cache
+def _fold_table() -> dict[int, str]:
+    """Each cased character's one-character fold, such that characters an IGNORECASE search
+    takes as equal fold alike: the lowercase of its uppercase (the Kelvin sign and the long s
+    fold to the ASCII letters, the dotless i to i); the dotted capital I, which a search
+    matches with a plain i, to i; characters whose case folding is several characters (the
+    sharp s, ligatures) to the first character with that folding."""
+    table: dict[int, str] = {}
+    groups: dict[str, str] = {}
+    for code in range(sys.maxunicode + 1):
+        char = chr(code)
+        lower, upper = char.lower(), char.upper()
+        if len(lower) > 1:
+            folded = lower[0]
+        elif len(upper) == 1 and len(upper.lower()) == 1:
+            folded = upper.lower()
+        else:
+            full = char.casefold()
+            folded = groups.setdefault(full, char) if len(full) > 1 else full
+        if folded != char:
+            table[code] = folded
+    return table
+
+
+def _fold(text: str) -> str:
+    """`text` folded one character to one: a key can occur in a text only if its fold occurs
+    in the text's fold."""
+    return text.lower() if text.isascii() else text.translate(_fold_table())
+
+
 class _Scan:
     """The scanned text, and the words and character pairs in it (built when first needed):
     a key none of whose occurrences could be there is not searched for."""
@@ -63,9 +94,7 @@ class _Scan:
         self._pairs: dict[bool, frozenset[str]] = {}
 
     def _folded(self, text: str, case_sensitive: bool) -> str:
-        # casefold, not lower: it maps the Kelvin sign and the long s to the ASCII letters
-        # that an IGNORECASE search matches them with
-        return text if case_sensitive else text.casefold()
+        return text if case_sensitive else _fold(text)
 
     def could_occur(self, key: str, case_sensitive: bool) -> bool:
         folded = self._folded(key, case_sensitive)

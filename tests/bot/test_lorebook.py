@@ -50,7 +50,7 @@ def _naive(book: CharacterBook, texts: list[str]) -> set[int]:
 
 # Text in the scripts and cases that make matching tricky: word and non-word characters,
 # CJK, letters whose case folds to ASCII (the Kelvin sign, the long s), the sharp s, dotted I.
-_ALPHABET = "ab AB-_.'#\n1猫咪の日ſKßẞİı\u0307é"
+_ALPHABET = "ab AB-_.'#\n1iI猫咪の日ſKßẞİı\u0307éﬅﬆ\u0390\u1fd3"
 _pieces = st.text(alphabet=_ALPHABET, max_size=8)
 
 
@@ -83,6 +83,26 @@ def test_entries_fire_exactly_when_a_key_occurs(
         ]
     )
     assert {hit.index for hit in matching_entries(book, texts)} == _naive(book, texts)
+
+
+@pytest.mark.parametrize(
+    ("key", "text"),
+    [
+        ("İstanbul", "we went to istanbul"),  # the dotted capital I: a search matches a plain i
+        ("istanbul", "İSTANBUL"),
+        ("ıi", "II"),  # the dotless i
+        ("kiss", "Kiſſ"),  # the Kelvin sign and the long s
+        ("straße", "STRAẞE"),
+        ("Straße", "STRASSE"),  # a search does not take ß for ss
+        ("\u0390", "\u1fd3"),  # two code points of one Greek letter
+        ("ﬅ", "ﬆ"),
+        ("σίσυφος", "ΣΊΣΥΦΟΣ"),
+    ],
+)
+def test_keys_fire_as_a_case_insensitive_search_finds_them(key: str, text: str) -> None:
+    book = CharacterBook(entries=[LoreEntry(keys=[key], content="lore")])
+    found = re.search(re.escape(key), text, re.IGNORECASE) is not None
+    assert bool(matching_entries(book, [text])) == found
 
 
 def _random_words(rng: random.Random, count: int, alphabet: str, size: int) -> list[str]:
