@@ -92,15 +92,17 @@ async def test_a_work_directory_that_cannot_be_written_fails_the_job_saying_wher
 ) -> None:
     await approve(memory, shared_dialogues(data_dir, 4))
     workdir = tmp_path / "jobs"
-    if trouble == "a file":
+    service = service_for(memory, settings_for(tmp_path, workdir=workdir))
+    if trouble == "a file":  # after the settings were read (they refuse a file at start)
         workdir.write_text("not a folder")
         where = str(workdir)
+        with pytest.raises(ValueError, match="is a file, not a folder"):
+            settings_for(tmp_path, workdir=workdir)
     else:  # the first job's export lands on a device that is always full
         export = workdir / "haruhi-1" / "export" / "haruhi.jsonl"
         export.parent.mkdir(parents=True)
         export.symlink_to("/dev/full")
         where = f"No space left on device (in {workdir / 'haruhi-1'})"
-    service = service_for(memory, settings_for(tmp_path, workdir=workdir))
     job = await service.wait((await service.start("haruhi", requested_by="t")).id)
     assert job.state == "failed" and not unexplained(job.reason), job.reason
     assert job.reason is not None and job.reason.startswith("exporting stopped: ")
