@@ -57,6 +57,14 @@ def notices() -> list[str]:
     return out
 
 
+async def delete_memory(rig: Rig, command: str) -> None:
+    """Run `memory reset` (confirming it, as alice) or `memory forget-me`."""
+    await rig.command(command)
+    if command == "memory reset":
+        entity, confirm = find_button(rig.bot, "Delete the memory")
+        await press(rig.bot, rig.channel, rig.alice, confirm, entity)
+
+
 async def turns(rig: Rig, persona: str = "haruhi") -> list[Turn]:
     return list(reversed(await rig.memory.recent_turns(rig.key, persona, limit=100)))
 
@@ -356,10 +364,7 @@ async def test_a_reply_finished_after_its_conversation_was_deleted_is_not_kept(
     await asyncio.sleep(0.1)
     assert [t.content for t in await turns(rig)][-1] == "my words"  # stored, being answered
     with caplog.at_level(logging.WARNING):
-        await rig.command(command)
-        if command == "memory reset":
-            entity, confirm = find_button(rig.bot, "Delete the memory")
-            await press(rig.bot, rig.channel, rig.alice, confirm, entity)
+        await delete_memory(rig, command)
         await replying
     stored = [(t.role, t.content) for t in await turns(rig)]
     assert ("assistant", "You said: my words.") not in stored
@@ -415,10 +420,7 @@ async def test_a_reply_streamed_before_its_conversation_was_deleted_says_it_is_n
         await asyncio.sleep(0.02)
     assert rig.replies() == [*greetings, "You said: my"]
     with caplog.at_level(logging.WARNING):
-        await rig.command(command)
-        if command == "memory reset":
-            entity, confirm = find_button(rig.bot, "Delete the memory")
-            await press(rig.bot, rig.channel, rig.alice, confirm, entity)
+        await delete_memory(rig, command)
         await replying
     # what was shown stays on Discord, marked as not kept (a reset's greetings come after it);
     # nothing of it is stored
@@ -449,9 +451,7 @@ async def test_a_reply_is_not_kept_when_a_reset_stored_new_turns_before_it_finis
     assert rig.replies() == ["You said: my"]
     answered = [t.id for t in await turns(rig, "atri" if scene else "haruhi")]
     with caplog.at_level(logging.WARNING):
-        await rig.command("memory reset")
-        entity, confirm = find_button(rig.bot, "Delete the memory")
-        await press(rig.bot, rig.channel, rig.alice, confirm, entity)
+        await delete_memory(rig, "memory reset")
         greetings = [*await turns(rig, "haruhi"), *await turns(rig, "atri")]
         assert greetings and all(t.role == "assistant" for t in greetings)
         await replying
@@ -501,10 +501,7 @@ async def test_a_summary_finished_after_its_conversation_was_deleted_is_not_kept
     assert len(asked) == 2
     with caplog.at_level(logging.WARNING):
         if command is not None:
-            await rig.command(command)
-        if command == "memory reset":
-            entity, confirm = find_button(rig.bot, "Delete the memory")
-            await press(rig.bot, rig.channel, rig.alice, confirm, entity)
+            await delete_memory(rig, command)
         assert not replying.done()  # the summary is still being written
         await replying
     summary = await rig.memory.summary(rig.key, "haruhi")
