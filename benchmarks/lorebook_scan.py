@@ -45,10 +45,9 @@ def module_at(rev: str) -> ModuleType:
     return module
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--old", help="a git revision to compare with")
-    args = parser.parse_args()
+def largest_books() -> tuple[list[str], dict[str, CharacterBook]]:
+    """50 long recent turns (ASCII words and CJK) and three books at a card's limits: random
+    ASCII keys, random CJK keys, and keys whose words are all in the turns, never in order."""
     rng = random.Random(7)
     cjk = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 300))
 
@@ -74,13 +73,20 @@ def main() -> None:
             ]
         )
 
-    books = {
+    return turns, {
         "ascii keys": book(lambda: words(1, string.ascii_lowercase, 8)[0]),
         "cjk keys": book(lambda: words(1, cjk, 4)[0]),
         "key words all in the turns, never in that order": book(
             lambda: " ".join(rng.sample(vocabulary, 3))
         ),
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--old", help="a git revision to compare with")
+    args = parser.parse_args()
+    turns, books = largest_books()
     versions = {"now": lorebook} | ({"old": module_at(args.old)} if args.old else {})
     lorebook.matching_entries(books["cjk keys"], ["猫"])  # one-time set-up (the fold table)
     for name, each in books.items():
