@@ -7,7 +7,8 @@
 #                                      tokenizer, train a 20-step adapter (attention + experts)
 #   benchmarks/gptoss_run.sh train     the training benchmark: Rolecast against transformers + PEFT
 #   benchmarks/gptoss_run.sh vllm      vLLM serving the adapter: against PEFT on the stand-in's
-#                                      weights, then throughput at 32 and 128 streams (dummy weights)
+#                                      weights, the base without LoRA against the plain model,
+#                                      then throughput at 32 and 128 streams (dummy weights)
 #   benchmarks/gptoss_run.sh scaling   one GPU against two (DDP through accelerate launch)
 #
 # Environment: BUNDLE_DIR (a vLLM bundle built with KEEP_MOE=1: gpt-oss needs vLLM's MoE
@@ -67,6 +68,9 @@ case $phase in
     fi
     VLLM_LOG=$RESULTS/vllm-check.log bench gptoss_vllm_check python3 benchmarks/gptoss_vllm.py \
       --model "$MODEL" --adapter "$ADAPTER" --data "$DATA" --check ${VLLM_OPTIONS:-}
+    # the base on a server without LoRA: whether enabling LoRA is what changes the base's replies
+    VLLM_LOG=$RESULTS/vllm-base.log bench gptoss_vllm_base python3 benchmarks/gptoss_vllm.py \
+      --model "$MODEL" --adapter "$ADAPTER" --data "$DATA" --check --no-lora ${VLLM_OPTIONS:-}
     VLLM_LOG=$RESULTS/vllm-dummy.log bench gptoss_vllm_throughput python3 benchmarks/gptoss_vllm.py \
       --model "$MODEL" --adapter "$ADAPTER" --data "$DATA" --load-format dummy ${VLLM_OPTIONS:-}
     ;;

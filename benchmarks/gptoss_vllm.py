@@ -66,12 +66,35 @@ def vllm_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         kv_cache_memory_gb=args.kv_cache_memory_gb,
     )
     argv, env = build_vllm_command(settings, None, args.model)
+    if args.no_lora:
+        argv = without_lora(argv)
     argv += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     if args.load_format != "auto":
         argv += ["--load-format", args.load_format]
     if args.enforce_eager:
         argv.append("--enforce-eager")
     return argv, {**env, "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+
+
+LORA_FLAGS = ("--max-loras", "--max-lora-rank", "--max-cpu-loras")  # each takes one value
+
+
+def without_lora(argv: list[str]) -> list[str]:
+    """The launcher's command with LoRA off: no `--enable-lora`, its sizes or its adapters."""
+    out: list[str] = []
+    skip = 0
+    for i, arg in enumerate(argv):
+        if skip:
+            skip -= 1
+        elif arg == "--enable-lora":
+            pass
+        elif arg in LORA_FLAGS:
+            skip = 1
+        elif arg == "--lora-modules":  # its values run to the next flag
+            skip = next((j for j, a in enumerate(argv[i + 1 :]) if a.startswith("--")), len(argv))
+        else:
+            out.append(arg)
+    return out
 
 
 def prompts(model: str, data: str, count: int, max_len: int) -> list[list[int]]:
@@ -128,18 +151,20 @@ async def served_greedy(
 ) -> list[tuple[str, list[int], list[float]]]:
     """vLLM's greedy tokens and their log-probabilities for each prompt, base then adapter."""
     async with httpx.AsyncClient() as client:
-        jobs = [
-            complete(client, url, name, p, args.check_tokens, logprobs=1, return_token_ids=True)
-            for name in (BASE, ADAPTER)
-            for p in ids
-        ]
-        answers = await asyncio.gather(*jobs)
+        names = [BASE] if args.no_lora else [BASE, ADAPTER]
+        asked = [(name, p) for name in names for p in ids]
+        answers = await asyncio.gather(
+            *(
+                complete(client, url, name, p, args.check_tokens, logprobs=1, return_token_ids=True)
+                for name, p in asked
+            )
+        )
     out = []
-    for k, answer in enumerate(answers):
+    for (name, _), answer in zip(asked, answers, strict=True):
         choice = answer["choices"][0]
         tokens = choice.get("token_ids") or []
         logprobs = choice["logprobs"]["token_logprobs"]
-        out.append((BASE if k < len(ids) else ADAPTER, list(tokens), list(logprobs)))
+        out.append((name, list(tokens), list(logprobs)))
     return out
 
 
@@ -241,6 +266,12 @@ def main() -> None:
     parser.add_argument("--load-format", default="auto", help="auto, or dummy (random weights)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--check", action="store_true", help="compare with PEFT (real weights)")
+    parser.add_argument(
+        "--no-lora",
+        action="store_true",
+        help="with --check: serve the base alone, without --enable-lora, and compare its replies "
+        "with the plain model's (does enabling LoRA change the base's replies?)",
+    )
     parser.add_argument("--check-prompts", type=int, default=8)
     parser.add_argument("--check-tokens", type=int, default=32)
     parser.add_argument("--streams", type=int, nargs="+", default=[32, 128])
@@ -253,6 +284,8 @@ def main() -> None:
     emit(command=format_command(argv, env), adapter_problems=problems)
     if args.print_command:
         return
+    if args.no_lora and not args.check:
+        raise SystemExit("--no-lora goes with --check")
     if args.check and args.load_format == "dummy":
         raise SystemExit("--check needs the real weights: drop --load-format dummy")
     ids = prompts(args.model, args.data, max(args.check_prompts, 64), args.max_model_len // 2)
