@@ -152,6 +152,18 @@ def trained(paths: Paths, job: Job) -> None:
     paths.validation.write_text("")
 
 
+async def trained_job_at(
+    memory: Memory, tmp_path: Path, state: str
+) -> tuple[BotSettings, JobStore, Job, Paths]:
+    """A job at `state` whose training left its adapter in the work directory."""
+    settings = settings_for(tmp_path)
+    store = JobStore(memory.db)
+    job = await job_at(store, state)
+    paths = Paths(tmp_path / "w", "haruhi")
+    trained(paths, job)
+    return settings, store, job, paths
+
+
 SCORES = {"bleu-4": 1.0, "rouge-l": 2.0, "own_probability": 50.0}
 
 
@@ -171,11 +183,7 @@ SCORES = {"bleu-4": 1.0, "rouge-l": 2.0, "own_probability": 50.0}
 async def test_an_evaluation_without_usable_scores_fails_the_job_saying_so(
     metrics: str | None, memory: Memory, tmp_path: Path
 ) -> None:
-    settings = settings_for(tmp_path)
-    store = JobStore(memory.db)
-    job = await job_at(store, "evaluating")
-    paths = Paths(tmp_path / "w", "haruhi")
-    trained(paths, job)
+    settings, store, job, paths = await trained_job_at(memory, tmp_path, "evaluating")
 
     async def evaluation(what: str, args: list[str]) -> str:
         paths.eval_dir.mkdir(parents=True, exist_ok=True)
@@ -192,11 +200,7 @@ async def test_an_evaluation_without_usable_scores_fails_the_job_saying_so(
 async def test_a_publish_that_took_effect_before_its_command_failed_is_done(
     memory: Memory, tmp_path: Path
 ) -> None:
-    settings = settings_for(tmp_path)
-    store = JobStore(memory.db)
-    job = await job_at(store, "publishing")
-    paths = Paths(tmp_path / "w", "haruhi")
-    trained(paths, job)
+    settings, store, job, paths = await trained_job_at(memory, tmp_path, "publishing")
     registry = AdapterRegistry(settings.adapters)
 
     async def switched_then_died(what: str, args: list[str]) -> str:
@@ -212,11 +216,7 @@ async def test_a_publish_that_took_effect_before_its_command_failed_is_done(
 async def test_a_publish_that_failed_before_switching_fails_and_changes_nothing(
     memory: Memory, tmp_path: Path
 ) -> None:
-    settings = settings_for(tmp_path)
-    store = JobStore(memory.db)
-    job = await job_at(store, "publishing")
-    paths = Paths(tmp_path / "w", "haruhi")
-    trained(paths, job)
+    settings, store, job, paths = await trained_job_at(memory, tmp_path, "publishing")
     registry = broken_pointer(settings)
 
     async def refused(what: str, args: list[str]) -> str:
