@@ -15,6 +15,8 @@ ids are also what makes the comparison with PEFT exact.
 - `--check`: real weights; for each prompt, greedy tokens from vLLM (base and adapter) against
   transformers + PEFT in bf16 on the same GPU (identical tokens; the first divergence and the
   top-2 gap there), and the teacher-forced |delta logprob| of vLLM's tokens under PEFT;
+- `--precision`: no vLLM; the reference's own bf16 greedy replies judged by the same weights in
+  fp32, with the same measures: how far bf16 alone moves replies on these weights;
 - throughput: `--streams` concurrent requests of `--max-tokens` tokens each (`ignore_eos`),
   half on the adapter and half on the base, and all on the adapter.
 
@@ -168,11 +170,9 @@ async def served_greedy(
     return out
 
 
-def check_equivalence(
-    args: argparse.Namespace, ids: list[list[int]], served: list[tuple[str, list[int], list[float]]]
-) -> None:
-    """vLLM's greedy tokens against transformers + PEFT, and the teacher-forced log-probabilities
-    (run after vLLM has stopped: the GPU need not hold both models at once)."""
+def load_reference(args: argparse.Namespace, dtype: Any) -> Any:
+    """transformers + PEFT: the stand-in's weights (MXFP4 experts dequantized) and the adapter,
+    computing in `dtype`."""
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -181,17 +181,64 @@ def check_equivalence(
 
     base = AutoModelForCausalLM.from_pretrained(
         args.model,
-        dtype=torch.bfloat16,
+        dtype=dtype,
         attn_implementation="eager",
-        device_map="cuda",
+        device_map="cuda" if torch.cuda.is_available() else "cpu",
         **quantization_kwargs(AutoConfig.from_pretrained(args.model)),
     )
-    model = PeftModel.from_pretrained(base, str(args.adapter), adapter_name="persona").eval()
+    return PeftModel.from_pretrained(base, str(args.adapter), adapter_name="persona").eval()
+
+
+def adapter_context(model: Any, name: str) -> Any:
+    """The base's rows run with the adapter disabled, the adapter's with it on."""
+    import contextlib
+
+    return model.disable_adapter() if name == BASE else contextlib.nullcontext()
+
+
+def reference_greedy(
+    model: Any, args: argparse.Namespace, ids: list[list[int]]
+) -> list[tuple[str, list[int], list[float]]]:
+    """The reference's own greedy tokens and log-probabilities, as `served_greedy` gets vLLM's."""
+    import torch
+
+    out = []
+    for name in (BASE, ADAPTER):
+        for prompt in ids:
+            with torch.no_grad(), adapter_context(model, name):
+                result = model.generate(
+                    input_ids=torch.tensor([prompt], device=model.device),
+                    attention_mask=torch.ones(
+                        1, len(prompt), dtype=torch.long, device=model.device
+                    ),
+                    max_new_tokens=args.check_tokens,
+                    do_sample=False,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
+            tokens = result.sequences[0, len(prompt) :].tolist()
+            logprobs = [
+                float(torch.log_softmax(step[0].float(), -1)[token])
+                for step, token in zip(result.logits, tokens, strict=False)
+            ]
+            out.append((name, tokens, logprobs))
+    return out
+
+
+def check_equivalence(
+    model: Any,
+    ids: list[list[int]],
+    served: list[tuple[str, list[int], list[float]]],
+    check: str = "vllm_vs_peft",
+) -> None:
+    """Served greedy tokens against `model` (transformers + PEFT): where its own argmax on the
+    same tokens first differs, the top-2 gap there, and the teacher-forced |delta logprob|."""
+    import torch
+
     for k, (name, tokens, logprobs) in enumerate(served):
         prompt = ids[k % len(ids)]
-        context = model.disable_adapter() if name == BASE else torch.autocast("cuda", enabled=False)
-        with torch.no_grad(), context:
-            full = torch.tensor([prompt + tokens], device="cuda")
+        with torch.no_grad(), adapter_context(model, name):
+            full = torch.tensor([prompt + tokens], device=model.device)
             logits = model(input_ids=full).logits[0, len(prompt) - 1 : -1].float()
             lp = torch.log_softmax(logits, -1)
             forced = lp.gather(1, full[0, len(prompt) :, None])[:, 0].tolist()
@@ -205,7 +252,7 @@ def check_equivalence(
                 gap = round(float(top2[0] - top2[1]), 4)
         deltas = [abs(a - b) for a, b in zip(forced, logprobs, strict=False) if b is not None]
         emit(
-            check="vllm_vs_peft",
+            check=check,
             model=name,
             prompt_tokens=len(prompt),
             tokens=len(tokens),
@@ -215,6 +262,23 @@ def check_equivalence(
             max_abs_dlogprob=round(max(deltas), 4) if deltas else None,
             mean_abs_dlogprob=round(sum(deltas) / len(deltas), 5) if deltas else None,
         )
+
+
+def precision_check(args: argparse.Namespace, ids: list[list[int]]) -> None:
+    """No vLLM: the reference's own bf16 greedy replies judged by the same weights computing in
+    fp32, with the same measures as the vLLM check. How far bf16 alone moves these replies is
+    the scale against which vLLM's differences are read."""
+    import gc
+
+    import torch
+
+    model = load_reference(args, torch.bfloat16)
+    served = reference_greedy(model, args, ids)
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    check_equivalence(load_reference(args, torch.float32), ids, served, "bf16_vs_fp32")
 
 
 def throughput(args: argparse.Namespace, url: str, ids: list[list[int]]) -> None:
@@ -276,6 +340,12 @@ def main() -> None:
         help="with --check: serve the base alone, without --enable-lora, and compare its replies "
         "with the plain model's (does enabling LoRA change the base's replies?)",
     )
+    parser.add_argument(
+        "--precision",
+        action="store_true",
+        help="no vLLM: the reference's bf16 greedy replies against the same weights in fp32 "
+        "(how much bf16 alone moves them: the scale for --check's figures)",
+    )
     parser.add_argument("--check-prompts", type=int, default=8)
     parser.add_argument("--check-tokens", type=int, default=32)
     parser.add_argument("--streams", type=int, nargs="+", default=[32, 128])
@@ -289,11 +359,16 @@ def main() -> None:
     emit(command=format_command(argv, env), adapter_problems=problems)
     if args.print_command:
         return
+    ids = prompts(args.model, args.data, max(args.check_prompts, 64), args.max_model_len // 2)
+    if not ids:
+        raise SystemExit(f"no dialogue context in {args.data} fits half of --max-model-len")
+    if args.precision:
+        precision_check(args, ids[: args.check_prompts])
+        return
     if args.no_lora and not args.check:
         raise SystemExit("--no-lora goes with --check")
     if args.check and args.load_format == "dummy":
         raise SystemExit("--check needs the real weights: drop --load-format dummy")
-    ids = prompts(args.model, args.data, max(args.check_prompts, 64), args.max_model_len // 2)
     url = f"http://127.0.0.1:{args.port}"
     log = open(Path(os.environ.get("VLLM_LOG", "vllm.log")), "wb")
     process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=log)
@@ -313,7 +388,9 @@ def main() -> None:
             process.kill()
         log.close()
     if args.check:
-        check_equivalence(args, ids[: args.check_prompts], served)
+        import torch
+
+        check_equivalence(load_reference(args, torch.bfloat16), ids[: args.check_prompts], served)
 
 
 if __name__ == "__main__":
