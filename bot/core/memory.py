@@ -845,7 +845,8 @@ class Memory:
             [(json.dumps(m, ensure_ascii=False), i) for i, m in redact.items()],
         )
         jobs = await db.execute(sql.UNLINK_RETRAIN_REQUESTER_IN_GUILD, (author_id, guild_id))
-        if gone or doomed:
+        if gone or doomed or mentioned or redact:
+            # a summary of turns that held their id may repeat it: it goes with the rest
             await db.execute(sql.DELETE_GUILD_SUMMARIES, (guild_id,))
         await db.commit()
         persona_of = {d.id: d.persona for d in dialogues}

@@ -170,6 +170,27 @@ async def test_forget_me_drops_the_summaries_built_from_the_members_words(tmp_pa
         assert await memory.summary(channel, "haruhi") is None
 
 
+async def test_forget_me_drops_summaries_of_turns_that_only_named_the_member(
+    tmp_path: Path,
+) -> None:
+    """A member who wrote nothing but whose id another member typed: the id is redacted from
+    that turn, and a summary written from it, which may repeat the id, goes too."""
+    async with Memory.open(tmp_path / "r.db") as memory:
+        channel = "discord:10"
+        await memory.set_channel_guild(channel, "1")
+        said = await memory.add_turn(channel, persona="haruhi", role="user",
+                                     content="ask 4242 about the club room",
+                                     author_id="43", author_name="alice")  # fmt: skip
+        await memory.set_summary(
+            channel, "haruhi", "Alice wants 4242 asked about the club room.", through_id=said.id
+        )
+        gone = await memory.forget_author("1", "4242")
+        assert gone.turns == 0 and gone.mentions == 1
+        turn = await memory.turn(said.id)
+        assert turn is not None and "4242" not in turn.content
+        assert await memory.summary(channel, "haruhi") is None
+
+
 async def test_a_summary_that_extends_one_forget_me_dropped_is_not_stored(tmp_path: Path) -> None:
     async with Memory.open(tmp_path / "r.db") as memory:
         channel = "discord:10"
