@@ -59,8 +59,11 @@ def data_check(
 ) -> None:
     """Report, per row id, what makes a row unusable; near-duplicates; length statistics."""
     from finetune.data import check_files
+    from formats.jsonfile import require_data_file
 
     try:
+        for file in files:
+            require_data_file(file)
         counter = _token_counter(base)
         report = check_files(files, counter, max_length if counter else None, dedup_threshold)
     except _errors() as exc:
@@ -122,10 +125,9 @@ def data_clean(
     from finetune.data import clean_rows, read_rows, write_jsonl
 
     try:
+        rows = read_rows(source)  # a file that cannot be read says so before a model loads
         counter = _token_counter(base)
-        result = clean_rows(
-            read_rows(source), counter, max_length if counter else None, trim, dedup_threshold
-        )
+        result = clean_rows(rows, counter, max_length if counter else None, trim, dedup_threshold)
         n = write_jsonl(result.kept, output)
     except _errors() as exc:
         _fail(exc)

@@ -54,6 +54,7 @@ from finetune.loop import TrainingLoop, make_batches
 from finetune.memory import Plan
 from finetune.progress import ProgressBar, Reporter
 from finetune.template import Encoded, count_tokens, encode
+from formats.jsonfile import require_data_file
 from formats.manifest import DataInfo, Manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,12 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision="bf16" if gpu else "no", cpu=not gpu)
     set_seed(cfg.seed)
 
-    # The data is checked before any model weights are loaded: a bad file costs seconds.
+    # The data is checked before any model weights are loaded: a bad file costs seconds, and
+    # a file that cannot be opened is reported before even the tokenizer (on a fresh machine,
+    # loading it converts the default model first).
+    for path in (cfg.data, cfg.validation_data):
+        if path:
+            require_data_file(path)
     tokenizer = models.load_tokenizer(cfg.base)
     data = _read_data(cfg, tokenizer)
     samples, validation = data.samples, data.validation

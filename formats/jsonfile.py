@@ -65,6 +65,16 @@ def read_jsonl(path: str | Path) -> list[Line]:
         raise FormatError(f"{path} cannot be read: {exc.strerror or exc}") from None
 
 
+def require_data_file(path: str | Path) -> None:
+    """FormatError now if `path` is not a data file that can be opened: commands check their
+    files before slow work (loading a tokenizer can mean converting a model first)."""
+    path = Path(path)
+    try:
+        _open_data_file(path).close()
+    except OSError as exc:
+        raise FormatError(f"{path} cannot be read: {exc.strerror or exc}") from None
+
+
 def _open_data_file(path: Path) -> BinaryIO:
     """`path` opened for reading, or FormatError saying why it is not a data file."""
     if path.is_dir():

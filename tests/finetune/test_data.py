@@ -308,3 +308,34 @@ def test_rows_a_chat_template_refuses_are_problems_not_crashes(
     tokenizer.chat_template = None  # type: ignore[attr-defined]
     with pytest.raises(TemplateError, match="no chat template"):
         check_files([path], counter, 2048)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["data", "check", "{bad}"],
+        ["data", "clean", "{bad}", "-o", "{out}"],
+        ["train", "--data", "{bad}", "--persona", "p", "--output", "{out}"],
+        ["train", "--data", "{good}", "--validation_data", "{bad}", "--persona", "p",
+         "--output", "{out}"],
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("bad", ["missing.jsonl", "a-directory"])
+def test_a_file_that_cannot_be_read_is_reported_before_a_tokenizer_loads(
+    command: list[str], bad: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading the default tokenizer on a fresh machine converts the default model first
+    (tens of seconds): a wrong path must not wait for that to be told."""
+    import finetune.models
+
+    def no_tokenizer(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a tokenizer was loaded before the data file was checked")
+
+    monkeypatch.setattr(finetune.models, "load_tokenizer", no_tokenizer)
+    (tmp_path / "a-directory").mkdir()
+    good = write_jsonl(tmp_path / "good.jsonl", [dialogue(0)])
+    names = {"bad": str(tmp_path / bad), "good": str(good), "out": str(tmp_path / "out")}
+    result = CliRunner().invoke(app, [arg.format(**names) for arg in command])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # one error line, no traceback
+    assert bad in result.output
