@@ -200,8 +200,15 @@ class ModelClient:
         timeout = httpx.Timeout(timeout_s, connect=5.0)
         # Bodies are read as sent (`aiter_raw`) and asked for uncompressed: a compressed body
         # could inflate past every bound on what is read, so one is simply unreadable.
+        # No cap on connections: the server schedules concurrent replies (vLLM) or sheds load
+        # with 429s, which are retried (the embedded server). httpx's default pool of 100 made
+        # the 101st concurrent reply wait for a free connection and fail as "not answering",
+        # and health checks and token counts queued behind long streams. Idle connections are
+        # kept for a busy bot's next replies, within a bound.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         self._http = httpx.AsyncClient(
             timeout=timeout,
+            limits=limits,
             headers={"Authorization": f"Bearer {api_key}", "Accept-Encoding": "identity"},
         )
         self._models: list[ServedModel] = []

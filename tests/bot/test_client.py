@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 
@@ -126,3 +127,24 @@ async def test_server_down() -> None:
         ):
             await client.tokenize("m", [{"role": "user", "content": "x"}])
         assert not await client.health()
+
+
+async def test_many_concurrent_replies_do_not_queue_inside_the_client() -> None:
+    """A busy bot streams many replies at once (one per channel that is being answered). The
+    server schedules them (vLLM) or sheds load with 429s (the embedded server); the client must
+    not cap them itself: a capped connection pool made the reply past the cap wait for a free
+    connection, then fail as "not answering", and with it the health checks and token counts."""
+    words = " ".join(["word"] * 12)
+    state = ServerState(reply=lambda body: words, token_delay_s=0.25)  # ~3 s per reply
+    with InstantServer(state) as server:
+        async with ModelClient(server.base_url, timeout_s=1.0, max_attempts=1) as client:
+
+            async def one() -> str:
+                text, done = await collect(client, "instant-base")
+                assert done.complete
+                return text
+
+            replies = asyncio.gather(*(one() for _ in range(130)))
+            await asyncio.sleep(1.0)  # every stream open, none near its end
+            assert await client.health()  # the pool has room beside 130 streams
+            assert set(await replies) == {words}
