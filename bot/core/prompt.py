@@ -22,6 +22,13 @@ turn), and a note that says so after its card. A named turn costs what the reply
 assistant turn plus a fixed amount per model and name, measured once (`_named_delta`): the name
 stands on a line of its own, so a byte-level BPE tokenizer splits the reply's text as it does at
 the start of a message. Each persona keeps its own card, summary and token budget.
+
+The newest turn is placed first, before the summary and the lore. Only a member's message
+(a user turn) that does not fit beside the card is refused (`InputTooLongError`: the member
+can shorten it). The newest turn can also be a persona's reply: another persona's in a scene's
+chain, or the persona's own when a reply is written again after one before it, when a reply is
+retried after a failure, or when the card grew since. Such a reply is the persona's to answer,
+not the member's to shorten: when it does not fit, its start is kept (`_shortened`).
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import regex
 
 from bot.core.cards import Card
 from bot.core.client import Completion, Message, ModelClient
@@ -117,6 +126,27 @@ def scene_message(
     return {"role": "user", "content": defuse_control_tokens(named_turn(name, turn.content))}
 
 
+# A grapheme cluster: a cut text never splits an emoji or a letter from its accents.
+_GRAPHEME = regex.compile(r"\X")
+ELLIPSIS = "…"
+
+
+def cut_short(text: str, chars: int) -> str:
+    """The start of `text`, at most `chars` characters of it, then an ellipsis that shows it
+    was cut. Whole grapheme clusters only, and at a space when there is one near the end (a
+    cut word reads as a typo)."""
+    end = 0
+    for cluster in _GRAPHEME.finditer(text):
+        if cluster.end() > chars:
+            break
+        end = cluster.end()
+    head = text[:end]
+    space = max(head.rfind(" "), head.rfind("\n"))
+    if space > len(head) * 3 // 4:
+        head = head[:space]
+    return head.rstrip() + ELLIPSIS
+
+
 @dataclass
 class Prompt:
     messages: list[Message]
@@ -191,6 +221,9 @@ _NAMED_PROBES = ("Well, I never said that.", "「你好」我们走吧。")
 # Named turns counted one by one (a tokenizer that splits text after a name otherwise),
 # kept per model and turn up to this many.
 _NAMED_COSTS_KEPT = 50_000
+# Counts of a cut reply's text before one fits (each try cuts in proportion to the last
+# count, so one or two are the rule): a reply that still does not fit is left out.
+_CUT_TRIES = 4
 
 
 class PromptBuilder:
@@ -349,6 +382,41 @@ class PromptBuilder:
             cost = self._named_costs[key] = await self.message_cost(model, message)
         return cost
 
+    async def _shortened(
+        self,
+        model: str,
+        turn: Turn,
+        render: Callable[[Turn], Message],
+        cost: int,
+        room: int,
+    ) -> tuple[Turn, int] | None:
+        """`turn`, a reply too long for the `room` left beside the card, cut to its start
+        (`cut_short`) so that it costs at most half of that room; with the cut text's exact
+        cost, counted again through /tokenize (the prompt's size stays a bound). None when not
+        even a start of it fits: the reply is then left out.
+
+        Why its start, and why half: the persona is asked to go on from this reply, which is
+        the one piece of context the prompt is built around; its start says what it is about,
+        and often to whom. The other half
+        is left for the turns before it, which say what it answers (the member's message),
+        and for the summary and the lore. Leaving the reply out instead would make the
+        persona answer as if it had never been written. Only the prompt's copy is cut: the
+        stored turn keeps its text and its count."""
+        target = room // 2
+        kept = len(turn.content)
+        for _ in range(_CUT_TRIES):
+            # in proportion to the last count, a little short of it (the wrapping and the
+            # ellipsis do not shrink with the text)
+            kept = kept * target * 9 // (cost * 10)
+            if kept < 1:
+                return None
+            cut = replace(turn, content=cut_short(turn.content, kept), token_count=None)
+            cost = await self.message_cost(model, render(cut))
+            if cost <= target:
+                return cut, cost
+            kept = len(cut.content)
+        return None
+
     async def upper_bound(self, model: str, message: Message) -> int:
         """A cost no smaller than `message_cost`, without tokenizing its text."""
         wrap = await self._wrap(model, message["role"])
@@ -395,8 +463,9 @@ class PromptBuilder:
         the whole cast, the others' replies as named turns. With `before_id`, the prompt for
         that turn written again: from the turns before it.
 
-        Raises InputTooLongError when the card and the newest turn alone exceed the budget,
-        PromptBudgetError when the card alone does (or max_tokens leaves no room at all).
+        Raises InputTooLongError when the newest turn is a member's message that does not fit
+        beside the card (a persona's reply there is cut to fit instead: `_shortened`),
+        PromptBudgetError when the card alone does not fit (or max_tokens leaves no room).
         """
         if self._counting:
             # shielded: a reply cancelled while waiting (a scene's chain, interrupted) leaves
@@ -434,6 +503,11 @@ class PromptBuilder:
         estimated: tuple[int, int] | None = None
         truncated = False
 
+        def message_of(turn: Turn) -> Message:
+            if scene:
+                return scene_message(turn, persona, names, speaker_names=self.speaker_names)
+            return turn_message(turn, speaker_names=self.speaker_names)
+
         async def cost_of(turn: Turn, room: int) -> int:
             nonlocal estimated
             if scene and turn.role == "assistant" and turn.persona != persona:
@@ -460,8 +534,9 @@ class PromptBuilder:
 
         # Memory beyond the window: the rolling summary stands in for the turns it covers, and
         # lorebook entries whose keys occur in the recent turns get their own small budget. Both
-        # take only the room that the newest turn (the member's message) leaves: it is placed
-        # first, and refused only when it does not fit beside the card alone.
+        # take only the room that the newest turn (the member's message, most often) leaves: it
+        # is placed first, and refused only when it is a member's message that does not fit
+        # beside the card alone; a persona's reply that does not fit is cut (`_shortened`).
         summary = await self.memory.summary(channel_id, persona) if self.summaries else None
         after_id = summary.through_id if summary is not None else 0
         # A prompt holds about as many turns as the last one did: read that many and a few.
@@ -474,16 +549,26 @@ class PromptBuilder:
             )
         )
         newest = await anext(turns, None)
-        if newest is not None and newest.id > after_id:
+        beyond_summary = newest is not None and newest.id > after_id
+        if newest is not None and beyond_summary:
             cost = await cost_of(newest, budget - used)
-            if used + cost > budget:
+            if used + cost > budget and newest.role == "user":
                 await self._save(new_counts)
                 raise InputTooLongError(
                     f"That message is about {cost} tokens; with the persona card only "
                     f"{budget - used} fit this model's context. Please shorten it."
                 )
-            used += cost
-            chosen.append(newest)
+            if used + cost > budget:
+                shortened = await self._shortened(model, newest, message_of, cost, budget - used)
+                if shortened is None:
+                    # not even its start fits: the turns before it are tried as usual
+                    log.debug("channel %s: turn %d left out, too long", channel_id, newest.id)
+                    truncated = True
+                else:
+                    newest, cost = shortened
+            if not truncated:
+                used += cost
+                chosen.append(newest)
 
         extra: list[str] = []
         if summary is not None:
@@ -512,7 +597,7 @@ class PromptBuilder:
         if extra:
             system = {"role": "system", "content": "\n\n".join([system["content"], *extra])}
 
-        if chosen:
+        if beyond_summary:
             async for turn in turns:
                 if turn.id <= after_id:
                     break  # the summary covers this turn and every older one
@@ -527,12 +612,7 @@ class PromptBuilder:
         oldest_id = chosen[-1].id if chosen else None
         newest_id = chosen[0].id if chosen else None
         chosen.reverse()
-        messages = [system] + [
-            scene_message(t, persona, names, speaker_names=self.speaker_names)
-            if scene
-            else turn_message(t, speaker_names=self.speaker_names)
-            for t in chosen
-        ]
+        messages = [system] + [message_of(t) for t in chosen]
         if truncated:
             log.debug("channel %s: %d turns fit the budget of %d", channel_id, len(chosen), budget)
         return Prompt(

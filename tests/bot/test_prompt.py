@@ -16,7 +16,9 @@ from bot.core.personas import PersonaRegistry
 from bot.core.prompt import (
     ESTIMATE_RESERVE,
     RECHECK_EVERY,
+    Prompt,
     PromptBuilder,
+    cut_short,
     render_system,
     substitute,
     turn_message,
@@ -152,6 +154,77 @@ async def test_a_turn_that_can_never_fit_is_refused(builder: PromptBuilder) -> N
         await builder.build(
             "c", persona.card, "haruhi", model="instant-base", max_tokens=MAX_TOKENS
         )
+
+
+def test_a_cut_text_keeps_whole_characters_and_shows_the_cut() -> None:
+    assert cut_short("ab👍🏽cd", 3) == "ab…"  # never an emoji without its skin tone
+    assert cut_short("ab👍🏽cd", 4) == "ab👍🏽…"
+    assert cut_short("cafe\u0301 noir", 4) == "caf…"  # nor a letter without its accent
+    assert cut_short("hello wonderful world", 18) == "hello wonderful…"  # at a space near the end
+    assert cut_short("今天我们去找外星人", 4) == "今天我们…"
+
+
+async def test_the_personas_own_reply_too_long_for_the_room_is_cut_not_refused(
+    builder: PromptBuilder, server: InstantServer
+) -> None:
+    """The newest turn can be the persona's own reply: a reply written again (`before_id`)
+    after one before it, a retry after a failure, a card grown since. A reply may take up to
+    max_tokens, more than the room beside a large card: it is cut to fit, never blamed on the
+    member, and the member's message before it stays."""
+    persona = PersonaRegistry(None).load().get("haruhi")
+    card = persona.card.model_copy(deep=True)
+    card.data.scenario = "SOS团的活动室。" * 30  # the card grew since the reply was written
+    await builder.memory.add_turn("c", persona="haruhi", role="user", content="今天做什么？")
+    text = "今天我们去找外星人！然后去找未来人，再去找超能力者。" * 40
+    long = await builder.memory.add_turn("c", persona="haruhi", role="assistant", content=text)
+    expected = [{"role": "user", "content": "今天做什么？"}]
+
+    def check(prompt: Prompt) -> None:
+        *before, cut = prompt.messages[1:]
+        assert before == expected and cut["role"] == "assistant"
+        assert cut["content"].startswith("今天我们去找外星人！") and cut["content"].endswith("…")
+        assert len(cut["content"]) < len(text)
+        assert prompt.newest_id == long.id and prompt.turns_included == 2
+        # the cut text is counted again: the size is the template's own, within the budget
+        assert prompt.exact and prompt.prompt_tokens == server.state.counter(prompt.messages, True)
+        assert prompt.prompt_tokens + MAX_TOKENS + ESTIMATE_RESERVE <= CONTEXT
+
+    check(await builder.build("c", card, "haruhi", model="instant-base", max_tokens=MAX_TOKENS))
+    # the reply after it written again: the prompt is the channel as it stood before it
+    later = await builder.memory.add_turn("c", persona="haruhi", role="assistant", content="哼。")
+    check(
+        await builder.build(
+            "c", card, "haruhi", model="instant-base", max_tokens=MAX_TOKENS, before_id=later.id
+        )
+    )
+    # the reply keeps its whole text and the count of its whole text
+    stored = await builder.memory.turn(long.id)
+    assert stored is not None and stored.content == text
+    whole = await builder.message_cost("instant-base", {"role": "assistant", "content": text})
+    assert stored.token_count == whole
+
+
+async def test_a_reply_with_no_room_at_all_is_left_out(
+    builder: PromptBuilder, server: InstantServer
+) -> None:
+    """When the card leaves less room than a message's wrapping, not even the start of a reply
+    fits: the prompt is the card alone, and the persona still answers."""
+    persona = PersonaRegistry(None).load().get("haruhi")
+    system = {"role": "system", "content": render_system(persona.card, user="User")}
+    card_tokens = (await builder.client.tokenize("instant-base", [system])).count
+    model = "tight@v1"
+    # three tokens beside the card: less than any message's wrapping
+    server.state.max_model_lens[model] = card_tokens + MAX_TOKENS + 3 + ESTIMATE_RESERVE + 3
+    try:
+        await builder.memory.add_turn("c", persona="haruhi", role="user", content="今天做什么？")
+        await builder.memory.add_turn("c", persona="haruhi", role="assistant", content="哼，无聊。")
+        prompt = await builder.build(
+            "c", persona.card, "haruhi", model=model, max_tokens=MAX_TOKENS
+        )
+    finally:
+        del server.state.max_model_lens[model]
+    assert prompt.messages == [system]
+    assert prompt.turns_included == 0 and prompt.history_truncated and prompt.newest_id is None
 
 
 async def test_speaker_names_prefix_user_turns(builder: PromptBuilder) -> None:

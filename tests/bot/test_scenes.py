@@ -20,8 +20,9 @@ from bot.core.director import Director
 from bot.core.export import Names, to_sharegpt
 from bot.core.memory import ChannelSettings, Memory, Turn
 from bot.core.personas import Persona, PersonaRegistry
-from bot.core.prompt import PromptBuilder, scene_message, scene_note
+from bot.core.prompt import ESTIMATE_RESERVE, PromptBuilder, scene_message, scene_note
 from bot.core.scene import Scene
+from bot.errors import InputTooLongError
 from bot.settings import SamplingSettings
 from tests.bot.test_prompt import server
 from tests.instant_server import InstantServer, ServerState
@@ -296,6 +297,47 @@ async def test_each_persona_stays_within_its_own_models_budget(
     assert built["atri"].budget < 1300 - 60 < built["haruhi"].budget
     assert built["atri"].prompt_tokens <= 1300 - 60
     assert built["atri"].turns_included < built["haruhi"].turns_included
+
+
+async def test_another_personas_reply_too_long_for_the_room_is_cut_not_refused(
+    chat: ChatService, server: InstantServer
+) -> None:
+    """In a chain the newest turn is another persona's reply. When it does not fit beside the
+    card of the persona that answers it (a smaller context, a larger card), that persona still
+    answers: it sees the reply's start, marked as cut, after the member's message, counted
+    exactly. Only a member's own message is refused as too long: it is the member's to
+    shorten."""
+    server.state.adapters = ["atri@v1"]
+    server.state.max_model_lens["atri@v1"] = 1400  # a smaller context than 1,600
+    plan = "我们先去车站集合，然后一起去找外星人、未来人和超能力者！"
+    long = "ATRI, listen! " + plan * 60
+    server.state.reply = lambda body: long if speaking(body) == "凉宫春日" else "好的！"
+    await chat.set_cast("s", ["haruhi", "atri"])
+    replies = await play(chat, "凉宫春日, the plan?")
+    assert [r.turn.persona for r in replies] == ["haruhi", "atri"]
+    assert replies[0].turn.content == long
+    prompt = replies[1].prompt
+    assert prompt.model == "atri@v1" and prompt.newest_id == replies[0].turn.id
+    cut = prompt.messages[-1]
+    assert cut["role"] == "user" and cut["content"].startswith(f"凉宫春日:\nATRI, listen! {plan}")
+    assert cut["content"].endswith("…") and len(cut["content"]) < len(long) // 2
+    assert prompt.messages[-2] == {"role": "user", "content": "凉宫春日, the plan?"}
+    sent = server.state.requests[-1]["messages"]
+    assert sent == prompt.messages
+    # counted again, as cut: the prompt's size is the template's own and within the budget
+    assert prompt.exact and prompt.prompt_tokens == server.state.counter(sent, True)
+    assert prompt.prompt_tokens + 60 + ESTIMATE_RESERVE <= 1400
+    # the reply itself is kept whole, and its count is the whole reply's
+    stored = await chat.memory.turn(replies[0].turn.id)
+    assert stored is not None and stored.content == long
+
+    # A member's message that does not fit is still refused, in a scene too.
+    scene = await chat.scene("s")
+    await chat.hear("s", "ATRI? " + plan * 60, Speaker("u1", "Kyon"), scene, answer=True)
+    with pytest.raises(InputTooLongError, match="shorten it"):
+        await chat.prompts.build(
+            "s", ATRI.card, "atri", model="atri@v1", max_tokens=60, cast=scene.names
+        )
 
 
 # -- the director --------------------------------------------------------------------------------
