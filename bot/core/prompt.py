@@ -29,15 +29,25 @@ can shorten it). The newest turn can also be a persona's reply: another persona'
 chain, or the persona's own when a reply is written again after one before it, when a reply is
 retried after a failure, or when the card grew since. Such a reply is the persona's to answer,
 not the member's to shorten: when it does not fit, its start is kept (`_shortened`).
+
+The counts kept in this process (cards, lorebook entries, persona names, channels' windows)
+are kept in `BoundedCache`s: a bot that runs for months meets cards, members and channels
+without end. Cards and entries are keyed by a digest of the text counted, so a card or an
+entry that does not name the member is counted once for all members. What has to be counted
+at once (a card's lorebook hits, the names of a scene's cast) is asked for together
+(`_message_costs`): the server's /tokenize counts one conversation per call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Generic, TypeVar
 
 import regex
 
@@ -177,6 +187,51 @@ def lore_block(entries: list[str]) -> str:
     return defuse_control_tokens(f"Background knowledge:\n{lines}")
 
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class BoundedCache(Generic[K, V]):
+    """A mapping that keeps at most `size` items, the least recently used going first.
+
+    The builder lives as long as the bot, and its caches are keyed by what the bot meets
+    without end (cards, lorebook entries, member and persona names, channels): unbounded, they
+    would only grow. A small OrderedDict: no cache library is a dependency, and
+    `functools.lru_cache` cannot hold results that are awaited."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"a cache of {size} items")
+        self.size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __getitem__(self, key: K) -> V:
+        value = self._items[key]
+        self._items.move_to_end(key)
+        return value
+
+    def get(self, key: K) -> V | None:
+        """The value for `key` (now the most recently used), or None."""
+        return self[key] if key in self._items else None
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+def text_key(text: str) -> bytes:
+    """What a count of `text` is cached by: a digest, not the text (a card can be long)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 @dataclass
 class _ModelCounts:
     """Per-model constants measured once through /tokenize."""
@@ -184,7 +239,6 @@ class _ModelCounts:
     max_model_len: int
     baseline: int  # tokens of a conversation holding only an empty system message
     generation_prompt: int  # what add_generation_prompt adds
-    cards: dict[str, int] = field(default_factory=dict)
     wrap: dict[str, int] = field(default_factory=dict)  # per role: a message with no content
     # Per finish reason: a reply's exact cost minus (the assistant wrapping + the completion
     # tokens the server reported), once two exact counts agreed on it; None where they showed
@@ -192,9 +246,8 @@ class _ModelCounts:
     reply_offsets: dict[str | None, int | None] = field(default_factory=dict)
     reply_samples: dict[str | None, int] = field(default_factory=dict)  # one exact count seen
     replies_costed: int = 0  # from completion tokens, since this process started
-    # Per persona name: what a reply costs more as that persona's named turn than as an
-    # assistant turn; None where two probes disagreed (such turns are counted one by one).
-    named: dict[str, int | None] = field(default_factory=dict)
+    # the costs of `_NAMED_PROBES` as assistant turns, once measured (`_measure_names`)
+    probes: list[int] | None = None
 
 
 # A byte-level BPE token covers at least one UTF-8 byte; SentencePiece adds at most a word
@@ -221,6 +274,15 @@ _NAMED_PROBES = ("Well, I never said that.", "「你好」我们走吧。")
 # Named turns counted one by one (a tokenizer that splits text after a name otherwise),
 # kept per model and turn up to this many.
 _NAMED_COSTS_KEPT = 50_000
+# The most counts kept of card texts (per model, card, member named in it, scene or not), of
+# lorebook entries (per model and entry text), of persona names' costs (per model and name),
+# and the most channels whose last window is remembered.
+CARD_COUNTS_KEPT = 1_000
+LORE_COSTS_KEPT = 10_000
+NAMED_DELTAS_KEPT = 1_000
+WINDOWS_KEPT = 10_000
+# /tokenize calls one prompt has in flight at most (a card's lorebook hits counted together).
+TOKENIZE_CONCURRENCY = 8
 # Counts of a cut reply's text before one fits (each try cuts in proportion to the last
 # count, so one or two are the rule): a reply that still does not fit is left out.
 _CUT_TRIES = 4
@@ -245,16 +307,24 @@ class PromptBuilder:
         self.lore_scan_depth = lore_scan_depth
         self._counts: dict[str, _ModelCounts] = {}
         self._counting: set[asyncio.Task[None]] = set()
-        self._lore_costs: dict[tuple[str, str, int, str], int] = {}
-        self._windows: dict[tuple[str, str], int] = {}  # turns in the last prompt, per channel
-        self._named_costs: dict[tuple[str, int, str], int] = {}
+        # counts per (model, text_key of what was counted)
+        self._card_counts: BoundedCache[tuple[str, bytes], int] = BoundedCache(CARD_COUNTS_KEPT)
+        self._lore_costs: BoundedCache[tuple[str, bytes], int] = BoundedCache(LORE_COSTS_KEPT)
+        # per (model, persona name): what a reply costs more as that persona's named turn
+        # than as an assistant turn; None where two probes disagreed (`_measure_names`)
+        self._named_deltas: BoundedCache[tuple[str, str], int | None] = BoundedCache(
+            NAMED_DELTAS_KEPT
+        )
+        self._named_costs: BoundedCache[tuple[str, int, str], int] = BoundedCache(_NAMED_COSTS_KEPT)
+        # turns in the last prompt, per channel and persona
+        self._windows: BoundedCache[tuple[str, str], int] = BoundedCache(WINDOWS_KEPT)
 
     async def _model_counts(self, model: str) -> _ModelCounts:
         counts = self._counts.get(model)
         if counts is None:
-            base = await self.client.tokenize(model, [_EMPTY_SYSTEM])
-            with_gen = await self.client.tokenize(
-                model, [_EMPTY_SYSTEM], add_generation_prompt=True
+            base, with_gen = await asyncio.gather(
+                self.client.tokenize(model, [_EMPTY_SYSTEM]),
+                self.client.tokenize(model, [_EMPTY_SYSTEM], add_generation_prompt=True),
             )
             counts = _ModelCounts(base.max_model_len, base.count, with_gen.count - base.count)
             self._counts[model] = counts
@@ -265,6 +335,29 @@ class PromptBuilder:
         counts = await self._model_counts(model)
         total = await self.client.tokenize(model, [_EMPTY_SYSTEM, message])
         return max(total.count - counts.baseline, 1)
+
+    async def _message_costs(self, model: str, messages: Sequence[Message]) -> list[int]:
+        """`message_cost` of each of `messages`, the /tokenize calls made together (at most
+        `TOKENIZE_CONCURRENCY` at a time) rather than one awaited after another: the server
+        counts one conversation per call (vLLM's /tokenize takes no batch), so what a prompt
+        needs counted at once takes one round trip's time, not one per message. A failure
+        cancels the calls still running and is raised as it is."""
+        if not messages:
+            return []
+        await self._model_counts(model)  # once, before the calls that all need it
+        limit = asyncio.Semaphore(TOKENIZE_CONCURRENCY)
+
+        async def cost(message: Message) -> int:
+            async with limit:
+                return await self.message_cost(model, message)
+
+        tasks = [asyncio.ensure_future(cost(m)) for m in messages]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
 
     def count_soon(self, model: str, turn: Turn, completion: Completion | None = None) -> None:
         """Count a just-stored turn in the background, so the reply's last edit does not wait
@@ -341,20 +434,41 @@ class PromptBuilder:
     async def _named_delta(self, model: str, name: str) -> int | None:
         """What a reply costs more as a named turn of `name` than as an assistant turn, for
         `model`; None when that is not one fixed amount (measured once, on two probes)."""
+        key = (model, name)
+        if key in self._named_deltas:
+            return self._named_deltas[key]
+        return (await self._measure_names(model, [name]))[name]
+
+    async def _measure_names(self, model: str, names: Iterable[str]) -> dict[str, int | None]:
+        """Measure `_named_delta` for those of `names` not measured yet for `model`, all
+        together: each name's probes as named turns, less the probes' cost as assistant
+        turns (measured once per model, the same for every name). Returns what it measured."""
+        wanted = [n for n in dict.fromkeys(names) if (model, n) not in self._named_deltas]
+        if not wanted:
+            return {}
         counts = await self._model_counts(model)
-        if name not in counts.named:
-            deltas = set()
-            for probe in _NAMED_PROBES:
-                named: Message = {
-                    "role": "user",
-                    "content": defuse_control_tokens(named_turn(name, probe)),
-                }
-                own = await self.message_cost(model, {"role": "assistant", "content": probe})
-                deltas.add(await self.message_cost(model, named) - own)
-            counts.named[name] = deltas.pop() if len(deltas) == 1 else None
-            if counts.named[name] is None:
+        own: list[Message] = []
+        if counts.probes is None:
+            own = [{"role": "assistant", "content": probe} for probe in _NAMED_PROBES]
+        named: list[Message] = [
+            {"role": "user", "content": defuse_control_tokens(named_turn(name, probe))}
+            for name in wanted
+            for probe in _NAMED_PROBES
+        ]
+        costs = await self._message_costs(model, own + named)
+        if counts.probes is None:
+            counts.probes = costs[: len(own)]
+        probes = counts.probes
+        measured: dict[str, int | None] = {}
+        for i, name in enumerate(wanted):
+            start = len(own) + i * len(_NAMED_PROBES)
+            mine = costs[start : start + len(_NAMED_PROBES)]
+            deltas = {cost - alone for cost, alone in zip(mine, probes, strict=True)}
+            delta = deltas.pop() if len(deltas) == 1 else None
+            measured[name] = self._named_deltas[(model, name)] = delta
+            if delta is None:
                 log.info("model %s: named turns of %r are counted one by one", model, name)
-        return counts.named[name]
+        return measured
 
     async def _named_cost(
         self,
@@ -376,8 +490,6 @@ class PromptBuilder:
         key = (model, turn.id, name)
         cost = self._named_costs.get(key)
         if cost is None:
-            if len(self._named_costs) >= _NAMED_COSTS_KEPT:
-                self._named_costs.clear()
             message = scene_message(turn, persona, names, speaker_names=self.speaker_names)
             cost = self._named_costs[key] = await self.message_cost(model, message)
         return cost
@@ -480,10 +592,13 @@ class PromptBuilder:
         if scene:
             content = f"{content}\n\n{scene_note(card.data.name)}"
         system: Message = {"role": "system", "content": content}
-        card_key = f"{card.digest()}:{user_name}" + (":scene" if scene else "")
-        if card_key not in counts.cards:
-            counts.cards[card_key] = (await self.client.tokenize(model, [system])).count
-        used = counts.cards[card_key]
+        # by the text counted: a card that does not name the member is counted once for all
+        card_key = (model, text_key(content))
+        card_tokens = self._card_counts.get(card_key)
+        if card_tokens is None:
+            card_tokens = (await self.client.tokenize(model, [system])).count
+            self._card_counts[card_key] = card_tokens
+        used = card_tokens
         if used >= budget:
             # Not the member's message: no message fits until the card or max_tokens changes.
             room = counts.max_model_len - counts.generation_prompt - ESTIMATE_RESERVE
@@ -497,6 +612,10 @@ class PromptBuilder:
                 f"The persona card alone takes {used} tokens, more than this model's context "
                 f"of {counts.max_model_len}. Shorten the card."
             )
+
+        if scene:
+            # the other members' names, measured together the first time (one round trip)
+            await self._measure_names(model, [n for k, n in names.items() if k != persona])
 
         chosen: list[Turn] = []
         new_counts: list[tuple[int, int]] = []
@@ -514,7 +633,7 @@ class PromptBuilder:
                 # another persona's reply: its own cost and its name's, both known in the
                 # steady state (no await); measured or counted here otherwise
                 name = names.get(turn.persona, turn.persona)
-                delta = counts.named.get(name)
+                delta = self._named_deltas.get((model, name))
                 if turn.token_count is not None and delta is not None:
                     return max(turn.token_count + delta, 1)
                 return await self._named_cost(model, turn, persona, names, new_counts)
@@ -657,18 +776,23 @@ class PromptBuilder:
         if not hits:
             return [], 0
         allowance = min(book.token_budget or self.lore_budget, self.lore_budget, room // 2)
-        digest = card.digest()
+        texts = [substitute(h.entry.content, char=card.data.name, user=user_name) for h in hits]
+        # Each entry is costed as a block of its own, with the block's heading and bullet:
+        # more than an entry adds beside others, never less than one alone adds. Keyed by
+        # that block's text, so an entry that does not name the member is counted once for
+        # all; the uncached ones are counted together.
+        blocks = [lore_block([text]) for text in texts]
+        keys = [(model, text_key(block)) for block in blocks]
+        costs = {key: cost for key in keys if (cost := self._lore_costs.get(key)) is not None}
+        missing = {key: block for key, block in zip(keys, blocks, strict=True) if key not in costs}
+        counted = await self._message_costs(
+            model, [{"role": "system", "content": block} for block in missing.values()]
+        )
+        for key, cost in zip(missing, counted, strict=True):
+            costs[key] = self._lore_costs[key] = cost
         chosen, spent = [], 0
-        for hit in hits:
-            text = substitute(hit.entry.content, char=card.data.name, user=user_name)
-            key = (model, digest, hit.index, user_name)
-            cost = self._lore_costs.get(key)
-            if cost is None:
-                # with the block's heading and bullet: more than an entry adds beside others,
-                # never less than one alone adds
-                block = lore_block([text])
-                cost = await self.message_cost(model, {"role": "system", "content": block})
-                self._lore_costs[key] = cost
+        for hit, text, key in zip(hits, texts, keys, strict=True):
+            cost = costs[key]
             if spent + cost > allowance:
                 continue
             chosen.append((hit, text))

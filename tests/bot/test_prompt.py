@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from bot.core import prompt as prompt_module
 from bot.core.cards import CharacterBook, LoreEntry
 from bot.core.chat import ChatService, Speaker
 from bot.core.client import Completion, ModelClient
@@ -16,9 +17,11 @@ from bot.core.personas import PersonaRegistry
 from bot.core.prompt import (
     ESTIMATE_RESERVE,
     RECHECK_EVERY,
+    BoundedCache,
     Prompt,
     PromptBuilder,
     cut_short,
+    lore_block,
     render_system,
     substitute,
     turn_message,
@@ -364,6 +367,86 @@ async def test_the_summary_and_the_lore_give_way_to_the_newest_message(
     prompt = await builder.build("c", card, "haruhi", model="instant-base", max_tokens=MAX_TOKENS)
     assert "Summary of the conversation so far:" in prompt.messages[0]["content"]
     assert server.state.counter(prompt.messages, True) + MAX_TOKENS <= CONTEXT
+
+
+def test_a_bounded_cache_keeps_the_most_recently_used() -> None:
+    cache: BoundedCache[str, int] = BoundedCache(3)
+    for n in range(1000):
+        cache[f"k{n}"] = n
+        assert len(cache) <= 3
+    assert "k0" not in cache and cache.get("k999") == 999
+    cache.get("k997")  # read: the most recently used now
+    cache["new"] = -1
+    assert "k997" in cache and "k998" not in cache and cache.get("gone") is None
+
+
+async def test_lore_costs_are_shared_between_members_asked_together_and_bounded(
+    builder: PromptBuilder, server: InstantServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lorebook entry costs one /tokenize call the first time it fires. A card's entries
+    are counted together, not one awaited call after another; an entry (a card) whose text
+    does not name the member is counted once for every member; and the counts kept stay
+    within a cap, however many cards, entries and members a long-running bot meets."""
+    model = "instant-base"
+    persona = PersonaRegistry(None).load().get("haruhi")
+    card = persona.card.model_copy(deep=True)
+    contents = [
+        f"第{i}条：{{{{user}}}}知道SOS团的秘密{i}。" if i % 4 == 0 else f"第{i}条：SOS团的秘密{i}。"
+        for i in range(12)
+    ]
+    card.data.character_book = CharacterBook(
+        token_budget=10_000,
+        entries=[LoreEntry(keys=[], content=c, constant=True) for c in contents],
+    )
+    await builder.memory.add_turn("c", persona="haruhi", role="user", content="今天做什么？")
+    builder.lore_budget = 10_000
+    in_flight = peak = 0
+    tokenize = builder.client.tokenize
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await tokenize(*args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(builder.client, "tokenize", counted)
+    first = await builder.build("c", card, "haruhi", model=model, max_tokens=MAX_TOKENS)
+    assert len(first.lore) == 12
+    assert peak > 1  # the entries were counted together
+
+    calls = server.state.tokenize_calls
+    prompt = await builder.build(
+        "c", card, "haruhi", model=model, max_tokens=MAX_TOKENS, user_name="Kyon"
+    )
+    # another member: only the entries that name the member are counted again (not the
+    # card, which does not name them, nor the other entries)
+    assert server.state.tokenize_calls - calls == 3
+    texts = [substitute(c, char=persona.name, user="Kyon") for c in contents]
+    assert prompt.lore == texts
+    # the same counts as each entry counted alone, with the block's heading
+    costs = [
+        await builder.message_cost(model, {"role": "system", "content": lore_block([t])})
+        for t in texts
+    ]
+    system = {"role": "system", "content": render_system(card, user="Kyon")}
+    card_tokens = (await builder.client.tokenize(model, [system])).count
+    generation = (
+        await builder.client.tokenize(model, [system], add_generation_prompt=True)
+    ).count - card_tokens
+    assert prompt.estimated is not None
+    assert prompt.prompt_tokens == card_tokens + sum(costs) + prompt.estimated[1] + generation
+
+    # A cap smaller than the card's hits: the counts kept stay within it, the prompt is the same.
+    monkeypatch.setattr(prompt_module, "LORE_COSTS_KEPT", 8)
+    capped = PromptBuilder(builder.memory, builder.client, lore_budget=10_000)
+    again = await capped.build(
+        "c", card, "haruhi", model=model, max_tokens=MAX_TOKENS, user_name="Kyon"
+    )
+    assert again.lore == prompt.lore and again.prompt_tokens == prompt.prompt_tokens
+    assert 0 < len(capped._lore_costs) <= 8
 
 
 @pytest.mark.parametrize("max_tokens", [CONTEXT - 50, CONTEXT, CONTEXT * 4])

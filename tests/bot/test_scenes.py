@@ -15,12 +15,18 @@ import pytest
 from bot.core.approvals import Approvals
 from bot.core.cards import Card
 from bot.core.chat import ChatService, Reply, Speaker
-from bot.core.client import ModelClient
+from bot.core.client import Message, ModelClient
 from bot.core.director import Director
 from bot.core.export import Names, to_sharegpt
 from bot.core.memory import ChannelSettings, Memory, Turn
 from bot.core.personas import Persona, PersonaRegistry
-from bot.core.prompt import ESTIMATE_RESERVE, PromptBuilder, scene_message, scene_note
+from bot.core.prompt import (
+    _NAMED_PROBES,
+    ESTIMATE_RESERVE,
+    PromptBuilder,
+    scene_message,
+    scene_note,
+)
 from bot.core.scene import Scene
 from bot.errors import InputTooLongError
 from bot.settings import SamplingSettings
@@ -338,6 +344,45 @@ async def test_another_personas_reply_too_long_for_the_room_is_cut_not_refused(
         await chat.prompts.build(
             "s", ATRI.card, "atri", model="atri@v1", max_tokens=60, cast=scene.names
         )
+
+
+async def test_the_casts_names_are_measured_together_once_per_model(
+    chat: ChatService, server: InstantServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a persona's name adds to its reply shown as a named turn is measured on two probe
+    texts: for all the cast's names together, the probes' own cost once per model (not once
+    per name), and each name once per model."""
+    probes: list[str] = []
+    in_flight = peak = 0
+    tokenize = chat.client.tokenize
+
+    async def counted(model: str, messages: Sequence[Message], **kwargs: Any) -> Any:
+        nonlocal in_flight, peak
+        if messages[-1]["content"].endswith(_NAMED_PROBES):
+            probes.append(messages[-1]["content"])
+            in_flight += 1
+            peak = max(peak, in_flight)
+        try:
+            return await tokenize(model, messages, **kwargs)
+        finally:
+            if messages[-1]["content"].endswith(_NAMED_PROBES):
+                in_flight -= 1
+
+    monkeypatch.setattr(chat.client, "tokenize", counted)
+    await chat.set_cast("s", ["haruhi", "atri", "xin"])
+    for line in ("大家好！", "今天做什么？"):  # 凉宫春日 answers, then ATRI
+        await play(chat, line)
+    scene = await chat.scene("s")
+    for persona in scene.members:
+        await chat.prompts.build(
+            "s", persona.card, persona.key, model="instant-base", max_tokens=60,
+            cast=scene.names,
+        )  # fmt: skip
+    assert sorted(probes) == sorted(
+        [*_NAMED_PROBES]
+        + [f"{name}:\n{probe}" for name in ("凉宫春日", "ATRI", "星锑") for probe in _NAMED_PROBES]
+    )
+    assert peak > 1  # measured together
 
 
 # -- the director --------------------------------------------------------------------------------
