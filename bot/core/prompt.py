@@ -53,7 +53,7 @@ import regex
 
 from bot.core.cards import Card
 from bot.core.client import Completion, Message, ModelClient
-from bot.core.lorebook import in_insertion_order, matching_entries
+from bot.core.lorebook import in_insertion_order, matching_entries, prepare_scan
 from bot.core.memory import Memory, Turn
 from bot.core.text import clean_text, defuse_control_tokens
 from bot.errors import InputTooLongError, PromptBudgetError, RolecastError
@@ -772,6 +772,7 @@ class PromptBuilder:
         recent = await self.memory.recent_turns(
             channel_id, persona, limit=depth, before_id=before_id
         )
+        await prepare_scan()  # the scan's case-fold table, built off the event loop
         hits = matching_entries(book, [t.content for t in recent])
         if not hits:
             return [], 0

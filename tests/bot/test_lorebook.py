@@ -3,7 +3,9 @@ card cannot make the scan slow, however many entries and keys it has."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import threading
 import time
 
 import pytest
@@ -132,3 +134,25 @@ def test_past_the_scan_limit_the_important_entries_and_the_constant_ones_stay(
     ]
     monkeypatch.setattr(lorebook, "MAX_SCAN_WORK", len("a door"))  # one key search
     assert [h.entry.content for h in matching_entries(book, ["a door"])] == ["major", "always"]
+
+
+async def test_the_fold_table_is_built_once_in_a_worker_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`prepare_scan` builds the case-fold table off the event loop, once, however many
+    replies ask for it at the same time; scans then only read it."""
+    built_on: list[int] = []
+    build = lorebook._build_fold_table
+
+    def recorded() -> dict[int, str]:
+        built_on.append(threading.get_ident())
+        return build()
+
+    monkeypatch.setattr(lorebook, "_folds", None)
+    monkeypatch.setattr(lorebook, "_build_fold_table", recorded)
+    await asyncio.gather(*(lorebook.prepare_scan() for _ in range(4)))
+    assert len(built_on) == 1 and built_on[0] != threading.get_ident()
+    book = CharacterBook(entries=[LoreEntry(keys=["kiss"], content="lore")])
+    assert matching_entries(book, ["Kiſſ"])  # the Kelvin sign and the long s fold to ASCII
+    await lorebook.prepare_scan()
+    assert len(built_on) == 1
