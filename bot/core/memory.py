@@ -2,8 +2,9 @@
 through aiosqlite.
 
 One `Memory` is opened by the entry point (`async with Memory.open(path) as memory`) and
-passed to whatever needs it. Turns are never dropped to make a prompt fit; only `clear_channel`
-(an explicit reset) deletes them.
+passed to whatever needs it. Turns are never dropped to make a prompt fit; only an explicit
+deletion does: a reset (`clear_channel`), forget-me (`forget_author`), a member deleting their
+message (`erase_messages`).
 
 A turn belongs to a persona: the one that wrote a reply, or the one a member's message was
 addressed to. A channel's history is the turns of its cast: one persona's turns in a channel
@@ -30,7 +31,7 @@ import aiosqlite
 from bot.core import sql
 from bot.core.queue import ChannelQueue
 from bot.core.quotes import Quotes
-from bot.core.text import clean_text
+from bot.core.text import blank, clean_text
 from bot.errors import ConversationGoneError, SceneFullError
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,31 @@ class Forgotten:
     jobs: int = 0  # retrain jobs they requested (the request is kept, their id is not)
     texts: tuple[str, ...] = ()  # what they wrote, to find in files
     row_ids: frozenset[str] = frozenset()  # the deleted dialogues' ids in training files
+
+
+@dataclass(frozen=True)
+class Erased:
+    """What deleting members' messages took from the database (`Memory.erase_messages`)."""
+
+    turns: tuple[Turn, ...] = ()  # the members' messages
+    replies: tuple[Turn, ...] = ()  # persona replies written from them
+    dialogues: int = 0  # approved dialogues that held one of those
+    ratings: int = 0  # ratings of those replies
+    summaries: int = 0  # summaries that covered them, dropped to be rebuilt
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    """A member's edited message: its turn before and after (`Memory.rewrite_message`)."""
+
+    before: Turn
+    after: Turn
+    dialogues: int = 0  # approved dialogues that held the old text, deleted
+    summaries: int = 0  # summaries that covered it, dropped to be rebuilt
+
+    @property
+    def changed(self) -> bool:
+        return self.before.content != self.after.content
 
 
 class Memory:
@@ -860,6 +886,108 @@ class Memory:
             texts=tuple(t.content for t in mine),
             row_ids=frozenset(f"{persona_of[i]}_{i}" for i in doomed if i in persona_of),
         )
+
+    # -- members' edited and deleted messages (`bot.core.edits` says why this way) ----------
+
+    async def erase_messages(
+        self, guild_id: str, channel_id: str, message_ids: Iterable[str]
+    ) -> Erased:
+        """Delete the turns stored from these messages of members, in one channel of one
+        guild, with what was written from them, in one transaction: the persona replies that
+        answered them (as forget-me finds them), those replies' ratings, the approved
+        dialogues that hold any of these turns, and the channel's summaries that cover them
+        (rebuilt from the turns left). Ids that are no member's message of that channel are
+        ignored: the bot's own replies, another channel's or guild's messages, unknown ids."""
+        async with self._deleting:
+            turns = await self._member_turns(guild_id, channel_id, message_ids)
+            if not turns:
+                return Erased()
+            db = self.db
+            try:
+                rows = await db.execute_fetchall(
+                    sql.SELECT_REPLIES_TO_TURNS, (json.dumps([t.id for t in turns]),)
+                )
+                replies = [Turn.from_row(r) for r in rows]
+                gone = [*turns, *replies]
+                doomed = await self._dialogues_holding(channel_id, gone)
+                ratings = await db.execute(
+                    sql.DELETE_FEEDBACK_ON_TURNS, (json.dumps([t.id for t in replies]),)
+                )
+                await db.executemany(sql.DELETE_DIALOGUE, [(i,) for i in doomed])
+                await db.executemany(sql.DELETE_TURN, [(t.id,) for t in gone])
+                summaries = await db.execute(
+                    sql.DELETE_CHANNEL_SUMMARIES_FROM, (channel_id, turns[0].id)
+                )
+                await db.commit()
+            except BaseException:
+                # (not left in the connection's open transaction for the next commit to keep
+                # half done)
+                await db.rollback()
+                raise
+        return Erased(
+            tuple(turns), tuple(replies), len(doomed), ratings.rowcount, summaries.rowcount
+        )
+
+    async def rewrite_message(
+        self, guild_id: str, channel_id: str, message_id: str, content: str
+    ) -> Rewritten | None:
+        """Give the turn stored from a member's message (in one channel of one guild) the
+        message's edited text, in one transaction: its cached token count goes (it counted
+        the old text), the channel's summaries that cover it are dropped (rebuilt from the
+        turns as they are now) and the approved dialogues that hold its old text are deleted.
+        None when the message is no member's turn there; nothing is written when the text is
+        what the turn holds. `content` is the text as a new message would be stored; an edit
+        that leaves no text is a deletion (`erase_messages`)."""
+        content = clean_text(content)
+        if blank(content):
+            raise ValueError("an edited message without text is erased, not rewritten")
+        async with self._deleting:
+            found = await self._member_turns(guild_id, channel_id, [message_id])
+            if not found:
+                return None
+            before = found[0]
+            if content == before.content:
+                return Rewritten(before, before)
+            db = self.db
+            try:
+                doomed = await self._dialogues_holding(channel_id, [before])
+                await db.executemany(sql.DELETE_DIALOGUE, [(i,) for i in doomed])
+                await db.execute(sql.UPDATE_TURN_TEXT, (content, before.id))
+                summaries = await db.execute(
+                    sql.DELETE_CHANNEL_SUMMARIES_FROM, (channel_id, before.id)
+                )
+                await db.commit()
+            except BaseException:
+                await db.rollback()
+                raise
+        after = replace(before, content=content, token_count=None)
+        return Rewritten(before, after, len(doomed), summaries.rowcount)
+
+    async def _member_turns(
+        self, guild_id: str, channel_id: str, message_ids: Iterable[str]
+    ) -> list[Turn]:
+        """The turns stored from these members' messages of the channel, oldest first."""
+        ids = json.dumps(list(dict.fromkeys(str(m) for m in message_ids)))
+        rows = await self.db.execute_fetchall(
+            sql.SELECT_MEMBER_TURNS_BY_MESSAGES, (ids, channel_id, guild_id)
+        )
+        return [Turn.from_row(r) for r in rows]
+
+    async def _dialogues_holding(self, channel_id: str, turns: Sequence[Turn]) -> list[int]:
+        """The ids of the channel's approved dialogues that hold one of these turns: that
+        approve it, or whose messages copied it (its author and its text, as approving
+        froze them; a persona reply has no author)."""
+        rows = await self.db.execute_fetchall(
+            sql.SELECT_CHANNEL_DIALOGUES_FROM, (channel_id, min(t.id for t in turns))
+        )
+        approved = {t.id for t in turns}
+        said = {(t.author_id, t.content) for t in turns}
+        return [
+            d.id
+            for d in map(Dialogue.from_row, rows)
+            if d.turn_id in approved
+            or any((m.get("author_id"), m.get("content")) in said for m in d.messages)
+        ]
 
     async def retrain_workdirs(self) -> list[Path]:
         """The work directories retrain jobs recorded (forget-me searches them)."""

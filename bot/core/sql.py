@@ -269,6 +269,13 @@ SELECT 'dialogues', COALESCE(MAX(id), 0) FROM (
 );
 """
 
+M009_TURN_MESSAGE_INDEX = """
+-- A member's message is found by its Discord id when they edit or delete it
+-- (`Memory.erase_messages`, `Memory.rewrite_message`): without this index every such event
+-- would read the whole channel's turns.
+CREATE INDEX turns_message_id ON turns (message_id);
+"""
+
 MIGRATIONS: list[tuple[str, str]] = [
     ("m001_initial", M001_INITIAL),
     ("m002_discord", M002_DISCORD),
@@ -278,6 +285,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("m006_retrain_source", M006_RETRAIN_SOURCE),
     ("m007_scenes", M007_SCENES),
     ("m008_ids_never_reused", M008_IDS_NEVER_REUSED),
+    ("m009_turn_message_index", M009_TURN_MESSAGE_INDEX),
 ]
 
 PRAGMAS = (
@@ -501,6 +509,43 @@ SELECT_RETRAIN_WORKDIRS = "SELECT workdir FROM retrain_jobs WHERE workdir IS NOT
 DELETE_GUILD_SUMMARIES = """
 DELETE FROM summaries WHERE channel_id IN (SELECT id FROM channels WHERE guild_id = ?)
 """
+
+# A member edited or deleted their messages (`bot.core.edits`): only turns stored from a
+# member's message (role 'user', its Discord id in `message_id`), of the channel the event came
+# from, in a channel recorded as the event's guild's. ?1: the message ids, a JSON list of
+# strings. (CROSS JOIN keeps SQLite reading the ids first and each turn through
+# turns_message_id, not the whole channel.)
+SELECT_MEMBER_TURNS_BY_MESSAGES = f"""
+SELECT {", ".join("t." + c.strip() for c in TURN_COLUMNS.split(","))}
+FROM json_each(?1) m CROSS JOIN turns t ON t.message_id = m.value
+JOIN channels c ON c.id = t.channel_id
+WHERE t.role = 'user' AND t.channel_id = ?2 AND c.guild_id = ?3
+ORDER BY t.id
+"""
+# The persona replies written from these turns (a JSON list of ids), as forget-me finds them:
+# the first reply after each of the persona it was addressed to, and in a scene every reply
+# written for it or in the chain it began (`prompted_by`).
+SELECT_REPLIES_TO_TURNS = f"""
+SELECT {TURN_COLUMNS} FROM turns WHERE id IN (
+    SELECT (SELECT MIN(a.id) FROM turns a
+            WHERE a.channel_id = u.channel_id AND a.persona = u.persona
+            AND a.role = 'assistant' AND a.id > u.id)
+    FROM turns u WHERE u.id IN (SELECT value FROM json_each(?1))
+    UNION
+    SELECT r.id FROM turns r WHERE r.prompted_by IN (SELECT value FROM json_each(?1))
+)
+ORDER BY id
+"""
+# The approved dialogues that may hold a turn: the channel's, approved at or after it (a
+# dialogue is a reply with the turns before it).
+SELECT_CHANNEL_DIALOGUES_FROM = f"""
+SELECT {DIALOGUE_COLUMNS} FROM dialogues WHERE channel_id = ? AND turn_id >= ? ORDER BY id
+"""
+DELETE_FEEDBACK_ON_TURNS = "DELETE FROM feedback WHERE turn_id IN (SELECT value FROM json_each(?))"
+# The summaries that cover a turn: every summary of the channel through it or later.
+DELETE_CHANNEL_SUMMARIES_FROM = "DELETE FROM summaries WHERE channel_id = ? AND through_id >= ?"
+# An edited message: its new text, and its cached token count forgotten (it was the old text's).
+UPDATE_TURN_TEXT = "UPDATE turns SET content = ?, token_count = NULL WHERE id = ?"
 
 SELECT_SUMMARY = """
 SELECT content, through_id, token_count, updated_at FROM summaries

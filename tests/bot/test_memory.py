@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bot.core import sql
-from bot.core.memory import Memory
+from bot.core.memory import Dialogue, Erased, Memory, Turn
 
 
 async def test_migrations_apply_once_and_are_recorded(tmp_path: Path) -> None:
@@ -292,3 +292,172 @@ async def test_a_migration_that_breaks_a_reference_is_rolled_back(
         assert await memory.turn_by_message("m1") is None
         rows = await memory.db.execute_fetchall("SELECT * FROM turn_messages")
         assert list(rows) == []
+
+
+# -- members' edited and deleted messages ------------------------------------------------------
+
+
+async def _conversation(memory: Memory) -> dict[str, Turn]:
+    """A Discord channel of guild g: alice's message m1 and its reply, bob's m2 and its reply
+    (the replies posted as Discord messages of their own), and another channel's turn."""
+    await memory.set_channel_guild("discord:1", "g")
+    await memory.set_channel_guild("discord:2", "g")
+    turns: dict[str, Turn] = {}
+    for name, author, message in (("a", "alice", "m1"), ("b", "bob", "m2")):
+        turns[name] = await memory.add_turn(
+            "discord:1",
+            persona="p",
+            role="user",
+            content=f"{author} says marker-{name}",
+            author_id=author,
+            author_name=author.title(),
+            message_id=message,
+            token_count=7,
+        )
+        turns[f"{name}-reply"] = await memory.add_turn(
+            "discord:1",
+            persona="p",
+            role="assistant",
+            content=f"an answer to marker-{name}",
+            posted_as=[f"r{message}"],
+        )
+    turns["elsewhere"] = await memory.add_turn(
+        "discord:2", persona="p", role="user", content="x", author_id="alice", message_id="m3"
+    )
+    return turns
+
+
+async def _approve(memory: Memory, reply: Turn, context: list[Turn]) -> Dialogue:
+    messages: list[dict[str, str | None]] = [
+        {"role": t.role, "content": t.content, "author_id": t.author_id, "author_name": None}
+        for t in [*context, reply]
+    ]
+    return await memory.add_dialogue(
+        reply, messages, guild_id="g", approved_by="carol", source="command"
+    )
+
+
+async def test_erasing_a_message_takes_what_was_written_from_it(tmp_path: Path) -> None:
+    async with Memory.open(tmp_path / "m.db") as memory:
+        t = await _conversation(memory)
+        await memory.rate(t["a-reply"].id, "bob", 1)
+        await memory.rate(t["b-reply"].id, "alice", 1)
+        holds_a = await _approve(memory, t["b-reply"], [t["a"], t["a-reply"], t["b"]])
+        await _approve(memory, t["a-reply"], [t["a"]])
+        await memory.set_summary("discord:1", "p", "alice said marker-a", through_id=t["a"].id)
+
+        gone = await memory.erase_messages("g", "discord:1", ["m1"])
+
+        assert [x.id for x in gone.turns] == [t["a"].id]
+        assert [x.id for x in gone.replies] == [t["a-reply"].id]
+        assert (gone.dialogues, gone.ratings, gone.summaries) == (2, 1, 1)
+        left = await memory.recent_turns("discord:1", "p", limit=10)
+        assert [x.id for x in reversed(left)] == [t["b"].id, t["b-reply"].id]
+        assert await memory.dialogue_for_turn(holds_a.turn_id) is None
+        assert await memory.summary("discord:1", "p") is None
+        assert await memory.score(t["b-reply"].id) == (1, 0)  # bob's reply keeps its rating
+        assert await memory.turn_by_message("rm1") is None  # the reply's message leads nowhere
+        assert await memory.turn(t["elsewhere"].id) is not None
+
+
+async def test_erasing_touches_only_members_messages_of_that_channel_and_guild(
+    tmp_path: Path,
+) -> None:
+    async with Memory.open(tmp_path / "m.db") as memory:
+        t = await _conversation(memory)
+        await memory.set_summary("discord:1", "p", "so far", through_id=t["b-reply"].id)
+        for guild, channel, ids in (
+            ("g", "discord:2", ["m1"]),  # another channel's event
+            ("h", "discord:1", ["m1"]),  # another guild's
+            ("g", "discord:1", ["rm1", "rm2"]),  # the persona's own replies
+            ("g", "discord:1", ["999", "", "not a snowflake"]),  # unknown ids
+            ("g", "discord:1", []),
+        ):
+            assert await memory.erase_messages(guild, channel, ids) == Erased()
+            assert await memory.rewrite_message(guild, channel, (ids or ["0"])[0], "new") is None
+        assert await memory.count_turns("discord:1") == 4
+        assert await memory.summary("discord:1", "p") is not None
+        # several at once, some unknown: one transaction for those it knows
+        gone = await memory.erase_messages("g", "discord:1", ["m2", "999", "m1", "m2"])
+        assert [x.id for x in gone.turns] == [t["a"].id, t["b"].id]
+        assert await memory.count_turns("discord:1") == 0
+
+
+async def test_erasing_a_message_in_a_scene_takes_every_reply_written_for_it(
+    tmp_path: Path,
+) -> None:
+    async with Memory.open(tmp_path / "m.db") as memory:
+        await memory.set_channel_guild("discord:1", "g")
+        asked = await memory.add_turn(
+            "discord:1", persona="p", role="user", content="hi", author_id="a", message_id="m1"
+        )
+        replies = [
+            await memory.add_turn(
+                "discord:1", persona=p, role="assistant", content=p, prompted_by=asked.id
+            )
+            for p in ("p", "q", "r")
+        ]
+        gone = await memory.erase_messages("g", "discord:1", ["m1"])
+        assert sorted(x.id for x in gone.replies) == [r.id for r in replies]
+        assert await memory.count_turns("discord:1") == 0
+
+
+async def test_rewriting_a_message_drops_what_held_its_old_text(tmp_path: Path) -> None:
+    async with Memory.open(tmp_path / "m.db") as memory:
+        t = await _conversation(memory)
+        await memory.rate(t["b-reply"].id, "alice", 1)
+        earlier = await _approve(memory, t["a-reply"], [t["a"]])
+        holds_b = await _approve(memory, t["b-reply"], [t["a"], t["a-reply"], t["b"]])
+        await memory.set_summary("discord:1", "p", "only a", through_id=t["a-reply"].id)
+        await memory.set_summary("discord:1", "q", "a and b", through_id=t["b-reply"].id)
+
+        edited = await memory.rewrite_message("g", "discord:1", "m2", "bob says \ud800 Lyon")
+
+        assert edited is not None and edited.changed
+        assert (edited.dialogues, edited.summaries) == (1, 1)
+        stored = await memory.turn(t["b"].id)
+        assert stored is not None and stored == edited.after
+        assert (stored.content, stored.token_count) == ("bob says \ufffd Lyon", None)
+        assert await memory.dialogue_for_turn(holds_b.turn_id) is None
+        assert await memory.dialogue_for_turn(earlier.turn_id) is not None  # not b's words
+        assert await memory.summary("discord:1", "p") is not None  # covers only older turns
+        assert await memory.summary("discord:1", "q") is None
+        assert await memory.turn(t["b-reply"].id) is not None  # the reply stays
+        assert await memory.score(t["b-reply"].id) == (1, 0)
+
+
+async def test_rewriting_with_the_same_text_writes_nothing(tmp_path: Path) -> None:
+    async with Memory.open(tmp_path / "m.db") as memory:
+        t = await _conversation(memory)
+        holds_a = await _approve(memory, t["a-reply"], [t["a"]])
+        await memory.set_summary("discord:1", "p", "so far", through_id=t["a-reply"].id)
+        commits = 0
+        commit = memory.db.commit
+
+        async def counted_commit() -> None:
+            nonlocal commits
+            commits += 1
+            await commit()
+
+        memory.db.commit = counted_commit  # type: ignore[method-assign]
+        same = await memory.rewrite_message("g", "discord:1", "m1", "alice says marker-a")
+        assert same is not None and not same.changed
+        assert commits == 0
+        assert await memory.turn(t["a"].id) == t["a"]  # its token count kept too
+        assert await memory.dialogue_for_turn(holds_a.turn_id) is not None
+        assert await memory.summary("discord:1", "p") is not None
+        with pytest.raises(ValueError):
+            await memory.rewrite_message("g", "discord:1", "m1", " \u200b ")
+
+
+async def test_a_member_message_is_found_by_its_id_through_an_index(tmp_path: Path) -> None:
+    async with Memory.open(tmp_path / "m.db"):
+        pass
+    with sqlite3.connect(tmp_path / "m.db") as conn:
+        plan = " ".join(
+            str(r)
+            for r in conn.execute(
+                "EXPLAIN QUERY PLAN " + sql.SELECT_MEMBER_TURNS_BY_MESSAGES, ('["1"]', "c", "g")
+            )
+        )
+        assert "turns_message_id" in plan
