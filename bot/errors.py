@@ -44,16 +44,17 @@ class PromptBudgetError(RolecastError):
 
 
 class ConversationGoneError(RolecastError):
-    """A reply (or a summary) finished after the conversation it was written from was
-    deleted (a memory reset, a member's forget-me): it is not kept."""
+    """A reply (or a summary, an approval) finished after what it was written from was
+    deleted (a memory reset, a member's forget-me, a member deleting their message): it is not
+    kept."""
 
     # Under what was already shown of such a reply.
-    NOTE = "not kept: this conversation was deleted while the reply was being written"
+    NOTE = "not kept: what it answers was deleted while the reply was being written"
 
     def __init__(self) -> None:
         super().__init__(
-            "This conversation was deleted while the reply was being written, so the reply "
-            "is not kept."
+            "What this reply answers was deleted while it was being written (a memory reset, "
+            "or a message deleted), so the reply is not kept."
         )
 
 

@@ -20,7 +20,7 @@ from typing import Literal
 
 from bot.core.memory import Dialogue, Memory, Turn
 from bot.core.personas import PersonaRegistry
-from bot.errors import RolecastError
+from bot.errors import ConversationGoneError, RolecastError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,11 @@ class Approvals:
     async def snapshot(self, turn: Turn) -> list[dict[str, str | None]]:
         """The approved reply and up to `context_turns` turns before it, oldest first (in a
         scene, the turns of the channel's cast)."""
+        return self._messages(turn, await self._context(turn))
+
+    async def _context(self, turn: Turn) -> list[Turn]:
+        """The turns a snapshot of `turn` is made of: up to `context_turns` before it, oldest
+        first, then the reply itself."""
         cast = await self.memory.cast(turn.channel_id)
         history: str | tuple[str, ...] = turn.persona
         if len(cast) > 1:
@@ -54,8 +59,33 @@ class Approvals:
         before = await self.memory.recent_turns(
             turn.channel_id, history, limit=self.context_turns, before_id=turn.id
         )
+        return [*reversed(before), turn]
+
+    async def _freeze(
+        self,
+        turn: Turn,
+        *,
+        guild_id: str | None,
+        approved_by: str | None,
+        source: Literal["command", "reactions"],
+    ) -> Dialogue:
+        """Store the snapshot of an approved reply, provided that none of its turns was
+        deleted or edited while it was taken (ConversationGoneError otherwise): a dialogue
+        never keeps words a member has taken back."""
+        context = await self._context(turn)
+        return await self.memory.add_dialogue(
+            turn,
+            self._messages(turn, context),
+            guild_id=guild_id,
+            approved_by=approved_by,
+            source=source,
+            covers=context,
+        )
+
+    def _messages(self, turn: Turn, context: list[Turn]) -> list[dict[str, str | None]]:
+        """The snapshot's messages: each turn of `context` as `turn`'s persona saw it."""
         messages: list[dict[str, str | None]] = []
-        for t in [*reversed(before), turn]:
+        for t in context:
             if t.role == "assistant" and t.persona != turn.persona:
                 # another persona of the scene: a named turn of the conversation
                 messages.append(
@@ -96,9 +126,13 @@ class Approvals:
         existing = await self.memory.dialogue_for_turn(turn.id)
         if existing is not None:
             return existing, False
-        dialogue = await self.memory.add_dialogue(
-            turn, await self.snapshot(turn), guild_id=guild_id, approved_by=by, source="command"
-        )
+        try:
+            dialogue = await self._freeze(turn, guild_id=guild_id, approved_by=by, source="command")
+        except ConversationGoneError:
+            raise RolecastError(
+                "A message of this conversation was edited or deleted while the reply was "
+                "being approved, so nothing was approved; approve it again."
+            ) from None
         log.info("turn %d of %s approved by %s", turn.id, turn.persona, by)
         return dialogue, True
 
@@ -122,12 +156,13 @@ class Approvals:
             existing = await self.memory.dialogue_for_turn(turn.id)
             if existing is not None:
                 return existing
-            return await self.memory.add_dialogue(
-                turn,
-                await self.snapshot(turn),
-                guild_id=guild_id,
-                approved_by=None,
-                source="reactions",
-            )
+            try:
+                return await self._freeze(
+                    turn, guild_id=guild_id, approved_by=None, source="reactions"
+                )
+            except ConversationGoneError:
+                # the next reaction on the reply makes it again, from the turns as they are
+                log.info("turn %d: not approved, its conversation changed meanwhile", turn.id)
+                return None
         await self.memory.withdraw_dialogue(turn.id, "reactions")
         return await self.memory.dialogue_for_turn(turn.id)

@@ -296,6 +296,10 @@ class ChatService:
         if persona is None:
             persona = await self.require_persona(channel_id)
         model = await self.served_by(persona)
+        # Read before the prompt, so that none of them can go unnoticed between the two.
+        waiting = await self.memory.unanswered_turns(
+            channel_id, persona.key, before_id=redo.id if redo is not None else None
+        )
         prompt = await self.prompts.build(
             channel_id,
             persona.card,
@@ -327,12 +331,16 @@ class ChatService:
         # Stop strings cut the text short of the tokens generated: count such replies.
         exact = not sampling.stop and completion.problem is None
         cost = self.prompts.reply_cost(model, completion, text) if exact else None
-        # What the reply answers: the newest turn it saw and the member's turn it is for. One
-        # deleted meanwhile (a reset, forget-me) means the reply is neither shown nor kept.
+        # What the reply answers: the newest turn it saw, the member's turn it is for, and the
+        # members' turns since this persona's last reply that its prompt held (it is the first
+        # reply after each: the one a deleted message takes with it). One deleted meanwhile
+        # (a reset, forget-me, a member deleting their message) means the reply is neither
+        # shown nor kept: it was written from words that are gone.
         answers = [i for i in (prompt.newest_id, prompted_by) if i is not None]
-        for turn_id in answers:
-            if await self.memory.turn(turn_id) is None:
-                raise ConversationGoneError()
+        if prompt.oldest_included_id is not None:
+            answers += [i for i in waiting if i >= prompt.oldest_included_id]
+        if not await self.memory.all_stored(answers):
+            raise ConversationGoneError()
         posted = await deliver(text, note) if deliver is not None else ()
         turn = await self.memory.add_turn(
             channel_id,

@@ -53,9 +53,10 @@ class Performance(Protocol):
 
 
 async def mark_discarded(performance: Performance, key: str) -> bool:
-    """A reply whose conversation was deleted while it was written (a reset, forget-me) is not
-    kept: mark what was shown of it so, rather than leave it looking like any other reply.
-    False when nothing of it was shown (or the mark could not be made): the member is told."""
+    """A reply whose conversation was deleted while it was written (a reset, forget-me, a
+    member deleting the message it answers) is not kept: mark what was shown of it so, rather
+    than leave it looking like any other reply. False when nothing of it was shown (or the
+    mark could not be made): the member is told."""
     try:
         return bool(await performance.cut(ConversationGoneError.NOTE))
     except Exception as exc:

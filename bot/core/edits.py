@@ -43,6 +43,12 @@ stored (a link preview loading, a pin, text that cleans to what is stored) write
 Only members' messages are followed: the bot's own posts (persona replies, split over several
 messages and edited while they stream; notices) are its text, which `/retry` and `/memory
 reset` change.
+
+A reply being written while a message it answers is deleted is not kept
+(`ChatService.respond`), nor is an approval taken while one of its turns is deleted or edited
+(`Memory.add_dialogue`), nor a summary written while one of its turns is deleted
+(`Memory.set_summary`); on Discord an edit waits for the channel's reply in progress, so nothing
+is written from the old text after the edit.
 """
 
 from __future__ import annotations

@@ -509,9 +509,42 @@ class Memory:
         """ConversationGoneError unless every one of these turns is still stored; hold
         `_deleting`, so that none goes before what was written from them is stored. (Ids are
         never given again: a missing one was deleted, never replaced.)"""
-        for turn_id in turn_ids:
-            if await self.turn(turn_id) is None:
-                raise ConversationGoneError()
+        if not await self.all_stored(turn_ids):
+            raise ConversationGoneError()
+
+    async def _require_unchanged(self, turns: Iterable[Turn]) -> None:
+        """ConversationGoneError unless every one of these turns is still stored with the text
+        it had when it was read (a member may have deleted or edited it since); hold
+        `_deleting`, as for `_require_turns`."""
+        read = {t.id: t.content for t in turns}
+        if not read:
+            return
+        rows = await self.db.execute_fetchall(
+            sql.SELECT_TURN_CONTENTS_IN, (json.dumps(sorted(read)),)
+        )
+        if {int(r[0]): str(r[1]) for r in rows} != read:
+            raise ConversationGoneError()
+
+    async def all_stored(self, turn_ids: Iterable[int]) -> bool:
+        """Whether every one of these turns is still stored (one query, however many)."""
+        ids = sorted(set(turn_ids))
+        if not ids:
+            return True
+        async with self.db.execute(sql.COUNT_TURNS_IN, (json.dumps(ids),)) as cursor:
+            row = await cursor.fetchone()
+        return row is not None and int(row[0]) == len(ids)
+
+    async def unanswered_turns(
+        self, channel_id: str, persona: str, *, before_id: int | None = None
+    ) -> list[int]:
+        """The member turns addressed to `persona` since its last reply in the channel (before
+        `before_id`, when given): a reply it writes now is the first reply after each of them,
+        the reply that forget-me and a deleted message take with them."""
+        upper = before_id if before_id is not None else SQLITE_MAX_INT
+        rows = await self.db.execute_fetchall(
+            sql.SELECT_UNANSWERED_TURNS, (channel_id, persona, upper)
+        )
+        return [int(r[0]) for r in rows]
 
     async def turn(self, turn_id: int) -> Turn | None:
         async with self.db.execute(sql.SELECT_TURN, (turn_id,)) as cursor:
@@ -722,27 +755,34 @@ class Memory:
         guild_id: str | None,
         approved_by: str | None,
         source: Literal["command", "reactions"],
+        covers: Sequence[Turn] = (),
     ) -> Dialogue:
-        """Freeze an approved reply and its context; approving twice keeps the first."""
+        """Freeze an approved reply and its context; approving twice keeps the first.
+
+        `covers`: the turns `messages` were copied from; when one of them was deleted or edited
+        since (a reset, forget-me, a member deleting or editing their message), nothing is
+        stored and ConversationGoneError says so: the dialogue would keep words that are gone."""
         authors = sorted({str(m["author_id"]) for m in messages if m.get("author_id")})
-        cursor = await self.db.execute(
-            sql.INSERT_DIALOGUE,
-            (
-                turn.id,
-                turn.channel_id,
-                guild_id,
-                turn.persona,
-                json.dumps(messages, ensure_ascii=False),
-                approved_by,
-                source,
-                time.time(),
-            ),
-        )
-        if cursor.rowcount:
-            await self.db.executemany(
-                sql.INSERT_DIALOGUE_AUTHOR, [(cursor.lastrowid, a) for a in authors]
+        async with self._deleting:
+            await self._require_unchanged(covers)
+            cursor = await self.db.execute(
+                sql.INSERT_DIALOGUE,
+                (
+                    turn.id,
+                    turn.channel_id,
+                    guild_id,
+                    turn.persona,
+                    json.dumps(messages, ensure_ascii=False),
+                    approved_by,
+                    source,
+                    time.time(),
+                ),
             )
-        await self.db.commit()
+            if cursor.rowcount:
+                await self.db.executemany(
+                    sql.INSERT_DIALOGUE_AUTHOR, [(cursor.lastrowid, a) for a in authors]
+                )
+            await self.db.commit()
         dialogue = await self.dialogue_for_turn(turn.id)
         assert dialogue is not None
         return dialogue

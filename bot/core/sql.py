@@ -364,6 +364,11 @@ SELECT persona FROM (
 ) WHERE role = 'assistant' LIMIT 1
 """
 SELECT_TURN = f"SELECT {TURN_COLUMNS} FROM turns WHERE id = ?"
+# How many of these turns (a JSON list of ids) are stored; what they hold now.
+COUNT_TURNS_IN = "SELECT COUNT(*) FROM turns WHERE id IN (SELECT value FROM json_each(?))"
+SELECT_TURN_CONTENTS_IN = (
+    "SELECT id, content FROM turns WHERE id IN (SELECT value FROM json_each(?))"
+)
 UPDATE_TURN_TOKEN_COUNT = "UPDATE turns SET token_count = ? WHERE id = ?"
 COUNT_CHANNEL_TURNS = "SELECT COUNT(*) FROM turns WHERE channel_id = ?"
 DELETE_CHANNEL_TURNS = "DELETE FROM turns WHERE channel_id = ?"
@@ -546,6 +551,15 @@ DELETE_FEEDBACK_ON_TURNS = "DELETE FROM feedback WHERE turn_id IN (SELECT value 
 DELETE_CHANNEL_SUMMARIES_FROM = "DELETE FROM summaries WHERE channel_id = ? AND through_id >= ?"
 # An edited message: its new text, and its cached token count forgotten (it was the old text's).
 UPDATE_TURN_TEXT = "UPDATE turns SET content = ?, token_count = NULL WHERE id = ?"
+# The member turns a reply of persona ?2 written now answers: those addressed to it since its
+# last reply (before ?3), of which the reply will be the first reply after.
+SELECT_UNANSWERED_TURNS = """
+SELECT id FROM turns
+WHERE channel_id = ?1 AND persona = ?2 AND role = 'user' AND id < ?3
+AND id > COALESCE((SELECT MAX(id) FROM turns WHERE channel_id = ?1 AND persona = ?2
+                   AND role = 'assistant' AND id < ?3), 0)
+ORDER BY id
+"""
 
 SELECT_SUMMARY = """
 SELECT content, through_id, token_count, updated_at FROM summaries

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bot.core import sql
+from bot.core.approvals import Approvals
 from bot.core.memory import Dialogue, Erased, Memory, Turn
+from bot.errors import ConversationGoneError, RolecastError
 
 
 async def test_migrations_apply_once_and_are_recorded(tmp_path: Path) -> None:
@@ -461,3 +464,75 @@ async def test_a_member_message_is_found_by_its_id_through_an_index(tmp_path: Pa
             )
         )
         assert "turns_message_id" in plan
+
+
+async def test_the_turns_a_reply_answers_are_those_since_the_last_reply(tmp_path: Path) -> None:
+    async with Memory.open(tmp_path / "m.db") as memory:
+
+        async def say(persona: str, role: str) -> int:
+            turn = await memory.add_turn("c", persona=persona, role=role, content="x")  # type: ignore[arg-type]
+            return turn.id
+
+        first = await say("p", "user")
+        assert await memory.unanswered_turns("c", "p") == [first]
+        reply = await say("p", "assistant")
+        waiting = [await say("p", "user"), await say("p", "user")]
+        await say("q", "user")  # addressed to another persona
+        assert await memory.unanswered_turns("c", "p") == waiting
+        assert await memory.unanswered_turns("c", "p", before_id=reply) == [first]  # a retry
+        assert await memory.all_stored([first, *waiting])
+        await memory.delete_turn(first)
+        assert not await memory.all_stored([first, *waiting])
+        assert await memory.all_stored([])
+
+
+async def test_an_approval_is_not_stored_when_a_turn_it_copied_changed(tmp_path: Path) -> None:
+    async with Memory.open(tmp_path / "m.db") as memory:
+        t = await _conversation(memory)
+        context = [t["a"], t["a-reply"], t["b"], t["b-reply"]]
+        await memory.rewrite_message("g", "discord:1", "m2", "bob says something else")
+        with pytest.raises(ConversationGoneError):
+            await memory.add_dialogue(
+                t["b-reply"], [], guild_id="g", approved_by="c", source="command", covers=context
+            )
+        await memory.erase_messages("g", "discord:1", ["m1"])
+        with pytest.raises(ConversationGoneError):
+            await memory.add_dialogue(
+                t["b-reply"], [], guild_id="g", approved_by="c", source="command", covers=[t["a"]]
+            )
+        assert await memory.dialogue_for_turn(t["b-reply"].id) is None
+        fresh = await memory.turn(t["b"].id)
+        assert fresh is not None
+        await memory.add_dialogue(
+            t["b-reply"], [], guild_id="g", approved_by="c", source="command", covers=[fresh]
+        )
+        assert await memory.dialogue_for_turn(t["b-reply"].id) is not None
+
+
+async def test_approving_while_a_message_of_the_dialogue_changes_approves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with Memory.open(tmp_path / "m.db") as memory:
+        t = await _conversation(memory)
+        approvals = Approvals(memory)
+        store = memory.add_dialogue
+
+        async def edited_meanwhile(*args: Any, **kwargs: Any) -> Dialogue:
+            # bob edits his message after the snapshot was taken, before it is stored
+            await memory.rewrite_message("g", "discord:1", "m2", "bob says it differently")
+            return await store(*args, **kwargs)
+
+        monkeypatch.setattr(memory, "add_dialogue", edited_meanwhile)
+        with pytest.raises(RolecastError, match="edited or deleted"):
+            await approvals.approve(t["b-reply"], by="carol", guild_id="g")
+        assert await memory.dialogue_for_turn(t["b-reply"].id) is None
+        # or deletes it: the reply to it goes with it
+        monkeypatch.setattr(
+            memory, "rewrite_message", lambda g, c, m, _: memory.erase_messages(g, c, [m])
+        )
+        assert await approvals.react(t["b-reply"], "carol", 1, added=True, guild_id="g") is None
+        assert await memory.dialogue_for_turn(t["b-reply"].id) is None  # (bob's reply is gone)
+
+        monkeypatch.undo()
+        dialogue, new = await approvals.approve(t["a-reply"], by="carol", guild_id="g")
+        assert new and dialogue.messages[0]["content"] == "alice says marker-a"
