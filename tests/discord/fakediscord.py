@@ -475,3 +475,100 @@ def channel_texts(channel: discord.abc.Messageable, author: Any) -> list[str]:
         for d in backend._cur_config.messages.get(channel_id, [])
         if int(d["author"]["id"]) == author.id and not d.get("webhook_id")
     ]
+
+
+# -- members editing and deleting messages: the gateway events, in Discord's documented shapes --
+
+
+def user_object(user: discord.abc.User) -> dict[str, Any]:
+    """A user object as the gateway sends it (`author`, and each of `mentions`)."""
+    return {
+        "id": str(user.id),
+        "username": user.name,
+        "discriminator": "0",
+        "global_name": None,
+        "avatar": None,
+        "public_flags": 0,
+        **({"bot": True} if user.bot else {}),
+    }
+
+
+def message_update(
+    message: discord.Message,
+    content: str,
+    *,
+    edited: bool = True,
+    embeds: list[dict[str, Any]] | None = None,
+    channel_id: int | None = None,
+    guild_id: int | None = None,
+) -> dict[str, Any]:
+    """A MESSAGE_UPDATE: the whole message again, as Discord sends it now (discord.py 2.5+
+    builds a `Message` from it), with its `content` and `edited_timestamp` (set when its
+    author edited it; a link preview loading leaves it null and adds `embeds`). In a guild it
+    carries its author's partial `member`, and each mentioned user theirs."""
+    channel = message.channel
+    guild = message.guild
+    mentioned = backend.find_user_mentions(content, guild) if guild is not None else []
+    data: dict[str, Any] = {
+        "type": 0,
+        "tts": False,
+        "timestamp": message.created_at.isoformat(),
+        "edited_timestamp": discord.utils.utcnow().isoformat() if edited else None,
+        "pinned": False,
+        "mention_everyone": False,
+        "mentions": [
+            {**user_object(u), "member": {"roles": [], "joined_at": "2024-01-01T00:00:00+00:00"}}
+            for u in mentioned
+        ],
+        "mention_roles": [],
+        "attachments": [],
+        "embeds": embeds or [],
+        "components": [],
+        "flags": 0,
+        "id": str(message.id),
+        "channel_id": str(channel_id or channel.id),
+        "author": user_object(message.author),
+        "content": content,
+    }
+    if message.webhook_id is not None:
+        data["webhook_id"] = str(message.webhook_id)
+    elif guild is not None:
+        data["member"] = {
+            "roles": [],
+            "joined_at": "2024-01-01T00:00:00+00:00",
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "nick": getattr(message.author, "nick", None),
+        }
+    where = guild_id or (guild.id if guild is not None else None)
+    if where is not None:
+        data["guild_id"] = str(where)
+    return data
+
+
+def message_delete(message_id: int, channel_id: int, guild_id: int | None) -> dict[str, Any]:
+    """A MESSAGE_DELETE: the message's id, its channel's and its guild's (none in a DM)."""
+    data = {"id": str(message_id), "channel_id": str(channel_id)}
+    if guild_id is not None:
+        data["guild_id"] = str(guild_id)
+    return data
+
+
+def message_delete_bulk(ids: list[int], channel_id: int, guild_id: int) -> dict[str, Any]:
+    """A MESSAGE_DELETE_BULK: a moderator's purge of one channel's messages."""
+    return {"ids": [str(i) for i in ids], "channel_id": str(channel_id), "guild_id": str(guild_id)}
+
+
+def gateway(event: str, data: dict[str, Any]) -> list[asyncio.Task[Any]]:
+    """Receive one of those events as the gateway delivers it: discord.py's own parser builds
+    the raw event (`RawMessageUpdateEvent`, ...) and dispatches it to the bot's listeners.
+    Returns the tasks it started (the listeners), for a test to wait on them alone."""
+    parse = {
+        "MESSAGE_UPDATE": "parse_message_update",
+        "MESSAGE_DELETE": "parse_message_delete",
+        "MESSAGE_DELETE_BULK": "parse_message_delete_bulk",
+    }[event]
+    before = asyncio.all_tasks()
+    getattr(backend.get_state(), parse)(data)
+    return list(asyncio.all_tasks() - before)

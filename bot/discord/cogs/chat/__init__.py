@@ -1,4 +1,5 @@
-"""The chat cog."""
+"""The chat cogs: the listener that answers messages (`listener`), and the one that follows
+members editing and deleting them (`changes`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ if TYPE_CHECKING:
 
 
 async def setup(bot: RolecastBot) -> None:
+    from bot.discord.cogs.chat.changes import MessageChanges
     from bot.discord.cogs.chat.listener import ChatListener
 
-    await bot.add_cog(ChatListener(bot))
+    listener = ChatListener(bot)
+    await bot.add_cog(listener)
+    await bot.add_cog(MessageChanges(bot, listener.intake))

@@ -139,8 +139,9 @@ class ChatListener(commands.Cog):
         self._answered: dict[str, int] = {}  # channel -> newest turn id a reply has seen
         self._pending: dict[tuple[str, int], int] = {}  # (channel, author) -> jobs waiting
         # A channel's messages are stored one at a time, in the order they arrived (see
-        # `on_message`).
-        self._intake = ChannelQueue()
+        # `on_message`); edits and deletions of messages take their turn in it too
+        # (`MessageChanges`), so they come after the message they change is stored.
+        self.intake = ChannelQueue()
         self._playing: dict[str, Director] = {}  # channel -> the scene answering there now
 
     async def cog_unload(self) -> None:
@@ -173,7 +174,7 @@ class ChatListener(commands.Cog):
         # first come, first served, so turns are stored in the order the messages arrived,
         # however many awaits each message's checks take (a reply-to check or recording the
         # channel's guild would otherwise let a later message overtake an earlier one).
-        async with self._intake.slot(key):
+        async with self.intake.slot(key):
             try:
                 stored = await self._store(message, key)
             except Exception:
@@ -204,6 +205,8 @@ class ChatListener(commands.Cog):
                     await self._wait_for_quiet(who)
                 if turn.id <= self._answered.get(key, 0):
                     return  # an earlier reply already had this message in its prompt
+                if not await self.bot.memory.all_stored([turn.id]):
+                    return  # its author deleted it while it waited: nothing to answer
                 if stored.scene is not None:
                     await self._play(message, stored)
                 else:
