@@ -1003,6 +1003,62 @@ class Memory:
         after = replace(before, content=content, token_count=None)
         return Rewritten(before, after, len(doomed), summaries.rowcount)
 
+    async def repoint_message(
+        self,
+        guild_id: str,
+        channel_id: str,
+        message_id: str,
+        *,
+        to_message_id: str,
+        content: str,
+        author_name: str,
+    ) -> Rewritten | None:
+        """The member's message `message_id` (in one channel of one guild) was re-posted by a
+        proxy bot as `to_message_id` and deleted: its turn follows the re-post, in one
+        transaction. It takes the re-post's id (so that the re-post's own edits and deletion
+        are followed), its text (`content`, the proxy tags cut) and its name (`author_name`,
+        the character speaking); the author id stays the member's, so forget-me still finds
+        it. As for an edit, the cached token count goes, and the channel's summaries that
+        cover the turn and the approved dialogues that hold its old text are dropped.
+        None when the message is no member's turn there."""
+        content = clean_text(content)
+        if blank(content):
+            raise ValueError("a proxied message without text is no proxy")
+        async with self._deleting:
+            found = await self._member_turns(guild_id, channel_id, [message_id])
+            if not found:
+                return None
+            before = found[0]
+            after = replace(
+                before,
+                message_id=to_message_id,
+                content=content,
+                author_name=clean_text(author_name),
+                token_count=None,
+            )
+            db = self.db
+            try:
+                doomed = await self._dialogues_holding(channel_id, [before])
+                await db.executemany(sql.DELETE_DIALOGUE, [(i,) for i in doomed])
+                await db.execute(
+                    sql.UPDATE_TURN_PROXIED,
+                    (after.message_id, after.content, after.author_name, before.id),
+                )
+                summaries = await db.execute(
+                    sql.DELETE_CHANNEL_SUMMARIES_FROM, (channel_id, before.id)
+                )
+                await db.commit()
+            except BaseException:
+                await db.rollback()
+                raise
+        return Rewritten(before, after, len(doomed), summaries.rowcount)
+
+    async def member_turns(
+        self, guild_id: str, channel_id: str, message_ids: Iterable[str]
+    ) -> list[Turn]:
+        """The turns stored from these members' messages of the channel, oldest first."""
+        return await self._member_turns(guild_id, channel_id, message_ids)
+
     async def _member_turns(
         self, guild_id: str, channel_id: str, message_ids: Iterable[str]
     ) -> list[Turn]:

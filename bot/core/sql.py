@@ -551,6 +551,11 @@ DELETE_FEEDBACK_ON_TURNS = "DELETE FROM feedback WHERE turn_id IN (SELECT value 
 DELETE_CHANNEL_SUMMARIES_FROM = "DELETE FROM summaries WHERE channel_id = ? AND through_id >= ?"
 # An edited message: its new text, and its cached token count forgotten (it was the old text's).
 UPDATE_TURN_TEXT = "UPDATE turns SET content = ?, token_count = NULL WHERE id = ?"
+# A member's message re-posted by a proxy bot (`bot.core.proxies`): the turn follows the
+# proxied message, with its text (proxy tags cut) and the character's name; the author id stays.
+UPDATE_TURN_PROXIED = """
+UPDATE turns SET message_id = ?, content = ?, author_name = ?, token_count = NULL WHERE id = ?
+"""
 # The member turns a reply of persona ?2 written now answers: those addressed to it since its
 # last reply (before ?3), of which the reply will be the first reply after.
 SELECT_UNANSWERED_TURNS = """
