@@ -94,6 +94,13 @@ class DiscordSettings(BaseModel):
         1.0, ge=0.2, description="a streamed reply is edited at most this often"
     )
     webhook_name: str = Field("Rolecast", min_length=1, max_length=80)
+    proxy_window_s: float = Field(
+        3.0,
+        ge=0,
+        le=60,
+        description="a member's deleted message re-posted this close by another bot's webhook "
+        "(PluralKit, Tupperbox) is kept as the re-post; other deletions wait this long; 0: off",
+    )
     approval_threshold: int = Field(
         1, ge=1, description="thumbs-up minus thumbs-down that approve a reply for training"
     )

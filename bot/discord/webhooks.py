@@ -113,6 +113,9 @@ class WebhookCache:
         self.name = webhook_username(name, fallback="Rolecast")
         self._hooks: dict[int, discord.Webhook] = {}
         self._plain: set[int] = set()
+        # Every webhook this cache has held, one that was forgotten since too (deleted in
+        # Discord and made again): posts through any of them are the bot's own (`is_own`).
+        self._ever: set[int] = set()
 
     @staticmethod
     def _parent(channel: Messageable) -> discord.TextChannel | discord.VoiceChannel:
@@ -159,6 +162,7 @@ class WebhookCache:
             self._plain.add(parent.id)
             return None
         self._hooks[parent.id] = hook
+        self._ever.add(hook.id)
         return hook
 
     def forget(self, channel: Messageable) -> None:
@@ -169,6 +173,12 @@ class WebhookCache:
 
     def webhook_ids(self) -> set[int]:
         return {hook.id for hook in self._hooks.values()}
+
+    def is_own(self, webhook_id: int) -> bool:
+        """Whether a post with this webhook id is one of the bot's own (a persona reply), as
+        opposed to another bot's, such as a proxy bot's (`bot.core.proxies`). The bot posts
+        only through webhooks this cache handed out, so it holds every one of them."""
+        return webhook_id in self._ever
 
 
 class ReplyStream:
