@@ -37,10 +37,16 @@ member took back. The reply can be approved again, with the edited text; its rat
 rate the reply, which did not change), so a reply that reactions approved is approved again at
 its next reaction, from the turns as they are then.
 
+**Re-posted by a proxy bot** (PluralKit, Tupperbox: `bot.core.proxies` says how it is told
+apart), a deleted message is no take-back: its turn stays and follows the re-post, whose id,
+text (the proxy tags cut) and name (the character's) it takes; the author id stays the
+member's, so forget-me still finds it. Its summaries and approved dialogues go as for an edit;
+the replies to it stay, since the words they answered are still said.
+
 An edit that leaves no text (an attachment only) is a deletion. An edit that changes nothing
 stored (a link preview loading, a pin, text that cleans to what is stored) writes nothing.
 
-Only members' messages are followed: the bot's own posts (persona replies, split over several
+Only members' messages are followed, and proxy bots' re-posts of them: the bot's own posts (persona replies, split over several
 messages and edited while they stream; notices) are its text, which `/retry` and `/memory
 reset` change.
 
@@ -57,6 +63,7 @@ import logging
 from collections.abc import Iterable
 
 from bot.core.memory import Erased, Memory, Rewritten
+from bot.core.proxies import Post
 from bot.core.text import blank
 
 log = logging.getLogger(__name__)
@@ -101,3 +108,29 @@ async def message_edited(
             rewritten.summaries,
         )
     return rewritten
+
+
+async def message_proxied(
+    memory: Memory, guild_id: str, channel_id: str, message_id: str, post: Post
+) -> Rewritten | None:
+    """A member's message of a channel was deleted by a proxy bot that re-posted it as `post`:
+    the turn follows the re-post. None when memory holds no member's turn for it there."""
+    moved = await memory.repoint_message(
+        guild_id,
+        channel_id,
+        message_id,
+        to_message_id=post.message_id,
+        content=post.text,
+        author_name=post.name,
+    )
+    if moved is not None:
+        log.info(
+            "channel %s: turn %d re-posted by a proxy as message %s (%d dialogues and %d "
+            "summaries that held it dropped)",
+            channel_id,
+            moved.after.id,
+            post.message_id,
+            moved.dialogues,
+            moved.summaries,
+        )
+    return moved

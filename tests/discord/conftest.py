@@ -50,6 +50,8 @@ def bot_settings(home: Path, server_url: str, **discord_overrides: Any) -> BotSe
         "burst_window_s": 0.3,
         "edit_interval_s": 0.2,
         "sync_commands": False,
+        # a deletion is done at once (tests/discord/test_proxies.py plays the window through)
+        "proxy_window_s": 0.0,
         **discord_overrides,
     }
     return BotSettings(

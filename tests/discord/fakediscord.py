@@ -560,11 +560,42 @@ def message_delete_bulk(ids: list[int], channel_id: int, guild_id: int) -> dict[
     return {"ids": [str(i) for i in ids], "channel_id": str(channel_id), "guild_id": str(guild_id)}
 
 
+def webhook_message(
+    channel: discord.abc.GuildChannel, webhook_id: int, name: str, content: str
+) -> dict[str, Any]:
+    """A MESSAGE_CREATE of a post through a webhook, such as a proxy bot's (PluralKit,
+    Tupperbox) re-posting a member's message under a character's name: `webhook_id` set, the
+    author the webhook itself (its id, the name it posted under, `bot`), no `member`."""
+    mentioned = backend.find_user_mentions(content, channel.guild)
+    data = facts.make_message_dict(channel, mentioned[0] if mentioned else channel.guild.me)
+    data.update(
+        {
+            "id": str(snowflake()),
+            "channel_id": str(channel.id),
+            "guild_id": str(channel.guild.id),
+            "content": content,
+            "webhook_id": str(webhook_id),
+            "author": {
+                "id": str(webhook_id),
+                "username": name,
+                "discriminator": "0000",
+                "avatar": None,
+                "bot": True,
+            },
+            "mentions": [user_object(u) for u in mentioned],
+        }
+    )
+    data.pop("member", None)
+    backend._cur_config.messages.setdefault(channel.id, []).append(data)
+    return data
+
+
 def gateway(event: str, data: dict[str, Any]) -> list[asyncio.Task[Any]]:
     """Receive one of those events as the gateway delivers it: discord.py's own parser builds
     the raw event (`RawMessageUpdateEvent`, ...) and dispatches it to the bot's listeners.
     Returns the tasks it started (the listeners), for a test to wait on them alone."""
     parse = {
+        "MESSAGE_CREATE": "parse_message_create",
         "MESSAGE_UPDATE": "parse_message_update",
         "MESSAGE_DELETE": "parse_message_delete",
         "MESSAGE_DELETE_BULK": "parse_message_delete_bulk",
