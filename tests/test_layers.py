@@ -1,6 +1,7 @@
 """The layering written in pyproject.toml (`[tool.importlinter]`) holds: `formats` below the
 three packages, the three independent, the chat core free of front ends and of the retrain loop,
-no model library in the bot or the formats."""
+no model library in the bot or the formats, and the parts of the core's memory layered (the
+`Memory` class, its method groups, the records)."""
 
 from __future__ import annotations
 
