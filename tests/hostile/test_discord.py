@@ -414,7 +414,7 @@ async def test_a_reply_streamed_before_its_conversation_was_deleted_says_it_is_n
     server.answer(CHAT, Answer(parts=[*events[:3], 0.4, *events[3:4], 0.7, *events[4:]]))
     deliver(rig.channel, rig.alice, f"{rig.mention()} atri, my words")
     replying = asyncio.ensure_future(dpytest.run_all_events())
-    for _ in range(100):  # until the first part of the reply is on Discord
+    for _ in range(1500):  # until the first part of the reply is on Discord (30 s at most)
         if len(rig.replies()) > len(greetings):
             break
         await asyncio.sleep(0.02)
@@ -444,7 +444,7 @@ async def test_a_reply_is_not_kept_when_a_reset_stored_new_turns_before_it_finis
     server.answer(CHAT, Answer(parts=[*events[:3], 0.4, *events[3:4], 0.7, *events[4:]]))
     deliver(rig.channel, rig.alice, f"{rig.mention()} atri, my words")
     replying = asyncio.ensure_future(dpytest.run_all_events())
-    for _ in range(100):  # until the first part of the reply is on Discord
+    for _ in range(1500):  # until the first part of the reply is on Discord (30 s at most)
         if rig.replies():
             break
         await asyncio.sleep(0.02)
@@ -494,7 +494,7 @@ async def test_a_summary_finished_after_its_conversation_was_deleted_is_not_kept
     assert first is not None and first.content == "Alice spoke to Haruhi."
     deliver(rig.channel, rig.alice, f"{rig.mention()} and the door was locked")
     replying = asyncio.ensure_future(dpytest.run_all_events())
-    for _ in range(100):  # until the next summary is being written
+    for _ in range(1500):  # until the next summary is being written (30 s at most)
         if len(asked) > 1:
             break
         await asyncio.sleep(0.02)
