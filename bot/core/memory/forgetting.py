@@ -206,20 +206,10 @@ class ForgettingMixin:
             before = found[0]
             if content == before.content:
                 return Rewritten(before, before)
-            db = self.db
-            try:
-                doomed = await self._dialogues_holding(channel_id, [before])
-                await db.executemany(sql.DELETE_DIALOGUE, [(i,) for i in doomed])
-                await db.execute(sql.UPDATE_TURN_TEXT, (content, before.id))
-                summaries = await db.execute(
-                    sql.DELETE_CHANNEL_SUMMARIES_FROM, (channel_id, before.id)
-                )
-                await db.commit()
-            except BaseException:
-                await db.rollback()
-                raise
-        after = replace(before, content=content, token_count=None)
-        return Rewritten(before, after, len(doomed), summaries.rowcount)
+            after = replace(before, content=content, token_count=None)
+            return await self._replace_turn(
+                channel_id, before, after, sql.UPDATE_TURN_TEXT, (content, before.id)
+            )
 
     async def repoint_message(
         self,
@@ -254,21 +244,32 @@ class ForgettingMixin:
                 author_name=clean_text(author_name),
                 token_count=None,
             )
-            db = self.db
-            try:
-                doomed = await self._dialogues_holding(channel_id, [before])
-                await db.executemany(sql.DELETE_DIALOGUE, [(i,) for i in doomed])
-                await db.execute(
-                    sql.UPDATE_TURN_PROXIED,
-                    (after.message_id, after.content, after.author_name, before.id),
-                )
-                summaries = await db.execute(
-                    sql.DELETE_CHANNEL_SUMMARIES_FROM, (channel_id, before.id)
-                )
-                await db.commit()
-            except BaseException:
-                await db.rollback()
-                raise
+            update = (after.message_id, after.content, after.author_name, before.id)
+            return await self._replace_turn(
+                channel_id, before, after, sql.UPDATE_TURN_PROXIED, update
+            )
+
+    async def _replace_turn(
+        self,
+        channel_id: str,
+        before: Turn,
+        after: Turn,
+        statement: str,
+        parameters: Sequence[object],
+    ) -> Rewritten:
+        """A turn's text changed (an edit, a proxy's re-post), in one transaction: `statement`
+        writes it, the approved dialogues that hold its old text and the channel's summaries
+        that cover it go. The caller holds the deletion lock."""
+        db = self.db
+        try:
+            doomed = await self._dialogues_holding(channel_id, [before])
+            await db.executemany(sql.DELETE_DIALOGUE, [(i,) for i in doomed])
+            await db.execute(statement, parameters)
+            summaries = await db.execute(sql.DELETE_CHANNEL_SUMMARIES_FROM, (channel_id, before.id))
+            await db.commit()
+        except BaseException:
+            await db.rollback()
+            raise
         return Rewritten(before, after, len(doomed), summaries.rowcount)
 
     async def member_turns(
