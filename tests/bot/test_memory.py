@@ -74,21 +74,26 @@ async def test_clear_channel_only_touches_that_channel(tmp_path: Path) -> None:
         assert await memory.count_turns("b") == 3
 
 
+def count_commits(memory: Memory) -> list[int]:
+    """The commits `memory` makes from now on, one item each, counted as they happen."""
+    commits: list[int] = []
+    commit = memory.db.commit
+
+    async def counted_commit() -> None:
+        commits.append(len(commits) + 1)
+        await commit()
+
+    memory.db.commit = counted_commit  # type: ignore[method-assign]
+    return commits
+
+
 async def test_a_reply_is_stored_with_its_messages_and_counts_in_one_commit(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "m.db"
     async with Memory.open(db) as memory:
         user = await memory.add_turn("c", persona="p", role="user", content="hi")
-        commits = 0
-        commit = memory.db.commit
-
-        async def counted_commit() -> None:
-            nonlocal commits
-            commits += 1
-            await commit()
-
-        memory.db.commit = counted_commit  # type: ignore[method-assign]
+        commits = count_commits(memory)
         reply = await memory.add_turn(
             "c",
             persona="p",
@@ -98,7 +103,7 @@ async def test_a_reply_is_stored_with_its_messages_and_counts_in_one_commit(
             posted_as=["m1", "m2"],
             counts=[(user.id, 5)],
         )
-        assert commits == 1
+        assert commits == [1]
     async with Memory.open(db) as memory:  # on disk
         for message_id in ("m1", "m2"):
             found = await memory.turn_by_message(message_id)
@@ -434,18 +439,10 @@ async def test_rewriting_with_the_same_text_writes_nothing(tmp_path: Path) -> No
         t = await _conversation(memory)
         holds_a = await _approve(memory, t["a-reply"], [t["a"]])
         await memory.set_summary("discord:1", "p", "so far", through_id=t["a-reply"].id)
-        commits = 0
-        commit = memory.db.commit
-
-        async def counted_commit() -> None:
-            nonlocal commits
-            commits += 1
-            await commit()
-
-        memory.db.commit = counted_commit  # type: ignore[method-assign]
+        commits = count_commits(memory)
         same = await memory.rewrite_message("g", "discord:1", "m1", "alice says marker-a")
         assert same is not None and not same.changed
-        assert commits == 0
+        assert commits == []
         assert await memory.turn(t["a"].id) == t["a"]  # its token count kept too
         assert await memory.dialogue_for_turn(holds_a.turn_id) is not None
         assert await memory.summary("discord:1", "p") is not None
