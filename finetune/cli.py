@@ -190,13 +190,15 @@ def train(ctx: typer.Context) -> None:
     if lines is not None:
         if manifest:  # the main process of a multi-GPU run
             lines.result(str(config.output), manifest)
-        return
-    if manifest:
+    elif manifest:
         m = manifest["metrics"]
         typer.echo(
             f"adapter written to {config.output}: {m['steps']} steps, final loss {m['final_train_loss']:.4f}, "
             f"{manifest['tokens_per_s']:,.0f} tokens/s, {manifest['wall_time_s']:.0f} s"
         )
+    from finetune.trainer import exit_if_distributed
+
+    exit_if_distributed()
 
 
 def evaluate(

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -182,8 +184,30 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str, Any]:
             cfg, output, data, built, plan, loop, state, last_loss, validation_loss, started
         )
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        _KEPT_TO_EXIT.append((model, optimizer, accelerator))
     accelerator.end_training()
     return written
+
+
+# What owns a multi-process run's process group, kept until the process ends
+# (`exit_if_distributed`). Freed when `train` returns, the process group's destructor ran on
+# the main thread, holding the interpreter lock, and waited for gloo's worker thread, which
+# was itself waiting for that lock to free the last barrier's tensors: a run that had written
+# its adapter then hung for ever (seen under load on CPU; the same teardown hang is reported
+# upstream for torch.distributed).
+_KEPT_TO_EXIT: list[tuple[Any, ...]] = []
+
+
+def exit_if_distributed(code: int = 0) -> None:
+    """End a process of a multi-process run now, its output flushed, without tearing down
+    the process group (see `_KEPT_TO_EXIT`); a single-process run just returns. The adapter,
+    the manifest and the logs are written and closed before `train` returns."""
+    if not _KEPT_TO_EXIT:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _sized(
