@@ -12,7 +12,7 @@ from pathlib import Path
 import discord.ext.test as dpytest
 import pytest
 
-from bot.core.memory import Memory
+from bot.core.memory import Memory, Summary, Turn
 from bot.core.personas import PersonaRegistry
 from bot.core.quotes import Quotes
 from bot.errors import ConversationGoneError
@@ -153,16 +153,25 @@ async def test_forget_me_is_per_server_and_compacts_the_database(tmp_path: Path)
         assert (tmp_path / "r.db-wal").stat().st_size == 0
 
 
+# what a member said, and the summary written from it
+BOBS_SECRET = (f"my secret is {MARKER}", f"Bob's secret is {MARKER}.")
+
+
+async def said_and_summarised(
+    memory: Memory, channel: str, texts: tuple[str, str], author_id: str, author_name: str
+) -> tuple[Turn, Summary]:
+    """A member's message in `channel` (of guild 1) and a summary written through it."""
+    message, summary = texts
+    await memory.set_channel_guild(channel, "1")
+    said = await memory.add_turn(channel, persona="haruhi", role="user", content=message,
+                                 author_id=author_id, author_name=author_name)  # fmt: skip
+    return said, await memory.set_summary(channel, "haruhi", summary, through_id=said.id)
+
+
 async def test_forget_me_drops_the_summaries_built_from_the_members_words(tmp_path: Path) -> None:
     async with Memory.open(tmp_path / "r.db") as memory:
         channel = "discord:10"
-        await memory.set_channel_guild(channel, "1")
-        said = await memory.add_turn(channel, persona="haruhi", role="user",
-                                     content=f"my secret is {MARKER}",
-                                     author_id="42", author_name="bob")  # fmt: skip
-        await memory.set_summary(
-            channel, "haruhi", f"Bob's secret is {MARKER}.", through_id=said.id
-        )
+        await said_and_summarised(memory, channel, BOBS_SECRET, "42", "bob")
         # someone who wrote nothing here: the summary holds none of their words and stays
         await memory.forget_author("1", "43")
         assert await memory.summary(channel, "haruhi") is not None
@@ -177,12 +186,12 @@ async def test_forget_me_drops_summaries_of_turns_that_only_named_the_member(
     that turn, and a summary written from it, which may repeat the id, goes too."""
     async with Memory.open(tmp_path / "r.db") as memory:
         channel = "discord:10"
-        await memory.set_channel_guild(channel, "1")
-        said = await memory.add_turn(channel, persona="haruhi", role="user",
-                                     content="ask 4242 about the club room",
-                                     author_id="43", author_name="alice")  # fmt: skip
-        await memory.set_summary(
-            channel, "haruhi", "Alice wants 4242 asked about the club room.", through_id=said.id
+        said, _ = await said_and_summarised(
+            memory,
+            channel,
+            ("ask 4242 about the club room", "Alice wants 4242 asked about the club room."),
+            "43",
+            "alice",
         )
         gone = await memory.forget_author("1", "4242")
         assert gone.turns == 0 and gone.mentions == 1
@@ -194,13 +203,7 @@ async def test_forget_me_drops_summaries_of_turns_that_only_named_the_member(
 async def test_a_summary_that_extends_one_forget_me_dropped_is_not_stored(tmp_path: Path) -> None:
     async with Memory.open(tmp_path / "r.db") as memory:
         channel = "discord:10"
-        await memory.set_channel_guild(channel, "1")
-        said = await memory.add_turn(channel, persona="haruhi", role="user",
-                                     content=f"my secret is {MARKER}",
-                                     author_id="42", author_name="bob")  # fmt: skip
-        previous = await memory.set_summary(
-            channel, "haruhi", f"Bob's secret is {MARKER}.", through_id=said.id
-        )
+        _, previous = await said_and_summarised(memory, channel, BOBS_SECRET, "42", "bob")
         later = await memory.add_turn(channel, persona="haruhi", role="user",
                                       content="the club room is ours",
                                       author_id="43", author_name="alice")  # fmt: skip
