@@ -157,7 +157,7 @@ class ForgettingMixin:
         (rebuilt from the turns left). Ids that are no member's message of that channel are
         ignored: the bot's own replies, another channel's or guild's messages, unknown ids."""
         async with self._deleting:
-            turns = await self._member_turns(guild_id, channel_id, message_ids)
+            turns = await self.member_turns(guild_id, channel_id, message_ids)
             if not turns:
                 return Erased()
             db = self.db
@@ -200,7 +200,7 @@ class ForgettingMixin:
         if blank(content):
             raise ValueError("an edited message without text is erased, not rewritten")
         async with self._deleting:
-            found = await self._member_turns(guild_id, channel_id, [message_id])
+            found = await self.member_turns(guild_id, channel_id, [message_id])
             if not found:
                 return None
             before = found[0]
@@ -233,7 +233,7 @@ class ForgettingMixin:
         if blank(content):
             raise ValueError("a proxied message without text is no proxy")
         async with self._deleting:
-            found = await self._member_turns(guild_id, channel_id, [message_id])
+            found = await self.member_turns(guild_id, channel_id, [message_id])
             if not found:
                 return None
             before = found[0]
@@ -273,12 +273,6 @@ class ForgettingMixin:
         return Rewritten(before, after, len(doomed), summaries.rowcount)
 
     async def member_turns(
-        self, guild_id: str, channel_id: str, message_ids: Iterable[str]
-    ) -> list[Turn]:
-        """The turns stored from these members' messages of the channel, oldest first."""
-        return await self._member_turns(guild_id, channel_id, message_ids)
-
-    async def _member_turns(
         self, guild_id: str, channel_id: str, message_ids: Iterable[str]
     ) -> list[Turn]:
         """The turns stored from these members' messages of the channel, oldest first."""
